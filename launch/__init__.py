@@ -1,0 +1,1 @@
+"""Ray launcher: placement, supervision, job submission (importable as lctrain.launch)."""

@@ -1,0 +1,1 @@
+"""Local attention compute: backends (reference, SDPA, flash-attn, Triton) and their dispatch."""

@@ -1,0 +1,9 @@
+"""Sequence-parallel (context-parallel) attention: one module per method.
+
+    from lctrain.sp import (ring_attention, allgather_attention, ulysses_attention,
+                            lasp2_linear_attention, lasp1_linear_attention,
+                            shard_sequence, unshard_sequence)
+"""
+from lctrain.parallel.sharding import shard_sequence, unshard_sequence
+
+__all__ = ["shard_sequence", "unshard_sequence"]
