@@ -1,0 +1,101 @@
+"""Shared plumbing for lctrain's Triton kernels: where a kernel runs (interpreter or GPU) and its block sizes.
+
+A kernel here is written as a plain Python function and wrapped by `triton_kernel`, which builds the
+Triton object only at launch time, from the environment of that moment:
+
+- `TRITON_INTERPRET=1` (CPU tests): Triton's interpreter runs the kernel with the fixed block sizes given
+  in `interpret=`. Nothing touches Triton's active driver, and no autotuning happens (`@triton.autotune`
+  fails on a machine without a GPU driver).
+- otherwise (GPU): a compiled `JITFunction`, wrapped in `triton.autotune` over the Hopper-oriented configs.
+
+Deciding at launch rather than at import (as `@triton.jit` does) means the result does not depend on
+whether this module was imported before or after `TRITON_INTERPRET` was set.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when `TRITON_INTERPRET` asks for Triton's interpreter (read now, not at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_available_for(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on these tensors: on CUDA, or on CPU under the interpreter."""
+    if all(t.is_cuda for t in tensors):
+        return True
+    return interpreting() and all(t.device.type == "cpu" for t in tensors)
+
+
+def check_runnable(*tensors: torch.Tensor) -> None:
+    """Raise a clear error when the tensors can be handed to neither the GPU kernels nor the interpreter."""
+    if not triton_available_for(*tensors):
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(f"lctrain's Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+                           f"set in the environment (Triton's interpreter); got tensors on {devices}")
+
+
+def pow2(n: int, minimum: int = 16) -> int:
+    """The block size covering n: the next power of two, at least `minimum` (tl.dot needs >= 16)."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: exact IEEE products for float32/float64 inputs, tensor-core default otherwise."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+class TritonKernel:
+    """A kernel function compiled for the GPU (autotuned) or run by the interpreter, chosen per launch.
+
+    Launch with `kernel[grid](*args, **kwargs)`; `grid` may be a function of the meta-parameters
+    (block sizes), as with Triton's own kernels. Under the interpreter, `interpret` supplies the block
+    sizes that autotuning would otherwise pick.
+    """
+
+    def __init__(self, fn: Callable, configs: Sequence[triton.Config], key: Sequence[str],
+                 interpret: dict[str, Any]):
+        self.fn = fn
+        self.configs = list(configs)
+        self.key = list(key)
+        self.interpret = dict(interpret)
+        self._compiled = None
+        self._interpreted = None
+
+    def __getitem__(self, grid):
+        if interpreting():
+            if self._interpreted is None:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                self._interpreted = InterpretedFunction(self.fn)
+            runner = self._interpreted[grid]
+            return lambda *args, **kwargs: runner(*args, **{**self.interpret, **kwargs})
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device: set TRITON_INTERPRET=1 to run lctrain's Triton kernels on CPU")
+        if self._compiled is None:
+            from triton.runtime.jit import JITFunction
+
+            compiled = JITFunction(self.fn)
+            self._compiled = triton.autotune(configs=self.configs, key=self.key)(compiled) if self.configs \
+                else compiled
+        return self._compiled[grid]
+
+
+def triton_kernel(configs: Sequence[triton.Config] = (), key: Sequence[str] = (),
+                  interpret: dict[str, Any] | None = None) -> Callable[[Callable], TritonKernel]:
+    """Decorator turning a Triton kernel function into a `TritonKernel`.
+
+    Args:
+        configs: autotuning configs used on the GPU (their `kwargs` are the block-size meta-parameters).
+        key: argument names whose change re-triggers autotuning.
+        interpret: block sizes used under the interpreter (no autotuning there).
+
+    Returns:
+        The decorator.
+    """
+    return lambda fn: TritonKernel(fn, configs, key, interpret or {})
