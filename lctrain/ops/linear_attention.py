@@ -140,6 +140,25 @@ def _chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     return o.to(v.dtype), (state if output_final_state else None)
 
 
+def memory_state(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None) -> torch.Tensor:
+    """The state a sequence leaves behind from a zero start: M = sum_s lambda^(n-1-s) k_s^T v_s (one matmul).
+
+    Args:
+        k: `[b, n, h, dk]`.
+        v: `[b, n, h, dv]`.
+        log_decay: `[h]` or None.
+    Returns:
+        `[b, h, dk, dv]` in float32 (float64 for float64 inputs); differentiable.
+    """
+    cdt = compute_dtype(k.dtype)
+    kf = k.to(cdt)
+    if log_decay is not None:
+        n = k.shape[1]
+        to_end = torch.arange(n - 1, -1, -1, device=k.device, dtype=cdt)  # [n], n-1-s
+        kf = kf * torch.exp(to_end[:, None] * log_decay.to(cdt)[None, :])[..., None]  # [b, n, h, dk]
+    return torch.einsum("bshk,bshv->bhkv", kf, v.to(cdt))
+
+
 @dataclass
 class _Backend:
     fn: LinearAttentionFn

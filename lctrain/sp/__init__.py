@@ -5,5 +5,7 @@
                             shard_sequence, unshard_sequence)
 """
 from lctrain.parallel.sharding import shard_sequence, unshard_sequence
+from lctrain.sp.lasp1 import lasp1_linear_attention
+from lctrain.sp.lasp2 import lasp2_linear_attention
 
-__all__ = ["shard_sequence", "unshard_sequence"]
+__all__ = ["shard_sequence", "unshard_sequence", "lasp1_linear_attention", "lasp2_linear_attention"]
