@@ -12,3 +12,12 @@ class CheckpointConfig:
     """Save every this many steps (0 = only at the end / at exit_after)."""
     keep: int = 2
     """Keep the newest k complete checkpoints."""
+    at_end: bool = True
+    """Save when the run ends (at train.steps or train.exit_after)."""
+
+    def validate(self) -> None:
+        """Raise ValueError for a setting that can't work."""
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every must be >= 0, got {self.every}")
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
