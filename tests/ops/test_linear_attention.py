@@ -1,0 +1,125 @@
+"""Linear attention: the chunked backend equals the naive definition (output, final state, every gradient),
+and the backend dispatch picks, forces and registers backends as documented."""
+import pytest
+import torch
+
+import lctrain.ops.linear_attention as la
+from lctrain.ops.linear_attention import (default_log_decay, linear_attention, memory_state,
+                                          register_linear_attention_backend, select_linear_attention_backend,
+                                          use_linear_attention_backend)
+from lctrain.ops.linear_attention_ref import linear_attention_ref
+from lctrain.testing.compare import assert_close
+
+
+def _inputs(b, n, h, dk, dv, decay, init, dtype=torch.float64, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    q, k, v = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64).to(dtype) for d in (dk, dk, dv))
+    ld = -(0.01 + torch.rand(h, generator=g, dtype=torch.float64)) if decay else None
+    s0 = torch.randn(b, h, dk, dv, generator=g, dtype=torch.float64) if init else None
+    if dtype != torch.float64:
+        ld = ld.float() if ld is not None else None
+        s0 = s0.float() if s0 is not None else None
+    return q, k, v, ld, s0
+
+
+def _run(fn, q, k, v, ld, s0, learn_decay, w, wf):
+    ins = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    s0 = s0.detach().requires_grad_(True) if s0 is not None else None
+    ld = ld.detach().requires_grad_(learn_decay) if ld is not None else None
+    o, final = fn(*ins, ld, s0, True)
+    wrt = ins + [x for x in (s0, ld) if x is not None and x.requires_grad]
+    grads = torch.autograd.grad((o.double() * w).sum() + (final.double() * wf).sum(), wrt)
+    return o, final, grads
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 37])
+@pytest.mark.parametrize("decay", [None, "fixed", "learned"])
+@pytest.mark.parametrize("init", [False, True])
+def test_chunk_matches_reference_float64(monkeypatch, n, decay, init):
+    monkeypatch.setattr(la, "CHUNK_SIZE", 8)  # several chunks, the last one short
+    b, h, dk, dv = 2, 3, 4, 5
+    q, k, v, ld, s0 = _inputs(b, n, h, dk, dv, decay, init)
+    w = torch.randn(b, n, h, dv, dtype=torch.float64)
+    wf = torch.randn(b, h, dk, dv, dtype=torch.float64)
+    chunk = lambda *a: linear_attention(*a, backend="chunk")  # noqa: E731
+    o, final, grads = _run(chunk, q, k, v, ld, s0, decay == "learned", w, wf)
+    o_ref, final_ref, grads_ref = _run(linear_attention_ref, q, k, v, ld, s0, decay == "learned", w, wf)
+    assert o.shape == (b, n, h, dv) and o.dtype == torch.float64 and final.dtype == torch.float64
+    assert_close(o, o_ref, "o")
+    assert_close(final, final_ref, "final state")
+    names = ["dq", "dk", "dv"] + (["dS0"] if init else []) + (["dlog_decay"] if decay == "learned" else [])
+    assert len(grads) == len(grads_ref) == len(names)
+    for name, g, r in zip(names, grads, grads_ref):
+        assert_close(g, r, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_low_precision_inputs_accumulate_in_float32(monkeypatch, dtype):
+    monkeypatch.setattr(la, "CHUNK_SIZE", 16)
+    q, k, v, ld, s0 = _inputs(2, 50, 2, 8, 6, True, True, dtype=dtype)
+    o, final = linear_attention(q, k, v, ld, s0, output_final_state=True, backend="chunk")
+    assert o.dtype == dtype and final.dtype == torch.float32
+    o_ref, final_ref = linear_attention_ref(*(x.double() for x in (q, k, v, ld, s0)), output_final_state=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close(o.double(), o_ref, "o", rtol=tol, atol=tol)
+    assert_close(final.double(), final_ref, "final", rtol=tol, atol=tol)
+
+
+def test_memory_state_is_the_final_state_from_zero():
+    q, k, v, ld, _ = _inputs(2, 9, 3, 4, 2, True, False)
+    assert_close(memory_state(k, v, ld), linear_attention_ref(q, k, v, ld, output_final_state=True)[1])
+    assert_close(memory_state(k, v), linear_attention_ref(q, k, v, output_final_state=True)[1])
+
+
+def test_default_log_decay_is_lightning_attention_slopes():
+    assert torch.allclose(default_log_decay(8), -torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    assert torch.allclose(default_log_decay(4), -torch.tensor([2.0 ** (-2 * (i + 1)) for i in range(4)]))
+    # Not a power of two: the 4 slopes of H=4, then every other slope of H=8.
+    six = default_log_decay(6)
+    assert torch.allclose(six, torch.cat([default_log_decay(4), default_log_decay(8)[0::2][:2]]))
+    assert (six < 0).all() and six.dtype == torch.float32
+    deep = default_log_decay(8, layer_idx=3, num_layers=4)
+    assert torch.allclose(deep, default_log_decay(8) * 1e-5)
+    with pytest.raises(ValueError, match="both"):
+        default_log_decay(8, layer_idx=1)
+
+
+def test_dispatch_forces_and_registers(monkeypatch):
+    monkeypatch.setattr(la, "_BACKENDS", dict(la._BACKENDS))
+    monkeypatch.delenv("LCTRAIN_LINEAR_BACKEND", raising=False)
+    q, k, v, ld, _ = _inputs(1, 5, 2, 3, 3, True, False)
+    assert select_linear_attention_backend(q, k, v, ld) == "chunk"
+    assert select_linear_attention_backend(q, k, v, ld, backend="reference") == "reference"
+    with use_linear_attention_backend("reference"):
+        assert select_linear_attention_backend(q, k, v, ld) == "reference"
+    monkeypatch.setenv("LCTRAIN_LINEAR_BACKEND", "reference")
+    assert select_linear_attention_backend(q, k, v, ld) == "reference"
+    monkeypatch.delenv("LCTRAIN_LINEAR_BACKEND")
+
+    calls = []
+
+    def fake(q, k, v, log_decay=None, initial_state=None, output_final_state=False):
+        calls.append(q.shape[1])
+        return linear_attention_ref(q, k, v, log_decay, initial_state, output_final_state)
+
+    # One call registers a backend; automatic dispatch uses it only where `supports` says so.
+    register_linear_attention_backend("fake", fake, supports=lambda q, k, v, ld: q.shape[1] > 4, priority=100)
+    linear_attention(q, k, v, ld)
+    linear_attention(q[:, :3], k[:, :3], v[:, :3], ld)
+    assert calls == [5]
+    with pytest.raises(ValueError, match="unknown linear attention backend 'nope'"):
+        linear_attention(q, k, v, backend="nope")
+
+
+def test_bad_inputs_are_clear_errors():
+    q, k, v, ld, s0 = _inputs(2, 5, 3, 4, 2, True, True)
+    with pytest.raises(ValueError, match="log_decay must be <= 0"):
+        linear_attention(q, k, v, -ld)
+    with pytest.raises(ValueError, match=r"log_decay must be \[heads\]"):
+        linear_attention(q, k, v, ld[:2])
+    with pytest.raises(ValueError, match="q and k must be"):
+        linear_attention(q, k[:, :4], v)
+    with pytest.raises(ValueError, match="v must be"):
+        linear_attention(q, k, v[:1])
+    with pytest.raises(ValueError, match="initial_state must be"):
+        linear_attention(q, k, v, ld, s0[:1])
