@@ -1,0 +1,206 @@
+"""Local softmax attention with log-sum-exp: one dispatch over registered backends.
+
+Every sequence-parallel method computes its local blocks through :func:`attention_forward` (returning the
+output and the log-sum-exp that partial results are merged with) and :func:`attention_backward` (which
+accepts an externally merged output and lse). Backends register with a `supports(q, k, v, causal)`
+predicate and a priority; per call the highest-priority available backend that supports the case runs.
+One backend can be forced by `backend=`, by the :func:`use_attention_backend` context manager, or by the
+environment variable LCTRAIN_ATTN_BACKEND (in that order of precedence).
+
+Built in: "flash_attn" (priority 20, if importable), "sdpa" (10), "reference" (0, always). The Triton
+kernel registers itself as "triton" from `lctrain.kernels.flash_attention`, loaded on first dispatch.
+
+Conventions (all backends): q `[b, sq, h, d]`, k and v `[b, sk, h_kv, d]` with `h % h_kv == 0`; o like q;
+lse `[b, h, sq]` natural log, float32 (float64 when the inputs are float64, so float64 runs stay exact);
+causal masks aligned bottom-right when sq != sk; rows with no visible key give o = 0, lse = -inf.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from lctrain.ops import attention_flash_attn, attention_ref, attention_sdpa
+
+ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+BackwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+SupportsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], bool]
+
+#: Modules that register extra backends when imported (loaded once, on first dispatch, if present).
+PLUGIN_MODULES = ("lctrain.kernels.flash_attention",)
+ENV_VAR = "LCTRAIN_ATTN_BACKEND"
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One local attention implementation."""
+
+    name: str
+    """Name used to force it (`backend=`, `use_attention_backend`, LCTRAIN_ATTN_BACKEND)."""
+    forward: ForwardFn
+    """(q, k, v, causal, softmax_scale) -> (o, lse)."""
+    backward: BackwardFn
+    """(do, q, k, v, o, lse, causal, softmax_scale) -> (dq, dk, dv)."""
+    supports: SupportsFn
+    """(q, k, v, causal) -> whether this backend computes the case exactly (device, dtype, shapes)."""
+    priority: int
+    """Higher wins when several support a case."""
+    available: Callable[[], bool]
+    """Whether the backend can run at all in this process (its library imports, its device exists)."""
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+_forced = threading.local()
+_plugins_loaded = False
+
+
+def register_attention_backend(name: str, forward: ForwardFn, backward: BackwardFn, supports: SupportsFn,
+                               priority: int, available: Callable[[], bool] | None = None) -> None:
+    """Register (or replace) a backend under `name`; see :class:`AttentionBackend` for the callables."""
+    _BACKENDS[name] = AttentionBackend(name, forward, backward, supports, priority, available or (lambda: True))
+
+
+def attention_backends() -> dict[str, AttentionBackend]:
+    """The registered backends by name (after loading the plugin modules)."""
+    _load_plugins()
+    return dict(_BACKENDS)
+
+
+@contextlib.contextmanager
+def use_attention_backend(name: str | None) -> Iterator[None]:
+    """Force backend `name` for the attention calls of this thread inside the block (None: automatic)."""
+    old = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = old
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for mod in PLUGIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name is None or not mod.startswith(err.name):
+                warnings.warn(f"attention backend module {mod} failed to import: {err}")
+        except Exception as err:  # noqa: BLE001 - a broken optional backend must not break attention
+            warnings.warn(f"attention backend module {mod} failed to import: {err}")
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects [b, s, h, d] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention dtypes disagree: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+
+
+def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                   backend: str | None = None) -> AttentionBackend:
+    """The backend a call with these inputs runs on (forced, or the best that supports the case)."""
+    _load_plugins()
+    name = backend or getattr(_forced, "name", None) or os.environ.get(ENV_VAR) or None
+    if name is not None:
+        if name not in _BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}")
+        be = _BACKENDS[name]
+        if not be.available():
+            raise ValueError(f"attention backend {name!r} is not available in this process")
+        if not be.supports(q, k, v, causal):
+            raise ValueError(f"attention backend {name!r} does not support this case: q {tuple(q.shape)} "
+                             f"{q.dtype} on {q.device}, k {tuple(k.shape)}, causal={causal}")
+        return be
+    for be in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if be.available() and be.supports(q, k, v, causal):
+            return be
+    raise ValueError(f"no attention backend supports q {tuple(q.shape)} {q.dtype} on {q.device}")
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+                      backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and log-sum-exp (not differentiable; see :func:`attention` for autograd).
+
+    Args:
+        q: `[b, sq, h, d]`.
+        k, v: `[b, sk, h_kv, d]`, `h % h_kv == 0`.
+        causal: bottom-right aligned causal mask when True.
+        softmax_scale: multiplies q k^T.
+        backend: force a backend by name (default: automatic).
+    Returns:
+        o `[b, sq, h, d]` (q's dtype), lse `[b, h, sq]` (float32; float64 for float64 inputs).
+    """
+    _check(q, k, v)
+    return select_backend(q, k, v, causal, backend).forward(q, k, v, causal, softmax_scale)
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, causal: bool, softmax_scale: float,
+                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of attention given the output and lse (which may be merged over several key blocks).
+
+    Args:
+        do: gradient of the output, `[b, sq, h, d]`.
+        q, k, v: as in :func:`attention_forward`.
+        o, lse: the output and log-sum-exp the gradient refers to (for a block of a larger attention:
+            the final merged ones).
+        causal, softmax_scale, backend: as in :func:`attention_forward`.
+    Returns:
+        dq `[b, sq, h, d]`, dk and dv `[b, sk, h_kv, d]`.
+    """
+    _check(q, k, v)
+    return select_backend(q, k, v, causal, backend).backward(do, q, k, v, o, lse, causal, softmax_scale)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, backend):
+        o, lse = attention_forward(q, k, v, causal, scale, backend)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              softmax_scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Differentiable local attention through the dispatch (no sequence parallelism).
+
+    Args:
+        q: `[b, sq, h, d]`; k, v: `[b, sk, h_kv, d]`.
+        causal: bottom-right aligned causal mask.
+        softmax_scale: default 1/sqrt(d).
+        backend: force a backend by name.
+    Returns:
+        o `[b, sq, h, d]`.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return _Attention.apply(q, k, v, causal, scale, backend)
+
+
+register_attention_backend("reference", attention_ref.reference_attention_forward,
+                           attention_ref.reference_attention_backward, lambda q, k, v, causal: True, priority=0)
+register_attention_backend("sdpa", attention_sdpa.sdpa_attention_forward, attention_sdpa.sdpa_attention_backward,
+                           attention_sdpa.supports, priority=10)
+register_attention_backend("flash_attn", attention_flash_attn.flash_attn_forward,
+                           attention_flash_attn.flash_attn_backward, attention_flash_attn.supports, priority=20,
+                           available=attention_flash_attn.available)

@@ -1,0 +1,69 @@
+"""Softmax attention through the flash-attn 2 library (CUDA, float16/bfloat16), when it is installed.
+
+flash-attn already uses lctrain's conventions: `[b, s, h, d]` tensors, native GQA (dK/dV with kv heads),
+bottom-right aligned causal masks, lse `[b, h, sq]` float32. Its private `_flash_attn_forward/_backward`
+are used because they return and accept the log-sum-exp; their keyword names changed across releases
+(window_size vs window_size_left/right, softcap, ...), so arguments are passed by the names the installed
+version declares. Absence of the library is never an error: the backend just reports unavailable.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _interface():
+    try:
+        from flash_attn import flash_attn_interface
+    except Exception:  # noqa: BLE001 - missing or broken install: the backend is unavailable
+        return None
+    return flash_attn_interface
+
+
+def available() -> bool:
+    """flash-attn imports and a CUDA device exists."""
+    return torch.cuda.is_available() and _interface() is not None
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
+    """CUDA, float16/bfloat16, head dim a multiple of 8 up to 256."""
+    d = q.shape[-1]
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+            and q.shape[1] > 0 and k.shape[1] > 0)
+
+
+def _call(fn, values: dict):
+    params = inspect.signature(fn).parameters
+    kwargs = {name: val for name, val in values.items() if name in params}
+    return fn(**kwargs)
+
+
+def _common(causal: bool, scale: float) -> dict:
+    return dict(dropout_p=0.0, softmax_scale=scale, causal=causal, window_size=(-1, -1), window_size_left=-1,
+                window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False, return_softmax=False,
+                rng_state=None)
+
+
+def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output `[b, sq, h, d]` and lse `[b, h, sq]` float32."""
+    fa = _interface()
+    res = _call(fa._flash_attn_forward, dict(q=q, k=k, v=v, **_common(causal, softmax_scale)))
+    # flash-attn <= 2.5 returns (out, q, k, v, out_padded, lse, S, rng); later (out, lse, S, rng).
+    o, lse = (res[0], res[5]) if len(res) == 8 else (res[0], res[1])
+    return o, lse[..., : q.shape[1]]
+
+
+def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: torch.Tensor, causal: bool,
+                        softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv for the given (possibly merged) o and lse."""
+    fa = _interface()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _call(fa._flash_attn_backward, dict(dout=do.contiguous(), q=q, k=k, v=v, out=o.contiguous(),
+                                        softmax_lse=lse.float().contiguous(), dq=dq, dk=dk, dv=dv,
+                                        **_common(causal, softmax_scale)))
+    return dq, dk, dv

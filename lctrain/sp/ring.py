@@ -1,0 +1,150 @@
+"""Ring attention: exact softmax attention with K/V blocks travelling around the CP ring.
+
+Forward, CP = P ranks: at step t rank r holds the K/V block of rank j = (r - t) mod P. It posts the send of
+that block to r+1 and the receive of the next one from r-1 (one packed K/V buffer, async), computes its queries
+against the held block while the transfer runs, and merges the partial result by log-sum-exp. P-1 transfers
+per rank; K/V travel with their own kv_heads (GQA is never expanded on the wire).
+
+Causal blocks (global chunk order decides visibility):
+- zigzag (rank r holds chunks r and 2P-1-r of 2P, each c = s_local/2 long): j == r is the causal diagonal;
+  j < r: all local queries see the first chunk of the block (chunk j); j > r: only the second local chunk
+  (2P-1-r) sees the block, all of it. Every rank does the same work at every step.
+- contiguous: j == r causal; j < r fully visible; j > r fully masked and skipped (not computed).
+
+Backward: K/V travel again; the dK/dV accumulator of each block travels with it (added to by every rank the
+block visits, then delivered home after P sends) while dQ stays local. Every block's gradient is computed
+from the final merged (o, lse), which is exact. P2P batches post sends and receives together, so the
+ordering is deadlock-free for any ring size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lctrain.ops.attention import attention_backward, attention_forward
+from lctrain.parallel import comm
+from lctrain.parallel.comm import P2POp
+from lctrain.parallel.mesh import cp_group_or_default
+from lctrain.parallel.sharding import Layout
+from lctrain.sp.utils import check_inputs, compute_dtype, merge_attention, resolve_scale
+
+_ALL = slice(None)
+
+
+def _block(rank: int, src: int, causal: bool, layout: str, s: int) -> tuple[slice, slice, bool] | None:
+    """(query rows, key rows, causal) of rank `rank`'s queries against the block of rank `src`; None: skip."""
+    if not causal:
+        return _ALL, _ALL, False
+    if src == rank:
+        return _ALL, _ALL, True
+    if layout == "contiguous":
+        return (_ALL, _ALL, False) if src < rank else None
+    c = s // 2
+    return (_ALL, slice(0, c), False) if src < rank else (slice(c, s), _ALL, False)
+
+
+def _shift(buf: torch.Tensor, group: dist.ProcessGroup | None, rank: int, size: int) -> tuple[torch.Tensor, comm.P2PHandle]:
+    """Post: send `buf` to the next rank, receive the previous rank's into a new buffer."""
+    incoming = torch.empty_like(buf)
+    handle = comm.batch_isend_irecv([P2POp("send", buf, (rank + 1) % size),
+                                     P2POp("recv", incoming, (rank - 1) % size)], group)
+    return incoming, handle
+
+
+def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, causal: bool,
+                  scale: float, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    size, rank = comm.group_size(group), comm.group_rank(group)
+    b, s, h, d = q.shape
+    acc = compute_dtype(q.dtype)
+    out = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
+    lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+    kv = torch.stack([k, v])  # [2, b, s, h_kv, d]: one buffer per transfer
+    for step in range(size):
+        incoming, handle = _shift(kv, group, rank, size) if step + 1 < size else (None, None)
+        plan = _block(rank, (rank - step) % size, causal, layout, s)
+        if plan is not None:
+            qs, ks, blk_causal = plan
+            o_b, lse_b = attention_forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk_causal, scale)
+            merge_attention(out[:, qs], lse[:, :, qs], o_b, lse_b)
+        if handle is not None:
+            handle.wait()
+            kv = incoming
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, group: dist.ProcessGroup | None, causal: bool, scale: float,
+                   layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    size, rank = comm.group_size(group), comm.group_rank(group)
+    s = q.shape[1]
+    acc = compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack([k, v])  # [2, b, s, h_kv, d]
+    dkv_in, dkv_handle = None, None
+    for step in range(size):
+        incoming, kv_handle = _shift(kv, group, rank, size) if step + 1 < size else (None, None)
+        plan = _block(rank, (rank - step) % size, causal, layout, s)
+        grads = None
+        if plan is not None:
+            qs, ks, blk_causal = plan
+            grads = attention_backward(do[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
+                                       blk_causal, scale)
+            dq[:, qs] += grads[0]
+        # The accumulator of the block we hold arrives from the previous rank (ours starts at zero).
+        if dkv_handle is None:
+            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+        else:
+            dkv_handle.wait()
+            dkv = dkv_in
+        if grads is not None:
+            dkv[0][:, ks] += grads[1]
+            dkv[1][:, ks] += grads[2]
+        if size > 1:
+            dkv_in, dkv_handle = _shift(dkv, group, rank, size)
+        else:
+            dkv_in = dkv
+        if kv_handle is not None:
+            kv_handle.wait()
+            kv = incoming
+    if dkv_handle is not None:
+        dkv_handle.wait()  # after P sends our own block's accumulator is home
+    return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, scale, layout):
+        with comm.comm_tag("ring.fwd"):
+            out, lse = _ring_forward(q, k, v, group, causal, scale, layout)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        with comm.comm_tag("ring.bwd"):
+            dq, dk, dv = _ring_backward(do.contiguous(), q, k, v, out, lse, ctx.group, ctx.causal, ctx.scale,
+                                        ctx.layout)
+        return dq, dk, dv, None, None, None, None
+
+
+@torch.compiler.disable
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
+                   causal: bool = True, softmax_scale: float | None = None, layout: Layout = "zigzag") -> torch.Tensor:
+    """Exact softmax attention over the sequence sharded across the CP group, K/V passed around a ring.
+
+    Args:
+        q: this rank's queries `[b, s_local, h, d]`.
+        k, v: this rank's keys and values `[b, s_local, h_kv, d]`, `h % h_kv == 0`.
+        group: the CP group (default: the mesh's CP group, else the world).
+        causal: causal mask over global positions.
+        softmax_scale: default 1/sqrt(d).
+        layout: how the sequence was sharded ("zigzag" or "contiguous", see `shard_sequence`).
+    Returns:
+        This rank's output `[b, s_local, h, d]`.
+    """
+    group = cp_group_or_default(group)
+    scale = resolve_scale(softmax_scale, q.shape[-1])
+    check_inputs("ring_attention", q, k, v, group, causal, layout, scale)
+    return _RingAttention.apply(q, k, v, group, causal, scale, layout)
