@@ -18,6 +18,7 @@ import yaml
 
 from lctrain.checkpoint.config import CheckpointConfig
 from lctrain.data.config import DataConfig
+from lctrain.launch.config import LaunchConfig
 from lctrain.models.config import ModelConfig
 from lctrain.parallel.mesh import MeshConfig
 from lctrain.train.config import TrainConfig
@@ -47,6 +48,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 def _type_name(tp: Any) -> str:

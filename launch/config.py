@@ -1,0 +1,44 @@
+"""Launcher configuration: the `launch:` section of a run config (restarts, timeouts, ports, resources).
+
+Kept free of lctrain imports so `lctrain.config` can import it without a cycle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LaunchConfig:
+    """How `lctrain launch` places, supervises and restarts the ranks of a run on a Ray cluster."""
+
+    entrypoint: str = "lctrain.train.trainer:run"
+    """Function each rank calls, as "module:function", with (cfg, resume="auto")."""
+    max_restarts: int = 3
+    """Restarts of the whole gang (from the latest checkpoint) after a rank dies or hangs; then give up."""
+    progress_timeout_s: float = 900.0
+    """A gang whose rank 0 writes no new step to metrics.jsonl for this long is treated as dead."""
+    gang_timeout_s: float = 120.0
+    """How long to wait for the cluster to hold every rank at once (all or none) before failing."""
+    poll_s: float = 1.0
+    """Interval of the supervisor's liveness and progress checks."""
+    port_min: int = 29500
+    """MASTER_PORT is the first free port in [port_min, port_max] on rank 0's node (open it between nodes)."""
+    port_max: int = 29999
+    cpus_per_rank: float = 1.0
+    """CPUs reserved for each rank (its placement-group bundle)."""
+    gpus_per_rank: float | None = None
+    """GPUs reserved for each rank; None = 1 when the cluster has GPUs, else 0 (CPU simulation)."""
+
+    def __post_init__(self) -> None:
+        if ":" not in self.entrypoint or not all(self.entrypoint.split(":", 1)):
+            raise ValueError(f"launch.entrypoint must be 'module:function', got {self.entrypoint!r}")
+        if self.max_restarts < 0:
+            raise ValueError(f"launch.max_restarts must be >= 0, got {self.max_restarts}")
+        for name in ("progress_timeout_s", "gang_timeout_s", "poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"launch.{name} must be > 0, got {getattr(self, name)}")
+        if not 1024 <= self.port_min <= self.port_max <= 65535:
+            raise ValueError(f"launch.port_min..port_max must be a range inside 1024..65535, "
+                             f"got {self.port_min}..{self.port_max}")
+        if self.cpus_per_rank < 0 or (self.gpus_per_rank is not None and self.gpus_per_rank < 0):
+            raise ValueError("launch.cpus_per_rank and launch.gpus_per_rank must be >= 0")
