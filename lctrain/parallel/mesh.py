@@ -77,6 +77,37 @@ class Mesh:
 
 
 _MESH: Mesh | None = None
+_MEGATRON_LAYOUT: tuple[int, int, int] | None = None  # (world, tp, cp) Megatron's groups were built for
+
+
+def _set_megatron_layout(layout: tuple[int, int, int] | None) -> None:
+    global _MEGATRON_LAYOUT
+    _MEGATRON_LAYOUT = layout
+
+
+def _release_megatron_groups() -> None:
+    """Destroy the process groups Megatron created, then its bookkeeping.
+
+    `parallel_state.destroy_model_parallel` only forgets its groups; the groups themselves (and each gloo
+    group's threads) live on unless destroyed, which leaks when a process builds meshes repeatedly.
+    """
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        _set_megatron_layout(None)
+        return
+    groups: dict[int, dist.ProcessGroup] = {}
+    for value in list(vars(ps).values()):
+        for g in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(g, dist.ProcessGroup) and g is not dist.group.WORLD:
+                groups[id(g)] = g
+    ps.destroy_model_parallel()
+    for g in groups.values():
+        try:
+            dist.destroy_process_group(g)
+        except (ValueError, RuntimeError):
+            pass  # not registered with this rank (a group it is not a member of)
+    _set_megatron_layout(None)
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
@@ -119,14 +150,17 @@ def init_mesh(cfg: MeshConfig | None = None) -> Mesh:
 
     from megatron.core import parallel_state as ps
 
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.tp,
-        context_parallel_size=cfg.cp,
-        distributed_timeout_minutes=max(1, int(cfg.timeout_s // 60)),
-        create_gloo_process_groups=False,
-    )
+    # Megatron's groups for this layout may still be up from an earlier mesh: reuse them (building groups
+    # is a collective over the whole world, and each gloo group holds threads).
+    if _MEGATRON_LAYOUT != (world, cfg.tp, cfg.cp) or not ps.model_parallel_is_initialized():
+        _release_megatron_groups()
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tp,
+            context_parallel_size=cfg.cp,
+            distributed_timeout_minutes=max(1, int(cfg.timeout_s // 60)),
+            create_gloo_process_groups=False,
+        )
+        _set_megatron_layout((world, cfg.tp, cfg.cp))
     _MESH = Mesh(
         world_size=world,
         rank=dist.get_rank(),
@@ -146,14 +180,15 @@ def get_mesh() -> Mesh | None:
     return _MESH
 
 
-def destroy_mesh() -> None:
-    """Tear down Megatron's groups (torch.distributed itself stays up)."""
-    global _MESH
-    if _MESH is not None:
-        from megatron.core import parallel_state as ps
+def destroy_mesh(release: bool = False) -> None:
+    """Forget the current mesh (torch.distributed itself stays up).
 
-        ps.destroy_model_parallel()
+    Megatron's groups are kept for a later `init_mesh` of the same layout unless `release` is set.
+    """
+    global _MESH
     _MESH = None
+    if release:
+        _release_megatron_groups()
 
 
 def cp_group_or_default(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:

@@ -115,7 +115,7 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
 
             timed_out = isinstance(err, CollectiveTimeout) or "timed out" in str(err).lower()
             outbox.put((task.task_id, rank, False, traceback.format_exc(), timed_out))
-    destroy_mesh()
+    destroy_mesh(release=True)
     dist.destroy_process_group()
 
 
