@@ -9,12 +9,17 @@ Triton object only at launch time, from the environment of that moment:
 - otherwise (GPU): a compiled `JITFunction`, wrapped in `triton.autotune` over the Hopper-oriented configs.
 
 Deciding at launch rather than at import (as `@triton.jit` does) means the result does not depend on
-whether this module was imported before or after `TRITON_INTERPRET` was set.
+whether this module was imported before or after `TRITON_INTERPRET` was set. For the same reason the
+kernels use only Triton builtins: `tl.zeros`, `tl.sum`, `tl.max` and `tl.cdiv` are themselves `@jit`
+functions, fixed as compiled or interpreted when `triton` is first imported (in a test process, usually
+by Megatron-core, without the variable), so the kernels write `tl.full`, `tl.reduce` with Triton's
+standard combine functions, and integer arithmetic instead.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import triton
@@ -38,6 +43,37 @@ def check_runnable(*tensors: torch.Tensor) -> None:
         devices = sorted({str(t.device) for t in tensors})
         raise RuntimeError(f"lctrain's Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
                            f"set in the environment (Triton's interpreter); got tensors on {devices}")
+
+
+_poison = False
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Inside the block, kernel outputs start as NaN (floats) so a test sees any element a kernel failed to write."""
+    global _poison
+    old, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = old
+
+
+def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised kernel output (NaN-filled under `poison_outputs`)."""
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    return out.fill_(float("nan")) if _poison and dtype.is_floating_point else out
+
+
+#: Input dtypes the kernels take (they accumulate in float32).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_dtype(*tensors: torch.Tensor) -> None:
+    """Raise ValueError unless the tensors have one of `SUPPORTED_DTYPES`."""
+    for t in tensors:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"lctrain's Triton kernels take float16, bfloat16 or float32 inputs; got {t.dtype}")
 
 
 def pow2(n: int, minimum: int = 16) -> int:

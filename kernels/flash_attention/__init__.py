@@ -1,5 +1,18 @@
-"""Flash attention (softmax attention with log-sum-exp, GQA, bottom-right causal): Triton kernels and reference."""
-from lctrain.kernels.flash_attention.naive import naive_attention
-from lctrain.kernels.flash_attention.triton import flash_attention, flash_attention_backward
+"""Flash attention (softmax attention with log-sum-exp, GQA, bottom-right causal): Triton kernels and reference.
 
-__all__ = ["flash_attention", "flash_attention_backward", "naive_attention"]
+Importing this package registers the kernels as the "triton" backend of `lctrain.ops.attention`: picked
+automatically for CUDA tensors (highest priority), and usable on CPU tensors under TRITON_INTERPRET=1.
+"""
+from lctrain.kernels.flash_attention.naive import naive_attention
+from lctrain.kernels.flash_attention.triton import flash_attention, flash_attention_backward, flash_attention_forward
+from lctrain.kernels.utils import SUPPORTED_DTYPES, triton_available_for
+from lctrain.ops.attention import register_attention_backend
+
+
+def _supports(q, k, v, causal) -> bool:
+    return q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= 256 and triton_available_for(q, k, v)
+
+
+register_attention_backend("triton", flash_attention_forward, flash_attention_backward, _supports, priority=30)
+
+__all__ = ["flash_attention", "flash_attention_backward", "flash_attention_forward", "naive_attention"]

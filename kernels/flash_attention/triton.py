@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lctrain.kernels.utils import check_runnable, dot_precision, pow2, triton_kernel
+from lctrain.kernels.utils import check_dtype, check_runnable, dot_precision, new_output, pow2, triton_kernel
 
 _FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
@@ -49,8 +49,8 @@ def _forward_kernel(Q, K, V, O, LSE, scale, SQ, SK, H, GROUP, D,
     qk_scale = scale * 1.4426950408889634  # work in base 2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     shift = SK - SQ
     hi = SK
     if CAUSAL:
@@ -67,11 +67,11 @@ def _forward_kernel(Q, K, V, O, LSE, scale, SQ, SK, H, GROUP, D,
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -104,8 +104,8 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, SQ, SK, H, HKV
                 mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     v = tl.load(V + i_b * stride_vb + i_hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
                 mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
     shift = SK - SQ
     lo = 0
@@ -172,7 +172,7 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, SQ, SK, H, GROUP, D,
     k_base = K + i_b * stride_kb + i_hk * stride_kh
     v_base = V + i_b * stride_vb + i_hk * stride_vh
     qk_scale = scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     shift = SK - SQ
     hi = SK
     if CAUSAL:
@@ -207,8 +207,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q and k/v must agree in batch and head dim; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_dtype(q)
     if len({q.device, k.device, v.device}) != 1:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     check_runnable(q, k, v)
@@ -219,8 +220,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sc
     q, k, v = (_inner_contiguous(x) for x in (q, k, v))
     batch, sq, heads, d = q.shape
     sk, heads_kv = k.shape[1], k.shape[2]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)  # [b, sq, h, d]
-    lse = torch.empty(batch, heads, sq, dtype=torch.float32, device=q.device)
+    o = new_output(q.shape, q.dtype, q.device)  # [b, sq, h, d]
+    lse = new_output((batch, heads, sq), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse.fill_(float("-inf"))
     grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
@@ -243,9 +244,9 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         delta = delta - d_lse.float()
     delta = delta.contiguous()
     lse = lse.float().contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     precision = dot_precision(q.dtype)
@@ -298,6 +299,18 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     _check(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return FlashAttentionFunction.apply(q, k, v, causal, scale)
+
+
+def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                            softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`flash_attention` without autograd: (o, lse) for callers that run `flash_attention_backward` themselves.
+
+    Args and Returns: as `flash_attention`.
+    """
+    _check(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    with torch.no_grad():
+        return _forward(q, k, v, causal, scale)
 
 
 def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lctrain.kernels.utils import check_runnable, dot_precision, pow2, triton_kernel
+from lctrain.kernels.utils import check_dtype, check_runnable, dot_precision, new_output, pow2, triton_kernel
 
 _CONFIGS = [triton.Config({"BLOCK": block, "BLOCK_C": block_c}, num_warps=warps, num_stages=stages)
             for block in (64, 128) for block_c in (64, 128) for warps in (4, 8) for stages in (2, 3)]
@@ -49,7 +49,7 @@ def _forward_kernel(A, B, C, LOG_DECAY, X0, OUT, XN, T, H, DA, DC,
     if HAS_X0:
         x = tl.load(X0 + x_offs, mask=x_mask, other=0.0).to(tl.float32)
     else:
-        x = tl.zeros([BLOCK_A, BLOCK_C], dtype=tl.float32)
+        x = tl.full([BLOCK_A, BLOCK_C], 0.0, dtype=tl.float32)
 
     a_base = A + i_b * T * H * DA + i_h * DA
     b_base = B + i_b * T * H * DA + i_h * DA
@@ -108,13 +108,13 @@ def _reverse_kernel(A, B, C, LOG_DECAY, X0, OUT, XN, T, H, DA, DC,
     if HAS_X0:
         x = tl.load(X0 + x_offs, mask=x_mask, other=0.0).to(tl.float32)
     else:
-        x = tl.zeros([BLOCK_A, BLOCK_C], dtype=tl.float32)
+        x = tl.full([BLOCK_A, BLOCK_C], 0.0, dtype=tl.float32)
 
     a_base = A + i_b * T * H * DA + i_h * DA
     b_base = B + i_b * T * H * DA + i_h * DA
     c_base = C + i_b * T * H * DC + i_h * DC
     o_base = OUT + i_b * T * H * DC + i_h * DC
-    num_blocks = tl.cdiv(T, BLOCK)
+    num_blocks = (T + BLOCK - 1) // BLOCK
     for r in range(0, num_blocks):
         start = (num_blocks - 1 - r) * BLOCK
         rows = start + offs_t
@@ -147,8 +147,8 @@ def _launch(kernel, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, log_decay
     """Run one recurrence: out [B, T, H, DC] in out_dtype, and the last state [B, H, DA, DC] float32 if asked."""
     batch, seq, heads, da = a.shape
     dc = c.shape[-1]
-    out = torch.empty(batch, seq, heads, dc, dtype=out_dtype, device=a.device)
-    xn = torch.empty(batch, heads, da, dc, dtype=torch.float32, device=a.device) if store_xn else None
+    out = new_output((batch, seq, heads, dc), out_dtype, a.device)
+    xn = new_output((batch, heads, da, dc), torch.float32, a.device) if store_xn else None
     x_strides = x0.stride() if x0 is not None else (0, 0, 0, 0)
     grid = lambda meta: (triton.cdiv(dc, meta["BLOCK_C"]), batch * heads)  # noqa: E731
     kernel[grid](a, b, c, log_decay, x0 if x0 is not None else out, out, xn if xn is not None else out,
@@ -219,8 +219,9 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expected q, k [b, s, h, dk] and v [b, s, h, dv] with equal b, s, h; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_dtype(q)
     batch, _, heads, dk = q.shape
     dv = v.shape[-1]
     if log_decay is None:

@@ -1,0 +1,131 @@
+"""Lightning attention Triton kernels vs the naive definition: output, final state and every gradient.
+
+float32, tolerance rtol = atol = 1e-5 (atol scaled by max(1, max|expected|), lctrain.testing.compare);
+sequence lengths around the interpreter's block of 16 (shorter, equal, not a multiple); head dims that
+are not powers of two and value dims split over several column tiles.
+"""
+import random
+
+import pytest
+import torch
+
+from lctrain.kernels.lightning_attention import lightning_attention, naive_lightning_attention
+from lctrain.kernels.utils import triton_available_for
+from lctrain.ops.linear_attention import linear_attention, linear_attention_backends, select_linear_attention_backend
+from lctrain.testing.compare import assert_close
+
+CASES = [
+    # b, s, h, dk, dv, decay, initial_state, output_final_state
+    (1, 16, 2, 16, 16, False, False, False),
+    (2, 37, 2, 12, 24, True, True, True),
+    (1, 50, 3, 20, 8, True, False, True),
+    (1, 5, 1, 8, 8, True, True, True),
+    (2, 33, 1, 16, 16, False, True, True),
+]
+
+
+def _inputs(b, s, h, dk, dv, decay, initial, device):
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    q, k = (torch.randn(b, s, h, dk, device=device) * 0.5 for _ in range(2))
+    v = torch.randn(b, s, h, dv, device=device) * 0.5
+    log_decay = -torch.rand(h, device=device) * 0.5 - 0.01 if decay else None
+    s0 = torch.randn(b, h, dk, dv, device=device) if initial else None
+    return seed, [q, k, v, log_decay, s0]
+
+
+def _leaves(tensors):
+    return [None if t is None else t.clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("b,s,h,dk,dv,decay,initial,final", CASES)
+def test_forward_and_gradients_match_naive(b, s, h, dk, dv, decay, initial, final, device):
+    seed, inputs = _inputs(b, s, h, dk, dv, decay, initial, device)
+    ours, ref = _leaves(inputs), _leaves(inputs)
+    o, f = lightning_attention(*ours, output_final_state=final)
+    o_ref, f_ref = naive_lightning_attention(*ref, output_final_state=final)
+    assert_close(o, o_ref, f"o (seed {seed})")
+    assert (f is None) == (f_ref is None) == (not final)
+    do = torch.randn_like(o_ref)
+    loss, loss_ref = (o * do).sum(), (o_ref * do).sum()
+    if final:
+        assert f.dtype == torch.float32
+        assert_close(f, f_ref, f"final state (seed {seed})")
+        d_final = torch.randn_like(f_ref)
+        loss, loss_ref = loss + (f * d_final).sum(), loss_ref + (f_ref * d_final).sum()
+    loss.backward()
+    loss_ref.backward()
+    for name, x, x_ref in zip(("dq", "dk", "dv", "d log_decay", "d initial_state"), ours, ref):
+        if x is not None:
+            assert_close(x.grad, x_ref.grad, f"{name} (seed {seed})")
+
+
+def test_gradient_of_final_state_alone(device):
+    seed, inputs = _inputs(1, 21, 2, 8, 16, True, True, device)
+    ours, ref = _leaves(inputs), _leaves(inputs)
+    d_final = torch.randn(1, 2, 8, 16, device=device)
+    (lightning_attention(*ours, output_final_state=True)[1] * d_final).sum().backward()
+    (naive_lightning_attention(*ref, output_final_state=True)[1] * d_final).sum().backward()
+    assert ref[0].grad is None and torch.equal(ours[0].grad, torch.zeros_like(ours[0])), "the final state has no q"
+    for name, x, x_ref in zip(("dk", "dv", "d log_decay", "d initial_state"), ours[1:], ref[1:]):
+        assert_close(x.grad, x_ref.grad, f"{name} (seed {seed})")
+
+
+def test_strong_decay_stays_finite(device):
+    # lambda = e^-30: every power underflows to 0 but none overflows (no inf * 0 = NaN in masked entries)
+    _, (q, k, v, _, s0) = _inputs(1, 40, 2, 16, 16, False, True, device)
+    log_decay = torch.full((2,), -30.0, device=device)
+    o, f = lightning_attention(q, k, v, log_decay, s0, output_final_state=True)
+    o_ref, f_ref = naive_lightning_attention(q, k, v, log_decay, s0, output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(f).all()
+    assert_close(o, o_ref, "o")
+    assert_close(f, f_ref, "final state")
+
+
+def test_half_precision_inputs(device):
+    # bfloat16 on the GPU; float16 under the interpreter, whose tl.dot has no bfloat16 arithmetic (numpy)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    seed, (q, k, v, log_decay, s0) = _inputs(1, 24, 2, 16, 16, True, True, device)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    o, f = lightning_attention(q, k, v, log_decay, s0, output_final_state=True)
+    o_ref, f_ref = naive_lightning_attention(q, k, v, log_decay, s0, output_final_state=True)
+    assert o.dtype == dtype and f.dtype == torch.float32
+    assert_close(o.float(), o_ref.float(), f"o (seed {seed})", rtol=2e-2, atol=2e-2)
+    assert_close(f, f_ref, f"final state (seed {seed})", rtol=2e-2, atol=2e-2)
+
+
+def test_bad_inputs_raise(device):
+    q = torch.randn(1, 8, 2, 4, device=device)
+    with pytest.raises(ValueError, match="equal b, s, h"):
+        lightning_attention(q, q, torch.randn(1, 9, 2, 4, device=device))
+    with pytest.raises(ValueError, match="log_decay"):
+        lightning_attention(q, q, q, log_decay=torch.zeros(3, device=device))
+    with pytest.raises(ValueError, match="initial_state"):
+        lightning_attention(q, q, q, initial_state=torch.zeros(1, 2, 4, 5, device=device))
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        lightning_attention(q.double(), q.double(), q.double())
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 8, 2, 4)
+    assert not triton_available_for(q)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        lightning_attention(q, q, q)
+
+
+def test_dispatch_forced_triton_matches_reference(device):
+    assert "triton" in linear_attention_backends()
+    seed, inputs = _inputs(1, 19, 2, 8, 8, True, True, device)
+    ours, ref = _leaves(inputs), _leaves(inputs)
+    o, f = linear_attention(*ours, output_final_state=True, backend="triton")
+    o_ref, f_ref = linear_attention(*ref, output_final_state=True, backend="reference")
+    assert_close(o, o_ref, f"o (seed {seed})")
+    assert_close(f, f_ref, f"final state (seed {seed})")
+    ((o * o_ref.detach()).sum() + f.sum()).backward()
+    ((o_ref * o_ref.detach()).sum() + f_ref.sum()).backward()
+    for name, x, x_ref in zip(("dq", "dk", "dv", "d log_decay", "d initial_state"), ours, ref):
+        assert_close(x.grad, x_ref.grad, f"{name} (seed {seed})")
+    # chosen automatically on CUDA only
+    expected = "triton" if device.type == "cuda" else "chunk"
+    assert select_linear_attention_backend(*inputs[:4]) == expected
