@@ -1,0 +1,133 @@
+"""The hybrid decoder: Llama-3 blocks whose token mixer is linear or softmax attention, per layer.
+
+    x = embed(input_ids)                                   VocabParallelEmbedding (all-reduce over TP)
+    for each layer (mixer from the layer pattern):
+        x = x + mixer(rmsnorm(x))                          LinearAttention (LASP-2/1) | SoftmaxAttention (all-gather/ring/Ulysses)
+        x = x + swiglu(rmsnorm(x))
+    logits = rmsnorm(x) W_out^T                            ColumnParallelLinear, vocab split over TP (tied: W_out = embedding)
+    loss_sum = sum(loss_mask * vocab_parallel_cross_entropy(logits, labels))
+
+Parallelism is read from the mesh: heads, MLP columns and the vocabulary are split over its TP group
+(Megatron-core layers), the sequence over its CP group (each rank holds its tokens in the CP layout and
+the mixers exchange what they need). Activations between layers are `[b, s_local, hidden]`, replicated
+over TP. Weights are drawn from torch's RNG as full matrices on every rank (see tensor_parallel.py), so
+seeding torch identically on every rank before :func:`build_model` gives the same full model for any
+TP x CP x DP layout.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+
+from lctrain.models.attention import SoftmaxAttention
+from lctrain.models.config import ModelConfig
+from lctrain.models.flops import flops_per_token, num_parameters
+from lctrain.models.linear_attention import LinearAttention
+from lctrain.models.loss import LMOutput, lm_loss
+from lctrain.models.mlp import SwiGLU
+from lctrain.models.norm import RMSNorm
+from lctrain.models.rope import rope_cos_sin
+from lctrain.models.tensor_parallel import megatron_config, normal_init
+from lctrain.parallel.mesh import Mesh, get_mesh
+
+
+class Block(torch.nn.Module):
+    """Pre-norm decoder block with a linear ("L") or softmax ("A") token mixer."""
+
+    def __init__(self, cfg: ModelConfig, mixer: str, layer_idx: int, mp: ModelParallelConfig, mesh: Mesh,
+                 cp_layout: str):
+        super().__init__()
+        self.kind = mixer
+        self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if mixer == "L":
+            self.mixer = LinearAttention(cfg, mp, mesh, cp_layout, layer_idx)
+        else:
+            self.mixer = SoftmaxAttention(cfg, mp, mesh, cp_layout)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, mp, mesh.tp_group)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class HybridLM(torch.nn.Module):
+    """Decoder-only LM over this rank's tokens; returns the summed loss (see :class:`LMOutput`)."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, cp_layout: str = "zigzag"):
+        super().__init__()
+        cfg.validate_parallel(mesh.tp, mesh.cp, cp_layout)
+        self.cfg, self.mesh, self.cp_layout = cfg, mesh, cp_layout
+        mp = megatron_config(mesh.tp, mesh.cp)
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
+                                            config=mp, tp_group=mesh.tp_group)
+        self.layers = torch.nn.ModuleList(
+            Block(cfg, mixer, i, mp, mesh, cp_layout) for i, mixer in enumerate(cfg.mixers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
+                                           init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
+                                           skip_weight_param_allocation=cfg.tie_embeddings, tp_group=mesh.tp_group)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                loss_mask: torch.Tensor | None = None, return_predictions: bool = False) -> LMOutput:
+        """Loss of this rank's tokens.
+
+        Args:
+            input_ids: int64 `[b, s_local]`, this CP rank's tokens (from `shard_sequence`).
+            position_ids: int64 `[s_local]`, their global positions (from `position_ids()` / `shard_positions()`).
+            labels: int64 `[b, s_local]`, the next-token targets of those tokens.
+            loss_mask: float `[b, s_local]` weights of the tokens in the loss, or None (all ones).
+            return_predictions: also return the argmax over the full vocabulary.
+        Returns:
+            LMOutput(loss_sum, num_tokens, predictions); reduce with `lctrain.models.loss.global_token_mean`.
+        """
+        self._check_inputs(input_ids, position_ids, labels, loss_mask)
+        x = self.embed(input_ids)  # [b, s, hidden]
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # [s, d] each
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.norm(x)
+        logits, _ = self.output(x, weight=self.embed.weight if self.cfg.tie_embeddings else None)  # [b, s, V/tp]
+        return lm_loss(logits, labels, loss_mask, self.mesh.tp_group, return_predictions)
+
+    def _check_inputs(self, input_ids, position_ids, labels, loss_mask) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_local], got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if loss_mask is not None and loss_mask.shape != input_ids.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if position_ids.shape != (s,):
+            raise ValueError(f"position_ids must be [seq_local] = [{s}], got shape {tuple(position_ids.shape)}")
+        if s == 0:
+            raise ValueError("empty sequence")
+        if self.mesh.cp > 1 and self.cp_layout == "zigzag" and s % 2:
+            raise ValueError(f"the zigzag layout needs an even local sequence length (two chunks per CP rank); "
+                             f"got {s} tokens on this rank, so the global length {s * self.mesh.cp} is not "
+                             f"divisible by 2*CP = {2 * self.mesh.cp}")
+
+    def num_parameters(self) -> int:
+        """Parameters of the full model (not of this rank's shard)."""
+        return num_parameters(self.cfg)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at sequence length `seq_len`; see flops.py."""
+        return flops_per_token(self.cfg, seq_len)
+
+
+def build_model(cfg: ModelConfig, mesh: Mesh | None = None, cp_layout: str = "zigzag") -> HybridLM:
+    """Build the model for `mesh` (default: the current mesh from `init_mesh`), on the CPU in float32.
+
+    Weights come from torch's default RNG as full matrices, so seed it identically on every rank first;
+    the full weights are then the same whatever the TP size. Move the model to its device afterwards.
+
+    Raises:
+        ValueError: the model does not split over the mesh (heads, kv heads, vocab or ffn not divisible by
+            TP; Ulysses heads not divisible by CP; LASP-1 on the zigzag layout), or there is no mesh.
+    """
+    mesh = mesh if mesh is not None else get_mesh()
+    if mesh is None:
+        raise ValueError("build_model needs a mesh: call lctrain.parallel.init_mesh() first")
+    return HybridLM(cfg, mesh, cp_layout)
