@@ -127,10 +127,12 @@ def _chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         entering = None
     else:
         states = []
-        for j in range(nc):
+        # unbind, not indexing per chunk: one backward node instead of a full-size gradient per chunk.
+        mems = mem.unbind(2)
+        decays = [1.0] * nc if chunk_dec is None else chunk_dec[:, :, None, None].unbind(1)  # [h, 1, 1] each
+        for mem_j, decay_j in zip(mems, decays):
             states.append(state)
-            decay_j = 1.0 if chunk_dec is None else chunk_dec[:, j, None, None]
-            state = decay_j * state + mem[:, :, j]
+            state = decay_j * state + mem_j
         entering = torch.stack(states, dim=2)  # [b, h, nc, dk, dv], the state entering each chunk
     if entering is not None:
         o = o + q_dec @ entering

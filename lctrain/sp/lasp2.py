@@ -102,6 +102,10 @@ def _unstack_chunks(x: torch.Tensor, n_loc: int) -> torch.Tensor:
     return torch.cat(x.chunk(n_loc, dim=0), dim=1) if n_loc > 1 else x
 
 
+def _needs_decay_grad(ctx) -> bool:
+    return bool(ctx.needs_input_grad[3])
+
+
 class _LASP2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, group, causal, layout, rank, world):
@@ -180,10 +184,6 @@ class _LASP2(torch.autograd.Function):
             d_ld = (d_ld + grads[2]).to(log_decay.dtype)
         dq, dk, dv = (_unstack_chunks(x, n_loc) for x in (dqs, dks, dvs))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_ld, None, None, None, None, None
-
-
-def _needs_decay_grad(ctx) -> bool:
-    return bool(ctx.needs_input_grad[3])
 
 
 def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
