@@ -1,0 +1,107 @@
+"""`lctrain train CONFIG [dotted.key=value ...] [--nproc N] [--resume auto|none|PATH] [--resume-from PATH] [--dry-run]`.
+
+Runs in this process when started by a launcher (torchrun sets RANK/WORLD_SIZE) or without --nproc;
+with --nproc N it spawns N local ranks (gloo on CPU, nccl on GPU) on a free port and waits for them.
+If one rank fails the others are stopped and the exit code is non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import warnings
+
+# Megatron warns on import that optional fused kernels are absent; that is expected here.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+
+from lctrain.config import Config, ConfigError, load_config, to_dict
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(local_rank: int, nproc: int, port: int, threads: int, cfg: Config, resume: str) -> None:
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS=str(threads))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(threads)
+    _run_here(cfg, resume)
+
+
+def _run_here(cfg: Config, resume: str) -> None:
+    import torch.distributed as dist
+
+    from lctrain.train.trainer import run
+
+    try:
+        run(cfg, resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lctrain train", description="Train a model (local ranks or under torchrun).")
+    p.add_argument("config", help="YAML config (e.g. configs/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. parallel.cp=2 train.steps=10")
+    p.add_argument("--nproc", type=int, default=None, help="spawn N local ranks (default: run in this process)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest complete checkpoint in run.out_dir, default) | none | a checkpoint path")
+    p.add_argument("--resume-from", default=None, metavar="PATH", help="resume from this checkpoint (= --resume PATH)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and the layout, then exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    resume = args.resume_from or args.resume
+    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.nproc is not None and args.nproc < 1:
+        print("lctrain train: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    world = int(os.environ["WORLD_SIZE"]) if under_launcher else (args.nproc or 1)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from lctrain.train.trainer import _resolve_resume, plan_run
+        from pathlib import Path
+
+        plan = plan_run(cfg, world)
+        ckpt = _resolve_resume(resume, Path(cfg.run.out_dir) / "checkpoints")
+    except (ConfigError, ValueError) as err:
+        print(f"lctrain train: error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+        print(f"# layout: world={plan.world} tp={plan.tp} cp={plan.cp} dp={plan.dp} "
+              f"grad_accum={plan.grad_accum} (global batch {cfg.train.global_batch_size} x seq {cfg.data.seq_len})")
+        print(f"# resume: {ckpt if ckpt is not None else 'none (fresh start)'}")
+        print("# config and layout OK")
+        return 0
+    if under_launcher or args.nproc is None:
+        _run_here(cfg, resume)
+        return 0
+    import torch.multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // args.nproc)
+    try:
+        mp.start_processes(_rank_main, args=(args.nproc, _free_port(), threads, cfg, resume), nprocs=args.nproc,
+                           join=True, start_method="spawn")
+    except mp.ProcessExitedException as err:
+        print(f"lctrain train: rank {err.error_index} exited with code {err.exit_code}; stopped the others",
+              file=sys.stderr)
+        return 1
+    except mp.ProcessRaisedException as err:
+        print(f"lctrain train: rank {err.error_index} failed:\n{err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,254 @@
+"""The training loop: mesh -> model -> DeepSpeed engine -> steps over the global sample stream -> checkpoints.
+
+    from lctrain.train.trainer import run
+    result = run(cfg, resume="auto")      # in every rank (RANK/WORLD_SIZE/MASTER_* set), or one process
+
+One optimizer step consumes the `global_batch_size` samples that start at the data position (a global
+sample index; see lctrain.data.sampler): each DP rank takes its micro-batches, each CP rank keeps its
+slice of every sequence (`shard_sequence`, with the matching global position ids). The loss of a
+micro-batch is its summed token loss divided by the token count of the WHOLE step over all DP x CP ranks
+(`global_token_mean` with the step's count; DeepSpeed's 1/accumulation scaling is switched off), so the
+step's gradient is exactly that of the mean token loss of the global batch, whatever the layout.
+
+Resume: "auto" continues from the newest complete checkpoint in run.out_dir/checkpoints (if any),
+"none" starts fresh, a path resumes from that checkpoint (any layout; see lctrain.checkpoint.state).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lctrain.checkpoint.state import full_state, load_engine_state, load_weights, state_names
+from lctrain.checkpoint.store import CheckpointError, find_latest, load_tensors, read_meta, save_checkpoint, stored_tensors
+from lctrain.config import Config, save_config, to_dict
+from lctrain.models import build_model
+from lctrain.models.loss import global_token_mean
+from lctrain.data.sampler import build_dataset, collate, data_vocab_size, micro_batch_indices
+from lctrain.parallel import comm
+from lctrain.parallel.mesh import Mesh, init_mesh
+from lctrain.parallel.sharding import check_shardable, position_ids, shard_sequence
+from lctrain.train.engine import build_engine, set_lr
+from lctrain.train.metrics import MetricsLogger, peak_flops
+from lctrain.train.schedule import lr_at
+
+
+@dataclass
+class TrainResult:
+    """What a run returns on every rank."""
+
+    final_step: int
+    """Optimizer steps done in total (including those before a resume)."""
+    losses: dict[int, float] = field(default_factory=dict)
+    """Training loss of each step run in THIS process (step -> global token-mean loss)."""
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    """step -> {"eval_loss", "eval_acc"} of each evaluation."""
+    run_dir: str = ""
+    checkpoint: str | None = None
+    """The last checkpoint written, if any."""
+    resumed_from: str | None = None
+    """The checkpoint this run started from, if any."""
+    position: int = 0
+    """Global index of the next training sample."""
+    tokens_per_s: float = 0.0
+    """Mean training throughput of this run (all ranks together)."""
+
+
+@dataclass
+class Plan:
+    """The layout a config resolves to on a given world size."""
+
+    world: int
+    tp: int
+    cp: int
+    dp: int
+    grad_accum: int
+
+
+def plan_run(cfg: Config, world_size: int) -> Plan:
+    """Validate `cfg` against `world_size` without any communication; raise ValueError naming the problem."""
+    cfg.train.validate()
+    cfg.data.validate()
+    cfg.checkpoint.validate()
+    dp = cfg.parallel.validate(world_size)
+    check_shardable(cfg.data.seq_len, cfg.parallel.cp, cfg.parallel.cp_layout)
+    grad_accum = cfg.train.grad_accum(dp)
+    if hasattr(cfg.model, "validate_parallel"):
+        cfg.model.validate_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.cp_layout)
+    if data_vocab_size(cfg.data) > cfg.model.vocab_size:
+        raise ValueError(f"data.source={cfg.data.source} produces token ids up to {data_vocab_size(cfg.data) - 1}, "
+                         f"but model.vocab_size is {cfg.model.vocab_size}")
+    return Plan(world_size, cfg.parallel.tp, cfg.parallel.cp, dp, grad_accum)
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if comm.is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_latest(ckpt_root)
+    path = Path(resume)
+    read_meta(path)
+    return path
+
+
+def _rng_names(rank: int) -> dict[str, torch.Tensor]:
+    out = {f"rng/rank{rank}/cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out[f"rng/rank{rank}/cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _restore_rng(path: Path, meta: dict, rank: int, world: int) -> None:
+    """Every rank's RNG as saved, when the checkpoint has the same world size (otherwise left as seeded)."""
+    if meta["layout"]["world"] != world:
+        return
+    names = [n for n in _rng_names(rank) if n in stored_tensors(path)]
+    if not names:
+        return
+    got = load_tensors(path, names)
+    torch.set_rng_state(got[f"rng/rank{rank}/cpu"])
+    if f"rng/rank{rank}/cuda" in got:
+        torch.cuda.set_rng_state(got[f"rng/rank{rank}/cuda"])
+
+
+def _batch_to_rank(batch: dict[str, torch.Tensor], mesh: Mesh, layout: str, device) -> dict[str, torch.Tensor]:
+    """This CP rank's slice of each `[b, s]` tensor of a batch, on `device`."""
+    return {k: shard_sequence(v, mesh.cp_group, dim=1, layout=layout).to(device) for k, v in batch.items()}
+
+
+def evaluate(engine, dataset, cfg: Config, mesh: Mesh, plan: Plan, device) -> dict[str, float]:
+    """Held-out loss and accuracy on the loss-masked tokens (MQAR/passkey: the queried tokens)."""
+    tc, seq = cfg.train, cfg.data.seq_len
+    pos = position_ids(seq, mesh.cp_group, cfg.parallel.cp_layout, device=device)
+    totals = torch.zeros(3, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for k in range(tc.eval_batches):
+            for m in range(plan.grad_accum):
+                idx = micro_batch_indices(k * tc.global_batch_size, tc.micro_batch_size, plan.dp, mesh.dp_rank, m)
+                b = _batch_to_rank(collate(dataset, idx), mesh, cfg.parallel.cp_layout, device)
+                out = engine(b["input_ids"], pos, b["labels"], loss_mask=b["loss_mask"], return_predictions=True)
+                hit = ((out.predictions == b["labels"]).float() * b["loss_mask"]).sum()
+                totals += torch.stack([out.loss_sum.detach().double().cpu(), hit.double().cpu(),
+                                       b["loss_mask"].sum().double().cpu()])
+    engine.train()
+    totals = comm.all_reduce(totals, group=mesh.dp_cp_group)
+    n = max(totals[2].item(), 1.0)
+    return {"eval_loss": totals[0].item() / n, "eval_acc": totals[1].item() / n}
+
+
+def _save(engine, mesh: Mesh, cfg: Config, plan: Plan, ckpt_root: Path, step: int, position: int) -> Path:
+    tensors = full_state(engine, mesh, step)
+    tensors.update(_rng_names(mesh.rank))
+    meta = {"position": position, "layout": {"world": plan.world, "tp": plan.tp, "cp": plan.cp, "dp": plan.dp},
+            "zero_stage": cfg.train.zero_stage, "config": to_dict(cfg)}
+    return save_checkpoint(ckpt_root, step, tensors, meta, cfg.checkpoint.keep)
+
+
+def run(cfg: Config, resume: str = "auto") -> TrainResult:
+    """Train per `cfg`, resuming per `resume` ("auto" | "none" | checkpoint path); see the module docstring.
+
+    Raises:
+        ValueError: a bad config or layout (before any communication), or a missing/corrupt checkpoint
+            (CheckpointError, naming the path).
+    """
+    world = _world_size()
+    plan = plan_run(cfg, world)
+    run_dir = Path(cfg.run.out_dir)
+    ckpt_root = run_dir / "checkpoints"
+    resume_path = _resolve_resume(resume, ckpt_root)
+    meta = read_meta(resume_path) if resume_path is not None else None
+    if meta is not None and meta["config"]["model"] != to_dict(cfg.model):
+        raise CheckpointError(f"checkpoint {str(resume_path)!r} was saved for a different model config "
+                              f"({meta['config']['model']} vs {to_dict(cfg.model)})")
+
+    mesh = init_mesh(cfg.parallel)
+    if mesh.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, mesh, cfg.parallel.cp_layout)
+    state = None
+    if resume_path is not None:
+        state = load_tensors(resume_path, state_names(model))
+        load_weights(model, state, mesh)
+    model.to(device)
+    engine = build_engine(model, cfg.train, mesh, plan.grad_accum)
+    step, position = 0, 0
+    if state is not None:
+        load_engine_state(engine, state, mesh)
+        del state
+        step, position = int(meta["step"]), int(meta["position"])
+        _restore_rng(resume_path, meta, mesh.rank, world)
+
+    tc, seq, layout = cfg.train, cfg.data.seq_len, cfg.parallel.cp_layout
+    end = tc.steps if tc.exit_after == 0 else min(tc.steps, step + tc.exit_after)
+    train_data, eval_data = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "eval")
+    pos = position_ids(seq, mesh.cp_group, layout, device=device)
+    logger = MetricsLogger(run_dir, mesh.rank, step, tc.steps, tc.progress)
+    if resume_path is not None:
+        logger.write(f"resumed from {resume_path} at step {step} (sample {position})")
+    flops = getattr(engine.module, "flops_per_token", None)
+    peak = peak_flops()
+    result = TrainResult(final_step=step, run_dir=str(run_dir), resumed_from=str(resume_path) if resume_path else None,
+                         position=position)
+    run_tokens, run_time = 0, 0.0
+
+    while step < end:
+        t0 = time.perf_counter()
+        lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup, tc.steps)
+        set_lr(engine, lr)
+        micro = [_batch_to_rank(collate(train_data, micro_batch_indices(position, tc.micro_batch_size, plan.dp,
+                                                                        mesh.dp_rank, m)), mesh, layout, device)
+                 for m in range(plan.grad_accum)]
+        # The step's token count on this rank; global_token_mean sums it over DP x CP.
+        step_tokens = sum(b["loss_mask"].sum() for b in micro).to(torch.float32)
+        loss_value = 0.0
+        for b in micro:
+            out = engine(b["input_ids"], pos, b["labels"], loss_mask=b["loss_mask"])
+            loss = global_token_mean(out.loss_sum, step_tokens, mesh.dp_cp_group)
+            engine.backward(loss, scale_wrt_gas=False)
+            engine.step()
+            loss_value += loss.item()
+        step += 1
+        position += tc.global_batch_size
+        dt = time.perf_counter() - t0
+        tokens = tc.global_batch_size * seq
+        run_tokens, run_time = run_tokens + tokens, run_time + dt
+        result.losses[step] = loss_value
+        grad_norm = engine.get_global_grad_norm()
+        record = {"step": step, "loss": loss_value, "tokens": step * tokens, "tokens_per_s": tokens / dt,
+                  "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None, "step_time_s": dt}
+        if flops is not None and peak is not None:
+            record["mfu"] = flops(seq) * tokens / dt / (peak * world)
+        if (tc.eval_every and step % tc.eval_every == 0) or step == end:
+            ev = evaluate(engine, eval_data, cfg, mesh, plan, device)
+            result.evals[step] = ev
+            record.update(ev)
+        if step % tc.log_every == 0 or step == end or "eval_acc" in record:
+            logger.log(record)
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (step == end and cfg.checkpoint.at_end):
+            result.checkpoint = str(_save(engine, mesh, cfg, plan, ckpt_root, step, position))
+            logger.write(f"checkpoint: {result.checkpoint}")
+
+    result.final_step, result.position = step, position
+    result.tokens_per_s = run_tokens / run_time if run_time else 0.0
+    if result.evals:
+        last = result.evals[max(result.evals)]
+        logger.write(f"step {step}/{tc.steps}: eval loss {last['eval_loss']:.4f}, "
+                     f"accuracy on queried tokens {last['eval_acc']:.4f}")
+    logger.close()
+    if mesh.rank == 0 and tc.plot and (run_dir / "metrics.jsonl").is_file():
+        from lctrain.train.plot import plot_run
+
+        print(f"plot: {plot_run(run_dir)}", flush=True)
+    return result
