@@ -1,0 +1,54 @@
+"""The kernel benchmark's FLOP formulas (against brute-force counts) and its refusal without a GPU."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(4, 4), (2, 4), (4, 2), (37, 37), (16, 50)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_visible_pairs_counts_the_mask(bench, seq_q, seq_k, causal):
+    i = torch.arange(seq_q)[:, None]
+    j = torch.arange(seq_k)[None, :]
+    mask = (j <= i + seq_k - seq_q) if causal else torch.ones(seq_q, seq_k, dtype=torch.bool)
+    assert bench.visible_pairs(seq_q, seq_k, causal) == int(mask.sum())
+
+
+def test_attention_flops(bench):
+    # causal square: 4 * b * h * d * n(n+1)/2; backward adds 2.5x the forward
+    assert bench.attention_flops(2, 3, 8, 8, 16, True) == 4 * 2 * 3 * 16 * 36
+    assert bench.attention_flops(1, 1, 8, 8, 16, False, backward=True) == 3.5 * 4 * 16 * 64
+
+
+def test_lightning_flops(bench):
+    seq, dk, dv, chunk = 150, 16, 32, 64
+    starts = torch.arange(seq) // chunk
+    t = torch.arange(seq)
+    intra_pairs = int(((t[None, :] <= t[:, None]) & (starts[:, None] == starts[None, :])).sum())
+    expected = 2 * 3 * (2 * (dk + dv) * intra_pairs + 4 * seq * dk * dv)
+    assert bench.lightning_flops(2, 3, seq, dk, dv, chunk=chunk) == expected
+    assert bench.lightning_flops(2, 3, seq, dk, dv, backward=True, chunk=chunk) == 4 * expected
+
+
+def test_format_row_reports_throughput_and_ratio(bench):
+    row = dict(op="flash", d=64, heads=2, batch=1, seq=1024, mode="fwd", flops=2e12, tokens=1024, ours=10.0, peer=12.0)
+    cells = [c.strip() for c in bench.format_row(row).strip("|").split("|")]
+    assert cells[4:] == ["10.000", "200.0", "1.02e+05", "12.000", "166.7", "1.20"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_refuses_without_gpu(bench, tmp_path, capsys):
+    assert bench.main(["--out", str(tmp_path / "t.md")]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "t.md").exists()
