@@ -1,6 +1,6 @@
 """Benchmark lctrain's Triton kernels against their strongest peers on one GPU and write a Markdown table.
 
-    python benchmarks/bench_kernels.py [--seqlens 1024 2048 ... 65536] [--head-dims 64 128] [--out docs/kernel_benchmarks.md]
+    python benchmarks/bench_kernels.py [--seqlens 1024 ... 65536] [--head-dims 64 128] [--out docs/kernel_benchmarks.md]
 
 Times forward and forward+backward (bf16) over sequence lengths, at a fixed number of tokens per batch:
 - lightning attention (lctrain.kernels.lightning_attention) vs flash-linear-attention's `chunk_simple_gla`

@@ -171,15 +171,21 @@ class LightningAttentionFunction(torch.autograd.Function):
         q, k, v, log_decay, initial_state, final = ctx.saved_tensors
         do = do.contiguous()
         d_final = d_final.contiguous() if d_final is not None else None
-        s0_t = initial_state.transpose(-1, -2) if initial_state is not None else None  # [b, h, dv, dk]
-        # dq_i = sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j + lambda^(i+1) do_i S0^T: the forward on (do, v, k, S0^T)
-        dq, _ = _launch(_forward_kernel, do, v, k, log_decay, s0_t, q.dtype, False)
+        need_q, need_k, need_v, need_decay, need_s0 = ctx.needs_input_grad[:5]
+        dq = dk = dv = d_s0 = None
+        if need_q or need_decay:
+            # dq_i = sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j + lambda^(i+1) do_i S0^T: the forward on (do, v, k)
+            s0_t = initial_state.transpose(-1, -2) if initial_state is not None else None  # [b, h, dv, dk]
+            dq, _ = _launch(_forward_kernel, do, v, k, log_decay, s0_t, q.dtype, False)
         # dv_j = k_j D_j, dk_j = D_j v_j^T with D_j = sum_{i>=j} lambda^(i-j) q_i^T do_i + lambda^(n-1-j) dFinal
-        dv, d_s0 = _launch(_reverse_kernel, k, q, do, log_decay, d_final, v.dtype, initial_state is not None)
-        d_final_t = d_final.transpose(-1, -2) if d_final is not None else None
-        dk, _ = _launch(_reverse_kernel, v, do, q, log_decay, d_final_t, k.dtype, False)
+        if need_v or need_s0:
+            dv, d_s0 = _launch(_reverse_kernel, k, q, do, log_decay, d_final, v.dtype,
+                               initial_state is not None and need_s0)
+        if need_k or need_decay:
+            d_final_t = d_final.transpose(-1, -2) if d_final is not None else None
+            dk, _ = _launch(_reverse_kernel, v, do, q, log_decay, d_final_t, k.dtype, False)
         d_log_decay = None
-        if ctx.needs_input_grad[3]:
+        if need_decay:
             d_log_decay = _log_decay_grad(q, k, dq, dk, final, d_final)
         return dq, dk, dv, d_log_decay, d_s0, None
 

@@ -71,6 +71,16 @@ def test_gradient_of_final_state_alone(device):
         assert_close(x.grad, x_ref.grad, f"{name} (seed {seed})")
 
 
+def test_gradients_of_some_inputs_only(device):
+    seed, (q, k, v, log_decay, s0) = _inputs(2, 26, 2, 8, 16, True, True, device)
+    ours, ref = _leaves([q, v]), _leaves([q, v])
+    do = torch.randn(2, 26, 2, 16, device=device)
+    (lightning_attention(ours[0], k, ours[1], log_decay, s0)[0] * do).sum().backward()
+    (naive_lightning_attention(ref[0], k, ref[1], log_decay, s0)[0] * do).sum().backward()
+    for name, x, x_ref in zip(("dq", "dv"), ours, ref):
+        assert_close(x.grad, x_ref.grad, f"{name} (seed {seed})")
+
+
 def test_strong_decay_stays_finite(device):
     # lambda = e^-30: every power underflows to 0 but none overflows (no inf * 0 = NaN in masked entries)
     _, (q, k, v, _, s0) = _inputs(1, 40, 2, 16, 16, False, True, device)
