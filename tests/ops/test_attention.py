@@ -1,0 +1,170 @@
+"""Local attention backends: the reference against plain autograd, every backend against the reference, dispatch."""
+import itertools
+
+import pytest
+import torch
+
+from lctrain.ops import attention as attn_mod
+from lctrain.ops.attention import (attention, attention_backends, attention_backward, attention_forward,
+                                   register_attention_backend, select_backend, use_attention_backend)
+from lctrain.ops.attention_ref import reference_attention_backward, reference_attention_forward
+from lctrain.sp.utils import merge_attention
+from lctrain.testing.compare import assert_close
+
+SHAPES = [(12, 12), (5, 12), (12, 5), (1, 7)]  # (sq, sk): square, fewer queries, more queries, one query
+HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
+
+
+def _inputs(sq, sk, h, hk, dtype, d=8, b=2):
+    return (torch.randn(b, sq, h, d, dtype=dtype), torch.randn(b, sk, hk, d, dtype=dtype),
+            torch.randn(b, sk, hk, d, dtype=dtype), torch.randn(b, sq, h, d, dtype=dtype))
+
+
+def _plain(q, k, v, causal, scale):
+    """Attention written the obvious way (repeat kv heads, bottom-right mask), for autograd."""
+    g = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        keep = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sq,sk", SHAPES)
+@pytest.mark.parametrize("h,hk", HEADS)
+def test_reference_matches_autograd_of_plain_attention(causal, sq, sk, h, hk):
+    q, k, v, do = _inputs(sq, sk, h, hk, torch.float64)
+    o, lse = reference_attention_forward(q, k, v, causal, 0.37)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o_plain, lse_plain = _plain(*leaves, causal, 0.37)
+    o_plain.backward(do)
+    assert_close(o, o_plain.detach(), "o")
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_plain))
+    fin = torch.isfinite(lse_plain)
+    assert_close(lse[fin], lse_plain.detach()[fin], "lse")
+    for name, got, leaf in zip(("dq", "dk", "dv"), reference_attention_backward(do, q, k, v, o, lse, causal, 0.37),
+                               leaves):
+        assert_close(got, leaf.grad, name)
+
+
+def test_rows_without_visible_keys_give_zero_output_and_minus_inf_lse():
+    q, k, v, do = _inputs(9, 4, 2, 1, torch.float64)
+    for name in _backends_supporting(q, k, v, True):
+        o, lse = attention_forward(q, k, v, True, 0.5, backend=name)
+        assert torch.equal(o[:, :5], torch.zeros_like(o[:, :5])), name
+        assert torch.isneginf(lse[:, :, :5]).all() and torch.isfinite(lse[:, :, 5:]).all(), name
+        assert all(torch.isfinite(g).all() for g in attention_backward(do, q, k, v, o, lse, True, 0.5, backend=name))
+
+
+def _backends_supporting(q, k, v, causal):
+    return [n for n, be in attention_backends().items() if be.available() and be.supports(q, k, v, causal)]
+
+
+FAST = sorted(set(attention_backends()) | {"sdpa", "flash_attn", "triton"} - {"reference"})
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backend_matches_reference(name, dtype):
+    be = attention_backends().get(name)
+    if be is None or not be.available():
+        pytest.skip(f"attention backend {name!r} is not available here")
+    ran = 0
+    for causal, (sq, sk), (h, hk) in itertools.product([True, False], SHAPES, HEADS):
+        q, k, v, do = _inputs(sq, sk, h, hk, dtype)
+        if not be.supports(q, k, v, causal):
+            continue
+        ran += 1
+        tag = f"{name} causal={causal} sq={sq} sk={sk} h={h} hk={hk} {dtype}"
+        o_ref, lse_ref = attention_forward(q, k, v, causal, 0.3, backend="reference")
+        o, lse = attention_forward(q, k, v, causal, 0.3, backend=name)
+        assert_close(o, o_ref, f"{tag} o")
+        assert lse.dtype == lse_ref.dtype and lse.shape == lse_ref.shape, tag
+        assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)), tag
+        fin = torch.isfinite(lse_ref)
+        assert_close(lse[fin], lse_ref[fin], f"{tag} lse")
+        want = attention_backward(do, q, k, v, o_ref, lse_ref, causal, 0.3, backend="reference")
+        got = attention_backward(do, q, k, v, o_ref, lse_ref, causal, 0.3, backend=name)
+        for gname, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype, tag
+            assert_close(a, b, f"{tag} {gname}")
+    if not ran:
+        pytest.skip(f"attention backend {name!r} supports no {dtype} case on this device")
+
+
+@pytest.mark.parametrize("name", ["reference"] + FAST)
+def test_backward_accepts_merged_output_and_lse(name):
+    """Split the keys in two blocks, merge the partial results, differentiate each block with the merged (o, lse)."""
+    be = attention_backends().get(name)
+    if be is None or not be.available():
+        pytest.skip(f"attention backend {name!r} is not available here")
+    q, k, v, do = _inputs(6, 10, 4, 2, torch.float64)
+    if not be.supports(q, k, v, True):
+        pytest.skip(f"attention backend {name!r} does not support this case here")
+    o_full, lse_full = attention_forward(q, k, v, True, 0.4, backend="reference")
+    # Block 1: keys [0, 4) are visible to every query (non-causal); block 2: keys [4, 10), causal bottom-right.
+    blocks = [(slice(0, 4), False), (slice(4, 10), True)]
+    out = torch.zeros_like(q)
+    lse = torch.full_like(lse_full, float("-inf"))
+    for ks, causal in blocks:
+        merge_attention(out, lse, *attention_forward(q, k[:, ks], v[:, ks], causal, 0.4, backend=name))
+    assert_close(out, o_full, "merged o")
+    assert_close(lse, lse_full, "merged lse")
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for ks, causal in blocks:
+        g = attention_backward(do, q, k[:, ks], v[:, ks], out, lse, causal, 0.4, backend=name)
+        dq += g[0]
+        dk[:, ks], dv[:, ks] = g[1], g[2]
+    want = attention_backward(do, q, k, v, o_full, lse_full, True, 0.4, backend="reference")
+    for gname, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
+        assert_close(a, b, gname)
+
+
+def test_dispatch_picks_sdpa_on_cpu_and_can_be_forced(monkeypatch):
+    q, k, v, _ = _inputs(4, 4, 2, 2, torch.float32)
+    monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
+    assert select_backend(q, k, v, True).name == "sdpa"
+    assert select_backend(q, k, v, True, backend="reference").name == "reference"
+    with use_attention_backend("reference"):
+        assert select_backend(q, k, v, True).name == "reference"
+        assert select_backend(q, k, v, True, backend="sdpa").name == "sdpa"
+    monkeypatch.setenv(attn_mod.ENV_VAR, "reference")
+    assert select_backend(q, k, v, True).name == "reference"
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        attention_forward(q, k, v, True, 1.0, backend="nope")
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        attention_forward(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1), True, 1.0)
+
+
+def test_priority_and_supports_decide_the_backend(monkeypatch):
+    monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
+    monkeypatch.setattr(attn_mod, "_BACKENDS", dict(attn_mod._BACKENDS))
+    calls = []
+
+    def fwd(q, k, v, causal, scale):
+        calls.append("fast")
+        return attn_mod._BACKENDS["reference"].forward(q, k, v, causal, scale)
+
+    register_attention_backend("fast", fwd, reference_attention_backward,
+                               lambda q, k, v, causal: not causal, priority=100)
+    q, k, v, _ = _inputs(4, 4, 2, 2, torch.float64)
+    attention_forward(q, k, v, False, 1.0)
+    assert calls == ["fast"]
+    assert select_backend(q, k, v, True).name == "sdpa"  # "fast" does not support causal
+    with pytest.raises(ValueError, match="does not support this case"):
+        attention_forward(q, k, v, True, 1.0, backend="fast")
+
+
+def test_attention_autograd_default_scale():
+    q, k, v, do = _inputs(6, 6, 2, 1, torch.float64)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    attention(*leaves, causal=True).backward(do)
+    plain = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    _plain(*plain, True, 8 ** -0.5)[0].backward(do)
+    for a, b in zip(leaves, plain):
+        assert_close(a.grad, b.grad)

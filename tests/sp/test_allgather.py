@@ -1,0 +1,23 @@
+"""All-gather K/V attention equals single-process attention; one all-gather forward, one reduce-scatter backward."""
+import pytest
+import torch
+
+from lctrain.testing import run_distributed
+from tests.sp.softmax_cases import assert_results, default_cases, run_cases
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_allgather_matches_reference_with_one_gather_and_one_reduce_scatter(world):
+    seed = int(torch.randint(0, 2**31, ()).item())
+    results = run_distributed(run_cases, world, "allgather", default_cases(world), seed)
+    assert_results(results)
+    for rank_results in results:
+        for r in rank_results:
+            if world == 1:
+                assert r["fwd"] == {} and r["bwd"] == {}, r["case"]
+                continue
+            assert r["fwd"] == {"all_gather": {"calls": 1, "bytes": r["kv_bytes"]}}, (r["case"], r["fwd"])
+            assert set(r["bwd"]) == {"reduce_scatter"} and r["bwd"]["reduce_scatter"]["calls"] == 1, r["bwd"]
+            # dK/dV of the whole sequence (world x the local K/V) go into the one reduce-scatter.
+            expect = world * r["kv_bytes"]
+            assert r["bwd"]["reduce_scatter"]["bytes"] == expect, (r["case"], r["bwd"])
