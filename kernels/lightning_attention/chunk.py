@@ -238,9 +238,9 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
         raise ValueError(f"initial_state must have shape [b, h, dk, dv] = {[batch, heads, dk, dv]}; "
                          f"got {tuple(initial_state.shape)}")
     tensors = [q, k, v, log_decay] + ([initial_state] if initial_state is not None else [])
-    check_runnable(*tensors)
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"all inputs must be on one device; got {sorted({str(t.device) for t in tensors})}")
+    check_runnable(*tensors)
     if initial_state is not None:
         initial_state = initial_state.float()
     return LightningAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(),
