@@ -1,0 +1,201 @@
+"""`lctrain launch`, `lctrain submit` and `lctrain job`: the command-line side of the Ray launcher.
+
+    lctrain launch CONFIG [k=v ...] --nodes N --procs-per-node G [--address HOST:PORT|auto] [--resume MODE]
+    lctrain submit CONFIG [k=v ...] --address http://HEAD:8265 --nodes N --procs-per-node G [--wait]
+    lctrain job status|logs|stop ID --address http://HEAD:8265
+
+Without --address (and without RAY_ADDRESS), `launch` starts a private local Ray cluster without a
+dashboard (no HTTP server) and with Ray's token authentication (on by default). Exit codes: 0 success, 1 the job or the cluster failed, 2 a usage or config error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import warnings
+
+import ray
+
+from lctrain.launch.placement import PlacementError
+from lctrain.launch.supervisor import LaunchError, launch
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or joined."""
+
+
+def _err(cmd: str, msg: str) -> None:
+    print(f"lctrain {cmd}: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an unreachable HOST:PORT (ray.init would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r} is not HOST:PORT (the Ray head's GCS address, e.g. "
+                           "10.0.0.1:6379), 'auto', or 'local'")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ClusterError(f"cannot reach a Ray cluster at {address}: {err}. Start one with "
+                           "`ray start --head` (see launch/slurm, launch/k8s) or leave --address out to run on a "
+                           "local cluster") from None
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the Ray cluster at `address`, or start a local one when there is none.
+
+    Args:
+        address: HOST:PORT of a running head, "auto" (the cluster started on this machine by `ray start`),
+            "local" or None (RAY_ADDRESS when set, else a new local cluster: no dashboard, token auth on).
+    """
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or "local"
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(f"{address} is a job-server URL: use `lctrain submit --address {address}`, or give "
+                           "`lctrain launch` the head's GCS address (HOST:6379)")
+    if address not in ("local", "auto"):
+        _check_reachable(address)
+    try:
+        if address == "local":
+            # No dashboard, so no job server or HTTP port; Ray 2.60 binds its core ports to the node's
+            # routable IP whatever is asked, so the cluster token (on by default) is what guards them.
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+                warnings.warn("RAY_AUTH_MODE=disabled: the local Ray cluster accepts unauthenticated clients",
+                              stacklevel=2)
+            ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+        else:
+            ray.init(address=address, log_to_driver=True)
+    except ray.exceptions.AuthenticationError as err:
+        raise ClusterError(f"the Ray cluster at {address} refused this client: {err}") from None
+    except ConnectionError as err:
+        raise ClusterError(f"cannot connect to a Ray cluster at {address}: {err}") from None
+
+
+def _launch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lctrain launch", description="Run a training job on a Ray cluster.")
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    p.add_argument("--procs-per-node", type=int, required=True, help="ranks per node (GPUs per node)")
+    p.add_argument("--address", default=None,
+                   help="Ray head HOST:PORT or 'auto'; default: $RAY_ADDRESS, else a new local cluster")
+    p.add_argument("--resume", default="auto", help="auto | none | PATH (first attempt; restarts use auto)")
+    return p
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def launch_main(argv: list[str]) -> int:
+    """`lctrain launch`: returns 0 when the job finished, 1 when it failed, 2 on a usage or config error."""
+    args = _parse(_launch_parser(), argv)
+    if isinstance(args, int):
+        return args
+    from lctrain.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        cfg.parallel.validate(args.nodes * args.procs_per_node)
+        if args.nodes < 1 or args.procs_per_node < 1:
+            raise ValueError(f"--nodes and --procs-per-node must be >= 1, got {args.nodes}, {args.procs_per_node}")
+    except ValueError as err:
+        _err("launch", str(err))
+        return 2
+    try:
+        connect_ray(args.address)
+    except ClusterError as err:
+        _err("launch", str(err))
+        return 1
+    try:
+        out = launch(cfg, args.nodes, args.procs_per_node, resume=args.resume)
+    except (LaunchError, PlacementError) as err:
+        _err("launch", str(err))
+        return 1
+    except ValueError as err:
+        _err("launch", str(err))
+        return 2
+    finally:
+        ray.shutdown()
+    losses = getattr(out.result, "losses", None)
+    if isinstance(losses, dict) and losses:
+        last = max(losses)
+        print(f"[lctrain launch] done: step {last} loss {losses[last]:.6g}, {out.restarts} restart(s)", flush=True)
+    return 0
+
+
+def submit_main(argv: list[str]) -> int:
+    """`lctrain submit`: prints the job id; with --wait, follows the job and returns 0 only if it succeeded."""
+    from lctrain.launch import jobs
+
+    p = argparse.ArgumentParser(prog="lctrain submit", description="Submit `lctrain launch` as a Ray job.")
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--address", required=True, help="the job server, e.g. http://HEAD:8265")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--procs-per-node", type=int, default=1)
+    p.add_argument("--include", action="append", default=[],
+                   help="extra file or directory shipped in the job's working directory (repeatable)")
+    p.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
+    p.add_argument("--wait", action="store_true", help="wait for the job, print its logs, exit with its outcome")
+    p.add_argument("--timeout", type=float, default=3600.0, help="with --wait: give up after this many seconds")
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
+    try:
+        client = jobs.connect(args.address)
+        job_id = jobs.submit(client, args.config, args.overrides, args.nodes, args.procs_per_node,
+                             args.include, args.job_id)
+    except ValueError as err:
+        _err("submit", str(err))
+        return 2
+    except jobs.JobError as err:
+        _err("submit", str(err))
+        return 1
+    print(job_id, flush=True)
+    if not args.wait:
+        return 0
+    status = jobs.wait(client, job_id, args.timeout)
+    print(client.get_job_logs(job_id), end="", flush=True)
+    print(f"job {job_id}: {status.value}", flush=True)
+    return 0 if status == jobs.JobStatus.SUCCEEDED else 1
+
+
+def job_main(argv: list[str]) -> int:
+    """`lctrain job status|logs|stop ID --address URL`."""
+    from lctrain.launch import jobs
+
+    p = argparse.ArgumentParser(prog="lctrain job", description="Status, logs or stop of a submitted job.")
+    p.add_argument("action", choices=["status", "logs", "stop"])
+    p.add_argument("job_id")
+    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+                   help="the job server, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS)")
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
+    if not args.address:
+        _err("job", "--address is required (the job server, e.g. http://HEAD:8265)")
+        return 2
+    try:
+        client = jobs.connect(args.address)
+        if args.action == "status":
+            info = client.get_job_info(args.job_id)
+            print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+        elif args.action == "logs":
+            print(client.get_job_logs(args.job_id), end="")
+        else:
+            stopped = client.stop_job(args.job_id)
+            print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    except jobs.JobError as err:
+        _err("job", str(err))
+        return 1
+    except Exception as err:
+        _err("job", f"{args.action} {args.job_id}: {' '.join(str(err).split())}")
+        return 1
+    return 0

@@ -1,0 +1,263 @@
+"""Run a training job as a gang of Ray actors and restart it from its latest checkpoint when a rank is lost.
+
+    result = launch(cfg, nodes=2, procs_per_node=4)     # after ray.init(...)
+
+One attempt: reserve the gang (placement.reserve_gang), start one RankWorker per bundle in rank order,
+preflight them (entrypoint importable, where each runs), pick MASTER_ADDR/PORT on rank 0's node, set RANK,
+WORLD_SIZE, LOCAL_RANK, ... and call the entrypoint on every rank. The supervisor then watches two things:
+the actors' `run` calls (an actor or node that dies fails its call at once) and rank 0's metrics.jsonl (no
+new step for `launch.progress_timeout_s` counts as a hang, since a stuck rank stalls rank 0's collectives).
+On a failure the whole gang is torn down and a new attempt starts with resume="auto", which picks up the
+latest complete checkpoint in run.out_dir, up to `launch.max_restarts` times. Mistakes that a restart
+cannot fix (ValueError, TypeError, ImportError from the entrypoint) end the launch at once.
+
+run.out_dir must be visible to every node at the same path (a shared filesystem) for a restart on other
+nodes to find the checkpoint; a relative out_dir is resolved against the launching process's directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from lctrain.launch.placement import Placement, cluster_has_gpus, reserve_gang
+from lctrain.launch.worker import RankWorker
+
+
+class LaunchError(RuntimeError):
+    """The job failed for good: a fatal error, or more failures than launch.max_restarts allows."""
+
+
+class RankFailure(Exception):
+    """One attempt of the gang failed (a rank died, raised, or stopped making progress)."""
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+#: Errors from the entrypoint that a restart would only repeat.
+FATAL_ERRORS = (ValueError, TypeError, ImportError)
+
+
+@dataclass
+class LaunchResult:
+    """What `launch` returns."""
+
+    result: Any
+    """Rank 0's return value of the entrypoint (a TrainResult for the trainer)."""
+    restarts: int
+    """How many times the gang was restarted."""
+    world_size: int
+    failures: list[str] = field(default_factory=list)
+    """One line per failed attempt."""
+
+
+def _short(err: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def classify(rank: int, err: BaseException) -> RankFailure:
+    """Turn the exception of rank `rank`'s run call into a RankFailure (fatal when a restart cannot help)."""
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, FATAL_ERRORS):
+            return RankFailure(f"rank {rank} raised {type(cause).__name__}: {_short(cause)}", fatal=True)
+        name = type(cause).__name__ if cause is not None else "an error"
+        return RankFailure(f"rank {rank} raised {name}: {_short(cause if cause is not None else err)}")
+    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError,
+                        ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)):
+        return RankFailure(f"rank {rank} was lost (its actor or node died): {_short(err, 200)}")
+    return RankFailure(f"rank {rank} failed: {type(err).__name__}: {_short(err)}")
+
+
+class Gang:
+    """One attempt: the rank actors of a placement, their run calls, and rank 0's progress."""
+
+    def __init__(self, placement: Placement, cfg: Any, gpus: float, attempt: int, tag: str,
+                 log: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.lcfg = cfg.launch
+        self.attempt = attempt
+        self.log = log
+        worker_cls = ray.remote(RankWorker)
+        self.actors = [
+            worker_cls.options(
+                name=f"lctrain-{tag}-rank{rank}", num_cpus=self.lcfg.cpus_per_rank, num_gpus=gpus,
+                max_concurrency=2, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    slot.group, placement_group_bundle_index=slot.bundle_index),
+            ).remote(self.lcfg.entrypoint)
+            for rank, slot in enumerate(placement.slots)
+        ]
+        self.placement = placement
+
+    def _get(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
+        """ray.get of one call per rank, turning the first failure into a RankFailure."""
+        ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=self.lcfg.gang_timeout_s)
+        if not_ready:
+            ranks = [refs.index(r) for r in not_ready]
+            raise RankFailure(f"{what}: ranks {ranks} did not answer within {self.lcfg.gang_timeout_s:.0f} s")
+        out = []
+        for rank, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except Exception as err:
+                failure = classify(rank, err)
+                raise RankFailure(f"{what}: {failure}", failure.fatal) from None
+        return out
+
+    def environments(self) -> list[dict[str, str]]:
+        """Preflight every rank, then build each rank's torch.distributed environment."""
+        infos = self._get([a.preflight.remote() for a in self.actors], "preflight")
+        world = len(infos)
+        if infos[0]["node_id"] != self.placement.slots[0].node_id:
+            raise RankFailure("preflight: rank 0 does not run on the node that holds its bundle")
+        by_node: dict[str, list[int]] = {}
+        for rank, info in enumerate(infos):
+            by_node.setdefault(info["node_id"], []).append(rank)
+        port = ray.get(self.actors[0].free_port.remote(self.lcfg.port_min, self.lcfg.port_max,
+                                                       time.time_ns() + self.attempt))
+        master = infos[0]["ip"]
+        envs = []
+        for rank, info in enumerate(infos):
+            local = by_node[info["node_id"]]
+            env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local.index(rank)),
+                   "LOCAL_WORLD_SIZE": str(len(local)), "NODE_RANK": str(list(by_node).index(info["node_id"])),
+                   "MASTER_ADDR": master, "MASTER_PORT": str(port)}
+            # Each local rank sees all of its node's GPUs, its own at index LOCAL_RANK (NCCL wants peers visible).
+            node_gpus = [infos[r]["gpu_ids"][0] for r in local if infos[r]["gpu_ids"]]
+            if len(node_gpus) == len(local):
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
+            envs.append(env)
+        hosts = [f"{infos[r[0]]['host']}({infos[r[0]]['ip']}): ranks {r[0]}-{r[-1]}" for r in by_node.values()]
+        self.log(f"gang of {world} ranks on {len(by_node)} node(s), master {master}:{port}; " + "; ".join(hosts))
+        return envs
+
+    def supervise(self, resume: str) -> Any:
+        """Run the entrypoint on every rank; return rank 0's result or raise RankFailure."""
+        envs = self.environments()
+        metrics = os.path.join(self.cfg.run.out_dir, "metrics.jsonl")
+        offset = ray.get(self.actors[0].file_size.remote(metrics))
+        pending = {a.run.remote(self.cfg, env, resume): rank for rank, (a, env) in enumerate(zip(self.actors, envs))}
+        results: dict[int, Any] = {}
+        progress_ref, partial = None, b""
+        last_progress = time.monotonic()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.lcfg.poll_s)
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except Exception as err:
+                    raise classify(rank, err) from None
+            if progress_ref is None:
+                progress_ref = self.actors[0].read_from.remote(metrics, offset)
+            # Once every rank is done, drain the rest of rank 0's metrics before returning.
+            done, _ = ray.wait([progress_ref], timeout=None if not pending else 0)
+            if done:
+                try:
+                    data, new_offset = ray.get(progress_ref)
+                except Exception:
+                    data, new_offset = b"", offset
+                progress_ref = None
+                if new_offset < offset:
+                    partial = b""
+                offset = new_offset
+                *lines, partial = (partial + data).split(b"\n")
+                for line in lines:
+                    if self._report(line):
+                        last_progress = time.monotonic()
+            idle = time.monotonic() - last_progress
+            if pending and idle > self.lcfg.progress_timeout_s:
+                raise RankFailure(f"no new step from rank 0 for {idle:.0f} s (launch.progress_timeout_s = "
+                                  f"{self.lcfg.progress_timeout_s:g}); treating the gang as hung")
+        return results[0]
+
+    def _report(self, line: bytes) -> bool:
+        """Stream one metrics.jsonl line of rank 0; True when it is a step record."""
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return False
+        if not isinstance(rec, dict) or "step" not in rec:
+            return False
+        parts = [f"step {rec['step']}"]
+        for key in ("loss", "lr", "tokens_per_s"):
+            if isinstance(rec.get(key), (int, float)):
+                parts.append(f"{key} {rec[key]:.6g}")
+        self.log(" ".join(parts))
+        return True
+
+    def stop(self) -> None:
+        """Kill every rank actor (idempotent)."""
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+
+
+def _print(msg: str) -> None:
+    print(f"[lctrain launch] {msg}", flush=True)
+
+
+def launch(cfg: Any, nodes: int, procs_per_node: int, resume: str = "auto",
+           log: Callable[[str], None] = _print) -> LaunchResult:
+    """Run `cfg.launch.entrypoint` on nodes x procs_per_node ranks of the connected Ray cluster.
+
+    Args:
+        cfg: the run Config (its `launch` section configures this function).
+        nodes: number of nodes; each gets `procs_per_node` consecutive ranks.
+        procs_per_node: ranks per node (GPUs per node on a GPU cluster).
+        resume: resume mode of the first attempt ("auto" | "none" | PATH); restarts always use "auto".
+        log: where progress and restart messages go.
+
+    Returns:
+        LaunchResult with rank 0's result and the number of restarts.
+
+    Raises:
+        ValueError: the layout does not fit nodes x procs_per_node (before anything is reserved).
+        PlacementError: the cluster cannot hold the gang within launch.gang_timeout_s.
+        LaunchError: a fatal rank error, or more than launch.max_restarts failures.
+    """
+    lcfg = cfg.launch
+    world = nodes * procs_per_node
+    cfg.parallel.validate(world)
+    if procs_per_node % cfg.parallel.tp:
+        warnings.warn(f"parallel.tp={cfg.parallel.tp} does not divide --procs-per-node={procs_per_node}: "
+                      "some tensor-parallel groups will span two nodes", stacklevel=2)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=os.path.abspath(cfg.run.out_dir)))
+    gpus = lcfg.gpus_per_rank if lcfg.gpus_per_rank is not None else (1.0 if cluster_has_gpus() else 0.0)
+    tag = uuid.uuid4().hex[:8]
+    failures: list[str] = []
+    for attempt in range(lcfg.max_restarts + 1):
+        if attempt:
+            log(f"restart {attempt}/{lcfg.max_restarts} from the latest checkpoint in {cfg.run.out_dir}")
+        placement = reserve_gang(nodes, procs_per_node, lcfg.cpus_per_rank, gpus, lcfg.gang_timeout_s)
+        gang = None
+        try:
+            gang = Gang(placement, cfg, gpus, attempt, f"{tag}-a{attempt}", log)
+            result = gang.supervise(resume if attempt == 0 else "auto")
+            log(f"finished after {attempt} restart(s)")
+            return LaunchResult(result, attempt, world, failures)
+        except RankFailure as failure:
+            if failure.fatal:
+                raise LaunchError(f"{failure} (not restarted: a restart would fail the same way)") from None
+            failures.append(f"attempt {attempt}: {failure}")
+            log(f"attempt {attempt} failed: {failure}")
+        finally:
+            if gang is not None:
+                gang.stop()
+            placement.remove()
+    raise LaunchError(f"giving up after {lcfg.max_restarts} restart(s) (launch.max_restarts); failures:\n  "
+                      + "\n  ".join(failures))

@@ -1,0 +1,83 @@
+"""The rank actor: one Ray actor per rank, placed in its bundle, that runs the trainer entrypoint.
+
+The actor is threaded (max_concurrency=2) so the supervisor can read rank 0's progress while `run` is
+busy training. Each actor is its own worker process, so setting the torch.distributed variables in
+os.environ before calling the entrypoint is local to that rank.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import socket
+from typing import Any, Callable
+
+import ray
+
+
+def resolve_entrypoint(spec: str) -> Callable[..., Any]:
+    """Import "module:function" and return the function (ValueError naming what is missing)."""
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"launch.entrypoint {spec!r}: cannot import {module_name!r}: {err}") from err
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise ValueError(f"launch.entrypoint {spec!r}: {module_name} has no function {func_name!r}")
+    return fn
+
+
+class RankWorker:
+    """One rank of the gang (wrapped with ray.remote by the supervisor)."""
+
+    def __init__(self, entrypoint: str) -> None:
+        self.entrypoint = entrypoint
+
+    def preflight(self) -> dict[str, Any]:
+        """Check the entrypoint imports here and report where this actor runs."""
+        resolve_entrypoint(self.entrypoint)
+        ctx = ray.get_runtime_context()
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "host": socket.gethostname(), "pid": os.getpid(), "gpu_ids": gpu_ids}
+
+    def free_port(self, lo: int, hi: int, seed: int) -> int:
+        """A port in [lo, hi] that is free on this node now (tried from a seeded start, wrapping around)."""
+        ports = list(range(lo, hi + 1))
+        start = random.Random(seed).randrange(len(ports))
+        for port in ports[start:] + ports[:start]:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("", port))
+                except OSError:
+                    continue
+                return port
+        raise RuntimeError(f"no free port in {lo}..{hi} on {socket.gethostname()}")
+
+    def run(self, cfg: Any, env: dict[str, str], resume: str = "auto") -> Any:
+        """Set this rank's environment, call the entrypoint with (cfg, resume) and return its result."""
+        os.environ.update(env)
+        fn = resolve_entrypoint(self.entrypoint)
+        return fn(cfg, resume=resume)
+
+    def file_size(self, path: str) -> int:
+        """Size of `path` in bytes (0 while it does not exist)."""
+        try:
+            return os.path.getsize(path)
+        except OSError:
+            return 0
+
+    def read_from(self, path: str, offset: int) -> tuple[bytes, int]:
+        """Bytes of `path` from `offset` (from 0 when the file shrank); (b"", 0) while it does not exist."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                if size < offset:
+                    offset = 0
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return b"", 0
+        return data, offset + len(data)

@@ -1,0 +1,222 @@
+"""`lctrain launch` on a simulated 2-node x 2-CPU Ray cluster: placement, env, restarts, failures, real training.
+
+One cluster (ray.cluster_utils.Cluster: a 2-CPU head plus one 2-CPU node) is shared by the module; every
+launch connects to it as a driver and disconnects at the end. The fake trainer (fake_trainer.py) checks the
+launcher's mechanics quickly; the real trainer (configs/tiny.yaml) checks that a 2 x 2 launch trains exactly
+like `lctrain train --nproc 4` and that a killed rank or a lost node resumes to the same final loss.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from lctrain.config import load_config
+from lctrain.launch.cli import launch_main
+from lctrain.launch.placement import reserve_gang
+from lctrain.launch.supervisor import launch
+from tests.launch import fake_trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE = "launch.entrypoint=tests.launch.fake_trainer:"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        c.add_node(num_cpus=2)
+        c.wait_for_nodes()
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.shutdown()
+
+
+def _fake_args(out: Path, fn: str, *extra: str) -> list[str]:
+    return ["configs/tiny.yaml", f"run.out_dir={out}", "train.steps=6", "checkpoint.every=2",
+            FAKE + fn, "launch.gang_timeout_s=60", "launch.poll_s=0.2", *extra]
+
+
+def _on(cluster) -> list[str]:
+    return ["--nodes", "2", "--procs-per-node", "2", "--address", cluster.address]
+
+
+def _metrics(out: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (the last record of a step wins: re-run steps after a resume)."""
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec and "step" in rec:
+            losses[rec["step"]] = rec["loss"]
+    return losses
+
+
+def _kill_when(pred, action, timeout_s: float = 120.0) -> threading.Thread:
+    """Run `action()` in a thread once `pred()` holds (polled), while the launch runs in this thread."""
+
+    def watch():
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if pred():
+                    action()
+                    return
+            except Exception:
+                pass
+            time.sleep(0.1)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def _steps_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return max(_metrics(out), default=0) if path.is_file() else 0
+
+
+def test_placement_is_node_major_on_distinct_nodes(cluster):
+    ray.init(address=cluster.address)
+    try:
+        p = reserve_gang(2, 2, cpus=1, gpus=0, timeout_s=60)
+        try:
+            nodes = [s.node_id for s in p.slots]
+            assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2]
+            assert [s.bundle_index for s in p.slots] == [0, 1, 0, 1]
+            assert sorted({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == sorted(set(nodes))
+            again = sorted((s.node_ip, s.node_id) for s in p.slots)
+            assert [(s.node_ip, s.node_id) for s in p.slots] == again
+        finally:
+            p.remove()
+        with pytest.raises(Exception, match="could not reserve 3 node"):
+            reserve_gang(3, 2, cpus=1, gpus=0, timeout_s=2)
+        # all or none: the failed gang released what it had, so the full 2 x 2 fits again
+        reserve_gang(2, 2, cpus=1, gpus=0, timeout_s=30).remove()
+    finally:
+        ray.shutdown()
+
+
+def test_fake_job_env_and_losses(cluster, tmp_path, capsys):
+    cfg = load_config(ROOT / "configs/tiny.yaml", _fake_args(tmp_path / "run", "run")[1:])
+    ray.init(address=cluster.address)
+    try:
+        out = launch(cfg, nodes=2, procs_per_node=2)
+    finally:
+        ray.shutdown()
+    assert out.restarts == 0 and out.world_size == 4
+    res = out.result
+    assert res.losses == pytest.approx(fake_trainer.expected_losses(cfg.train.seed, 6), rel=1e-12)
+    assert res.env["RANK"] == "0" and res.env["WORLD_SIZE"] == "4" and res.env["LOCAL_RANK"] == "0"
+    assert res.env["LOCAL_WORLD_SIZE"] == "2" and res.env["NODE_RANK"] == "0"
+    assert 29500 <= int(res.env["MASTER_PORT"]) <= 29999
+    printed = capsys.readouterr().out
+    assert "gang of 4 ranks on 2 node(s)" in printed and "step 6 loss" in printed
+
+
+def test_crash_restarts_from_checkpoint_then_gives_up(cluster, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = launch_main(_fake_args(out, "crash", "launch.max_restarts=1", *_on(cluster)))
+    err = capsys.readouterr()
+    assert rc == 1
+    assert "giving up after 1 restart(s)" in err.err and "was lost (its actor or node died)" in err.err
+    assert err.out.count("restart 1/1 from the latest checkpoint") == 1
+    # each attempt gets two steps further: steps 1..2 then a crash | 3..4 (resumed from step 2) then a crash
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*.json"))
+    assert ckpts == ["step_2.json", "step_4.json"]
+
+
+def test_hang_is_detected_by_progress_timeout(cluster, tmp_path, capsys):
+    rc = launch_main(_fake_args(tmp_path / "run", "hang", "launch.max_restarts=0",
+                                "launch.progress_timeout_s=4", *_on(cluster)))
+    assert rc == 1
+    assert "treating the gang as hung" in capsys.readouterr().err
+
+
+def test_fatal_error_is_not_restarted(cluster, tmp_path, capsys):
+    rc = launch_main(_fake_args(tmp_path / "run", "bad_config", "launch.max_restarts=3", *_on(cluster)))
+    err = capsys.readouterr()
+    assert rc == 1 and "ValueError: train.steps must be positive (injected)" in err.err
+    assert "not restarted" in err.err and "restart 1/" not in err.out
+
+
+def test_bad_inputs_give_clear_errors(cluster, tmp_path, capsys):
+    t0 = time.monotonic()
+    assert launch_main(_fake_args(tmp_path, "run", "--nodes", "1", "--procs-per-node", "1",
+                                  "--address", "127.0.0.1:9")) == 1
+    assert "cannot reach a Ray cluster at 127.0.0.1:9" in capsys.readouterr().err
+    assert launch_main(_fake_args(tmp_path, "run", "--nodes", "1", "--procs-per-node", "1",
+                                  "--address", "http://127.0.0.1:8265")) == 1
+    assert "use `lctrain submit" in capsys.readouterr().err
+    assert launch_main(_fake_args(tmp_path, "run", "parallel.tp=3", "--nodes", "2", "--procs-per-node", "2",
+                                  "--address", cluster.address)) == 2
+    assert "not divisible by tp*cp" in capsys.readouterr().err
+    assert time.monotonic() - t0 < 30
+    rc = launch_main(_fake_args(tmp_path, "run", "launch.gang_timeout_s=2", "--nodes", "3", "--procs-per-node", "2",
+                                "--address", cluster.address))
+    assert rc == 1 and "could not reserve 3 node(s) x 2 rank(s)" in capsys.readouterr().err
+
+
+def _tiny(out: Path) -> list[str]:
+    return ["configs/tiny.yaml", f"run.out_dir={out}", "train.steps=8", "checkpoint.every=2",
+            "parallel.cp=2", "launch.gang_timeout_s=90", "launch.poll_s=0.2", "launch.max_restarts=2"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """`lctrain train --nproc 4` on the tiny config: the per-step losses every launch must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run([sys.executable, "-m", "lctrain", "train", *_tiny(out), "--nproc", "4"], cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    return _metrics(out)
+
+
+def test_real_training_matches_local_ranks(cluster, reference_run, tmp_path):
+    out = tmp_path / "run"
+    args = _tiny(out) + _on(cluster)
+    assert launch_main(args) == 0
+    assert sorted(reference_run) == list(range(1, 9))
+    assert _metrics(out) == reference_run
+
+
+def test_killed_rank_resumes_to_same_loss(cluster, reference_run, tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def kill_rank1():
+        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].endswith("-a0-rank1")]
+        ray.kill(ray.get_actor(name, namespace=[a["namespace"] for a in ray.util.list_named_actors(
+            all_namespaces=True) if a["name"] == name][0]))
+
+    _kill_when(lambda: _steps_done(out) >= 3, kill_rank1)
+    args = _tiny(out) + _on(cluster)
+    assert launch_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "restart 1/2 from the latest checkpoint" in printed
+    losses = _metrics(out)
+    assert losses[8] == reference_run[8]
+    assert losses == reference_run
+
+
+def test_lost_node_resumes_to_same_loss(cluster, reference_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    worker = cluster.list_all_nodes()[1]
+
+    def lose_node():
+        cluster.remove_node(worker)
+        cluster.add_node(num_cpus=2)
+
+    _kill_when(lambda: _steps_done(out) >= 3, lose_node)
+    args = _tiny(out) + _on(cluster)
+    assert launch_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "restart 1/2 from the latest checkpoint" in printed
+    assert _metrics(out) == reference_run
