@@ -50,7 +50,9 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
 
 def _has_hp(param: torch.Tensor) -> bool:
     """Whether DeepSpeed keeps a separate fp32 master for `param` (ZeRO 1-3, bf16 optimizer)."""
-    return hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None
+    # A ZeRO-1/2 parameter lying wholly in another rank's partition has `_hp_mapping = None`; it still
+    # takes part in the (collective) full gathers, so the attribute's presence is what counts.
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
 def _relink_moments(engine) -> None:
