@@ -1,8 +1,9 @@
 """Lightning attention Triton kernels vs the naive definition: output, final state and every gradient.
 
 float32, tolerance rtol = atol = 1e-5 (atol scaled by max(1, max|expected|), lctrain.testing.compare);
-sequence lengths around the interpreter's block of 16 (shorter, equal, not a multiple); head dims that
-are not powers of two and value dims split over several column tiles.
+sequence lengths around the interpreter's block of 16 (shorter, equal, not a multiple) and its segment
+of 32 tokens (one segment, several run in parallel); head dims that are not powers of two and value
+dims split over several column tiles.
 """
 import random
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from lctrain.kernels.lightning_attention import lightning_attention, naive_lightning_attention
+from lctrain.kernels.lightning_attention.chunk import _segments
 from lctrain.kernels.utils import triton_available_for
 from lctrain.ops.linear_attention import linear_attention, linear_attention_backends, select_linear_attention_backend
 from lctrain.testing.compare import assert_close
@@ -21,6 +23,7 @@ CASES = [
     (1, 50, 3, 20, 8, True, False, True),
     (1, 5, 1, 8, 8, True, True, True),
     (2, 33, 1, 16, 16, False, True, True),
+    (1, 100, 2, 8, 16, True, True, True),
 ]
 
 
@@ -102,6 +105,16 @@ def test_half_precision_inputs(device):
     assert o.dtype == dtype and f.dtype == torch.float32
     assert_close(o.float(), o_ref.float(), f"o (seed {seed})", rtol=2e-2, atol=2e-2)
     assert_close(f, f_ref, f"final state (seed {seed})", rtol=2e-2, atol=2e-2)
+
+
+def test_segments_give_enough_programs():
+    # H100 (132 SMs), 16 heads of 128, one 64K sequence: 32 programs -> 9 segments of 7296 tokens
+    assert _segments(16, 65536, 128, 132) == (9, 7296)
+    # many programs already, or a short sequence: one segment
+    assert _segments(64 * 16, 1024, 128, 132) == (1, 1024)
+    assert _segments(1, 700, 64, 132) == (1, 768)
+    # the interpreter: 32-token segments
+    assert _segments(2, 50, 16, None) == (2, 32)
 
 
 def test_bad_inputs_raise(device):
