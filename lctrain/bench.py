@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from lctrain.parallel import MeshConfig, comm, init_mesh, record_comm
-from lctrain.sp import allgather_attention, ring_attention, ulysses_attention
+from lctrain.ops.linear_attention import default_log_decay
+from lctrain.sp import (allgather_attention, lasp1_linear_attention, lasp2_linear_attention, ring_attention,
+                        ulysses_attention)
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "dist.ProcessGroup | None", str], torch.Tensor]
 
@@ -34,6 +36,23 @@ METHODS: dict[str, MethodFn] = {
                                                                     layout=layout),
     "ulysses": lambda q, k, v, group, layout: ulysses_attention(q, k, v, group=group, causal=True, layout=layout),
 }
+
+
+def _linear(fn: Callable[..., torch.Tensor]) -> MethodFn:
+    """A linear-attention method with lightning attention's default decay; GQA K/V repeated to q's heads."""
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None,
+            layout: str) -> torch.Tensor:
+        rep = q.shape[2] // k.shape[2]
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        return fn(q, k, v, default_log_decay(q.shape[2], device=q.device), group, layout)
+    return run
+
+
+METHODS["lasp2"] = _linear(lambda q, k, v, ld, group, layout: lasp2_linear_attention(q, k, v, ld, group=group,
+                                                                                     layout=layout))
+#: LASP-1 is contiguous only: it ignores the layout (the timing does not depend on which tokens a rank holds).
+METHODS["lasp1"] = _linear(lambda q, k, v, ld, group, layout: lasp1_linear_attention(q, k, v, ld, group=group))
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
