@@ -95,11 +95,12 @@ class TritonKernel:
     """
 
     def __init__(self, fn: Callable, configs: Sequence[triton.Config], key: Sequence[str],
-                 interpret: dict[str, Any]):
+                 interpret: dict[str, Any], restore_value: Sequence[str] = ()):
         self.fn = fn
         self.configs = list(configs)
         self.key = list(key)
         self.interpret = dict(interpret)
+        self.restore_value = list(restore_value)
         self._compiled = None
         self._interpreted = None
 
@@ -117,21 +118,24 @@ class TritonKernel:
             from triton.runtime.jit import JITFunction
 
             compiled = JITFunction(self.fn)
-            self._compiled = triton.autotune(configs=self.configs, key=self.key)(compiled) if self.configs \
-                else compiled
+            self._compiled = compiled if not self.configs else triton.autotune(
+                configs=self.configs, key=self.key, restore_value=self.restore_value or None)(compiled)
         return self._compiled[grid]
 
 
 def triton_kernel(configs: Sequence[triton.Config] = (), key: Sequence[str] = (),
-                  interpret: dict[str, Any] | None = None) -> Callable[[Callable], TritonKernel]:
+                  interpret: dict[str, Any] | None = None,
+                  restore_value: Sequence[str] = ()) -> Callable[[Callable], TritonKernel]:
     """Decorator turning a Triton kernel function into a `TritonKernel`.
 
     Args:
         configs: autotuning configs used on the GPU (their `kwargs` are the block-size meta-parameters).
         key: argument names whose change re-triggers autotuning.
         interpret: block sizes used under the interpreter (no autotuning there).
+        restore_value: tensor arguments the kernel updates in place; autotuning restores them between
+            its trial runs.
 
     Returns:
         The decorator.
     """
-    return lambda fn: TritonKernel(fn, configs, key, interpret or {})
+    return lambda fn: TritonKernel(fn, configs, key, interpret or {}, restore_value)

@@ -153,7 +153,7 @@ def _reverse_kernel(A, B, C, LOG_DECAY, X0, OUT, XN, T, H, DA, DC, SEG_LEN,
         tl.store(XN + xn_offs, x, mask=x_mask)
 
 
-@triton_kernel(configs=_CONFIGS, key=["DA", "DC"], interpret=_INTERPRET)
+@triton_kernel(configs=_CONFIGS, key=["DA", "DC"], interpret=_INTERPRET, restore_value=["OUT"])
 def _boundary_kernel(A, LOCAL, X0, LOG_DECAY, OUT, T, H, DA, DC, SEG_LEN, NSEG,
                      stride_xb, stride_xh, stride_xa, stride_xc,
                      HAS_X0: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
