@@ -36,7 +36,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) ->
 
 
 def _call(fn, values: dict):
-    params = inspect.signature(fn).parameters
+    # flash-attn >= 2.6 wraps these in torch.library custom ops; the plain function keeps the signature.
+    params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
     kwargs = {name: val for name, val in values.items() if name in params}
     return fn(**kwargs)
 

@@ -3,21 +3,23 @@
 CPU: `aten._scaled_dot_product_flash_attention_for_cpu` and its backward. Checked on torch 2.13: it takes
 float32/float64/bfloat16/float16, reads GQA natively (query head i uses kv head i // g, dK/dV come back with
 kv heads), accepts a float additive mask in forward and backward, and returns lse in float32 (float64 for
-float64). Its causal mask is aligned top-left, so bottom-right alignment is adapted here:
+float64). Its causal mask is aligned top-left, so bottom-right alignment is adapted here (both devices):
 sq > sk: the first sq - sk queries see nothing (o = 0, lse = -inf) and the rest form a square causal
-problem; sq < sk: an additive `[sq, sk]` mask (the op would report lse = 0 for a fully masked row, a case
-that bottom-right alignment with sq < sk never produces).
+problem; sq < sk: the first sk - sq keys are visible to every query (one non-causal call) and the last sq
+keys form a square causal problem (one causal call); the two are merged by log-sum-exp, and the backward
+differentiates both with the merged (o, lse). Measured on CPU (512 queries, 4096 keys) this split is about
+twice as fast as passing a `[sq, sk]` additive mask, which the op also accepts.
 
 CUDA: `aten._scaled_dot_product_flash_attention` (float16/bfloat16, head dim <= 256, equal heads: kv heads
 are repeated and their gradients summed back). Its backward needs the forward's auxiliary outputs, which the
 dispatch does not keep, so the backward re-runs the block forward to obtain them and then differentiates
-with the given (possibly merged) out and lse. Causal with sq < sk is not supported there (no mask input).
+with the given (possibly merged) out and lse.
 """
 from __future__ import annotations
 
 import torch
 
-from lctrain.ops.attention_ref import causal_mask
+from lctrain.ops.attention_merge import merge_attention
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -30,8 +32,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) ->
     if q.device.type == "cpu":
         return q.dtype in _CPU_DTYPES
     if q.device.type == "cuda":
-        sq, sk, d = q.shape[1], k.shape[1], q.shape[3]
-        return q.dtype in _CUDA_DTYPES and d <= 256 and d % 8 == 0 and not (causal and sq < sk)
+        d = q.shape[3]
+        return q.dtype in _CUDA_DTYPES and d <= 256 and d % 8 == 0
     return False
 
 
@@ -41,11 +43,6 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _t(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)  # [b, s, h, d] <-> [b, h, s, d]
-
-
-def _additive_mask(sq: int, sk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    m = torch.zeros(sq, sk, dtype=dtype, device=device)
-    return m.masked_fill_(~causal_mask(sq, sk, device), float("-inf"))
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -59,16 +56,15 @@ def _sum_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
     return dx.view(b, s, h // groups, groups, d).sum(3)
 
 
-def _cpu_forward(q, k, v, causal, mask, scale):
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        _t(q), _t(k), _t(v), 0.0, causal and mask is None, attn_mask=mask, scale=scale)
+def _cpu_forward(q, k, v, causal, scale):
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(_t(q), _t(k), _t(v), 0.0, causal,
+                                                                          scale=scale)
     return _t(o), lse  # [b, sq, h, d], [b, h, sq]
 
 
-def _cpu_backward(do, q, k, v, o, lse, causal, mask, scale):
+def _cpu_backward(do, q, k, v, o, lse, causal, scale):
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        _t(do), _t(q), _t(k), _t(v), _t(o), lse.to(_lse_dtype(q.dtype)).contiguous(), 0.0,
-        causal and mask is None, attn_mask=mask, scale=scale)
+        _t(do), _t(q), _t(k), _t(v), _t(o), lse.to(_lse_dtype(q.dtype)).contiguous(), 0.0, causal, scale=scale)
     return _t(dq), _t(dk), _t(dv)
 
 
@@ -90,40 +86,54 @@ def _cuda_backward(do, q, k, v, o, lse, causal, scale):
     return _t(dq), _sum_kv(_t(dk), g), _sum_kv(_t(dv), g)
 
 
-def _square(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int:
-    """Rows of q that see no key under bottom-right alignment (sq > sk); they are cut off."""
-    return max(q.shape[1] - k.shape[1], 0) if causal else 0
+def _dense_forward(q, k, v, causal, scale):
+    """sq == sk when causal (top-left and bottom-right alignment agree)."""
+    if q.device.type == "cuda":
+        return _cuda_forward(q, k, v, causal, scale)[:2]
+    return _cpu_forward(q, k, v, causal, scale)
+
+
+def _dense_backward(do, q, k, v, o, lse, causal, scale):
+    if q.device.type == "cuda":
+        return _cuda_backward(do, q, k, v, o, lse, causal, scale)
+    return _cpu_backward(do, q, k, v, o, lse, causal, scale)
 
 
 def sdpa_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Output `[b, sq, h, d]` and lse `[b, h, sq]` (see :mod:`lctrain.ops.attention`)."""
     b, sq, h, d = q.shape
-    cut = _square(q, k, causal)
-    if cut:
+    sk = k.shape[1]
+    if not causal or sq == sk:
+        return _dense_forward(q, k, v, causal, softmax_scale)
+    if sq > sk:
+        cut = sq - sk  # these queries see no key
         o = torch.zeros_like(q)
         lse = torch.full((b, h, sq), float("-inf"), dtype=_lse_dtype(q.dtype), device=q.device)
-        o[:, cut:], lse[:, :, cut:] = sdpa_attention_forward(q[:, cut:], k, v, causal, softmax_scale)
+        o[:, cut:], lse[:, :, cut:] = _dense_forward(q[:, cut:], k, v, True, softmax_scale)
         return o, lse
-    if q.device.type == "cuda":
-        o, lse, _ = _cuda_forward(q, k, v, causal, softmax_scale)
-        return o, lse
-    mask = _additive_mask(sq, k.shape[1], q.dtype, q.device) if causal and sq < k.shape[1] else None
-    return _cpu_forward(q, k, v, causal, mask, softmax_scale)
+    p = sk - sq  # keys every query sees
+    o, lse = _dense_forward(q, k[:, :p], v[:, :p], False, softmax_scale)
+    o = o.to(_lse_dtype(q.dtype))
+    merge_attention(o, lse, *_dense_forward(q, k[:, p:], v[:, p:], True, softmax_scale))
+    return o.to(q.dtype), lse
 
 
 def sdpa_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                             lse: torch.Tensor, causal: bool,
                             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq `[b, sq, h, d]`, dk and dv `[b, sk, h_kv, d]` for the given (possibly merged) o and lse."""
-    cut = _square(q, k, causal)
-    if cut:
-        dq = torch.zeros_like(q)
-        dq[:, cut:], dk, dv = sdpa_attention_backward(do[:, cut:], q[:, cut:], k, v, o[:, cut:], lse[:, :, cut:],
-                                                      causal, softmax_scale)
-        return dq, dk, dv
-    if q.device.type == "cuda":
-        return _cuda_backward(do, q, k, v, o, lse, causal, softmax_scale)
     sq, sk = q.shape[1], k.shape[1]
-    mask = _additive_mask(sq, sk, q.dtype, q.device) if causal and sq < sk else None
-    return _cpu_backward(do, q, k, v, o, lse, causal, mask, softmax_scale)
+    if not causal or sq == sk:
+        return _dense_backward(do, q, k, v, o, lse, causal, softmax_scale)
+    if sq > sk:
+        cut = sq - sk
+        dq = torch.zeros_like(q)
+        dq[:, cut:], dk, dv = _dense_backward(do[:, cut:], q[:, cut:], k, v, o[:, cut:], lse[:, :, cut:], True,
+                                              softmax_scale)
+        return dq, dk, dv
+    p = sk - sq
+    dq1, dk1, dv1 = _dense_backward(do, q, k[:, :p], v[:, :p], o, lse, False, softmax_scale)
+    dq2, dk2, dv2 = _dense_backward(do, q, k[:, p:], v[:, p:], o, lse, True, softmax_scale)
+    acc = _lse_dtype(q.dtype)
+    return (dq1.to(acc) + dq2).to(q.dtype), torch.cat([dk1, dk2], dim=1), torch.cat([dv1, dv2], dim=1)

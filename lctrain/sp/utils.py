@@ -1,8 +1,7 @@
 """Plumbing shared by the softmax sequence-parallel methods: input checks, the log-sum-exp merge, layouts.
 
-Merge of two partial attentions over disjoint key sets (a, b) of the same queries:
-    lse = logaddexp(lse_a, lse_b),   o = o_a * exp(lse_a - lse) + o_b * exp(lse_b - lse)
-done in float32 (float64 for float64 inputs); a row that saw no key yet has lse = -inf and weight 0.
+The merge itself (`merge_attention`, float32 accumulation) lives with the local attention ops, which also
+use it to split causal problems; it is re-exported here for the SP methods.
 
 Input checks run on every rank and end in one metadata exchange (an object all-gather, not counted as
 payload), so a rank with a bad shape cannot leave the others waiting in a collective: every rank raises
@@ -17,6 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from lctrain.ops.attention_merge import merge_attention
 from lctrain.ops.attention_ref import compute_dtype
 from lctrain.parallel import comm
 from lctrain.parallel.sharding import LAYOUTS
@@ -83,25 +83,6 @@ def check_inputs(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if any(x != values[0] for x in values):
             per_rank = ", ".join(f"rank {r}: {x}" for r, x in enumerate(values))
             raise ValueError(f"{method}: ranks of the CP group disagree on {name} ({per_rank})")
-
-
-def merge_attention(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
-    """Merge a block's partial attention into the running (out, lse), in place.
-
-    Args:
-        out: running output `[b, s, h, d]` in the accumulation dtype (float32/float64); updated in place.
-        lse: running log-sum-exp `[b, h, s]`, same dtype; updated in place.
-        block_out: the block's output `[b, s, h, d]`.
-        block_lse: the block's log-sum-exp `[b, h, s]`.
-    """
-    block_lse = block_lse.to(lse.dtype)
-    new = torch.logaddexp(lse, block_lse)
-    # Both -inf (no key seen in either): keep -inf and give both weights 0 instead of NaN.
-    ref = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    w_old = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)  # [b, s, h, 1]
-    w_new = torch.exp(block_lse - ref).transpose(1, 2).unsqueeze(-1)
-    out.mul_(w_old).add_(block_out.to(out.dtype) * w_new)
-    lse.copy_(new)
 
 
 def rank_major_to_global(x: torch.Tensor, cp: int, dim: int, layout: str) -> torch.Tensor:
