@@ -115,6 +115,31 @@ def test_lasp2_matches_reference(world):
     assert all(run_distributed(_lasp2_all_configs, world, seed))
 
 
+def _lasp2_on_triton(seed):
+    """The Triton lightning-attention backend plugs into LASP-2 (Triton's interpreter on CPU)."""
+    import os
+
+    world = dist.get_world_size()
+    init_mesh(MeshConfig(cp=world))
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with use_linear_attention_backend("triton"):
+            check_against_reference(lasp2_linear_attention, ("learned", True, "zigzag", torch.float32), seed)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return True
+
+
+def test_lasp2_with_triton_backend():
+    pytest.importorskip("lctrain.kernels.lightning_attention")
+    seed = int(torch.randint(0, 2**31, ()).item())
+    assert all(run_distributed(_lasp2_on_triton, 2, seed))
+
+
 def _bytes_vs_length(seed):
     world = dist.get_world_size()
     init_mesh(MeshConfig(cp=world))
