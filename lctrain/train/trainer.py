@@ -202,6 +202,10 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
     result = TrainResult(final_step=step, run_dir=str(run_dir), resumed_from=str(resume_path) if resume_path else None,
                          position=position)
     run_tokens, run_time = 0, 0.0
+    if step >= end:
+        logger.write(f"nothing to train: the checkpoint is at step {step} of {tc.steps} "
+                     f"(use --resume none or another run.out_dir to start over)")
+        result.evals[step] = evaluate(engine, eval_data, cfg, mesh, plan, device)
 
     while step < end:
         t0 = time.perf_counter()
