@@ -19,11 +19,11 @@ def _token_mean(sums: list[float], counts: list[float]):
 
 
 def test_global_token_mean_value_and_gradient():
-    sums, counts = [3.0, 10.0, 0.0], [2.0, 5.0, 0.0]  # uneven tokens per rank, one rank with none
-    for rank, (value, grad, averaged) in enumerate(run_distributed(_token_mean, 3, sums, counts)):
-        assert value == pytest.approx(13.0 / 7.0, rel=1e-15)  # the global token mean, on every rank
-        assert grad == pytest.approx(3 * sums[rank] / 7.0, rel=1e-15)  # W / N * d loss_sum / d theta
-        assert averaged == pytest.approx(13.0 / 7.0, rel=1e-15)  # d (sum / N) / d theta, as one process
+    sums, counts = [3.0, 10.0, 0.0, 1.5], [2.0, 5.0, 0.0, 1.0]  # uneven tokens per rank, one rank with none
+    for rank, (value, grad, averaged) in enumerate(run_distributed(_token_mean, 4, sums, counts)):
+        assert value == pytest.approx(14.5 / 8.0, rel=1e-15)  # the global token mean, on every rank
+        assert grad == pytest.approx(4 * sums[rank] / 8.0, rel=1e-15)  # W / N * d loss_sum / d theta
+        assert averaged == pytest.approx(14.5 / 8.0, rel=1e-15)  # d (sum / N) / d theta, as one process
 
 
 def test_global_token_mean_single_process_and_no_tokens():
