@@ -98,8 +98,10 @@ def global_token_mean(loss_sum: torch.Tensor, num_tokens: torch.Tensor,
       same average, so nothing else is needed. TP ranks are not in the group: each holds identical
       loss_sum and its own shard of the gradient.
 
-    With gradient accumulation over micro-batches, call it per micro-batch with that micro-batch's
-    tokens; the engine's 1/accumulation scaling then gives the mean of the micro-batch means.
+    Gradient accumulation: for the exact token mean of the whole step, pass every micro-batch's loss_sum
+    with the token count of the whole step (all its micro-batches on this rank) and switch off the
+    engine's 1/accumulation scaling; the values of the micro-batches then add up to the step's mean.
+    (Passing each micro-batch's own count with the scaling on gives the mean of micro-batch means.)
     With N = 0 the result is 0 (the count is taken as 1). `group=None` is torch's default (world) group;
     a group of one rank, or a single process without torch.distributed, reduces nothing.
 
