@@ -18,10 +18,18 @@ import triton.language as tl
 
 from lctrain.kernels.utils import check_dtype, check_runnable, dot_precision, new_output, pow2, triton_kernel
 
-_FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
-_BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m in (32, 64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# Hopper-oriented candidates (BLOCK_M, BLOCK_N, warps, stages): wide query blocks forward; for dk/dv
+# narrow query blocks against a wide resident key block, for dq the other way round.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3),
+                         (64, 128, 4, 3)])
+_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3),
+                          (32, 64, 4, 2)])
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3),
+                        (64, 32, 4, 2)])
 _INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
@@ -83,7 +91,7 @@ def _forward_kernel(Q, K, V, O, LSE, scale, SQ, SK, H, GROUP, D,
     tl.store(LSE + pid_bh * SQ + offs_m, lse, mask=mask_m)
 
 
-@triton_kernel(configs=_BWD_CONFIGS, key=["D", "CAUSAL"], interpret=_INTERPRET)
+@triton_kernel(configs=_DKDV_CONFIGS, key=["D", "CAUSAL"], interpret=_INTERPRET)
 def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, SQ, SK, H, HKV, GROUP, D,
                           stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                           stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
@@ -144,7 +152,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, SQ, SK, H, HKV
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton_kernel(configs=_BWD_CONFIGS, key=["D", "CAUSAL"], interpret=_INTERPRET)
+@triton_kernel(configs=_DQ_CONFIGS, key=["D", "CAUSAL"], interpret=_INTERPRET)
 def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, SQ, SK, H, GROUP, D,
                         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                         stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
