@@ -17,7 +17,7 @@ TP x CP x DP layout.
 from __future__ import annotations
 
 import torch
-from megatron.core import ModelParallelConfig
+from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
 from lctrain.models.attention import SoftmaxAttention
@@ -58,6 +58,11 @@ class HybridLM(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, mesh: Mesh, cp_layout: str = "zigzag"):
         super().__init__()
         cfg.validate_parallel(mesh.tp, mesh.cp, cp_layout)
+        # vocab_parallel_cross_entropy reads Megatron's current TP group, so the mesh must be the current one.
+        if (not parallel_state.model_parallel_is_initialized()
+                or parallel_state.get_tensor_model_parallel_group() is not mesh.tp_group):
+            raise ValueError("the mesh given to build_model is not the current one (init_mesh builds a new mesh "
+                             "and replaces the previous one); build the model right after init_mesh")
         self.cfg, self.mesh, self.cp_layout = cfg, mesh, cp_layout
         mp = megatron_config(mesh.tp, mesh.cp)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),

@@ -84,7 +84,10 @@ class LinearAttention(torch.nn.Module):
             v = v.repeat_interleave(self.q_per_group, dim=2)
         log_decay = None
         if self.log_decay is not None:
-            log_decay = self.log_decay.to(device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
+            # A fixed float32 constant, not a buffer: a bf16 cast of the model must not round the decay.
+            if self.log_decay.device != q.device:
+                self.log_decay = self.log_decay.to(q.device)
+            log_decay = self.log_decay.to(torch.promote_types(q.dtype, torch.float32))  # [h/tp]
         o = linear_context_parallel(self.method, q, k, v, log_decay, self.mesh, self.cp_layout)  # [b, s, h/tp, d]
         if self.norm_weight is not None:
             o = rms_norm(o, self.norm_weight.view(self.local_heads, self.head_dim), self.eps)

@@ -193,3 +193,14 @@ def test_tiny_model_loss_falls():
     curve = losses[0]
     assert all(b < a for a, b in zip(curve, curve[1:])), curve  # measured: 4.4 -> 0.6 in 10 steps
     assert curve[-1] < 0.4 * curve[0], curve
+
+
+def _stale_mesh():
+    old = init_mesh(MeshConfig(tp=2, cp=1))
+    init_mesh(MeshConfig(tp=1, cp=2))
+    build_model(BASE, old)
+
+
+def test_stale_mesh_raises():
+    with pytest.raises(DistributedError, match="not the current one"):
+        run_distributed(_stale_mesh, 2)
