@@ -61,8 +61,10 @@ def _forward_kernel(Q, K, V, O, LSE, scale, SQ, SK, H, GROUP, D,
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     shift = SK - SQ
     hi = SK
+    full_until = SK  # key blocks ending here or before need no mask
     if CAUSAL:
         hi = tl.maximum(tl.minimum(SK, (pid_m + 1) * BLOCK_M + shift), 0)
+        full_until = tl.minimum(SK, pid_m * BLOCK_M + shift + 1)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < SK
@@ -71,10 +73,11 @@ def _forward_kernel(Q, K, V, O, LSE, scale, SQ, SK, H, GROUP, D,
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
-        visible = mask_n[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
-        s = tl.where(visible, s, float("-inf"))
+        if start_n + BLOCK_N > full_until:
+            visible = mask_n[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -117,9 +120,12 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, SQ, SK, H, HKV
     qk_scale = scale * 1.4426950408889634
     shift = SK - SQ
     lo = 0
+    full_from = 0  # query blocks starting here or after see every key of this block
     if CAUSAL:
         # the first query that sees this block's first key, rounded down to a query block
         lo = (tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M) * BLOCK_M
+        full_from = pid_n * BLOCK_N + BLOCK_N - 1 - shift
+    key_tail = pid_n * BLOCK_N + BLOCK_N > SK
     for g in range(0, GROUP):
         i_h = i_hk * GROUP + g
         q_base = Q + i_b * stride_qb + i_h * stride_qh
@@ -137,10 +143,12 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, SQ, SK, H, HKV
             lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + rows, mask=mask_m, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            visible = mask_n[None, :] & mask_m[:, None]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= rows[:, None] + shift)
-            p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.exp2(s - lse[:, None])
+            if key_tail | (start_m < full_from):
+                visible = mask_n[None, :] & mask_m[:, None]
+                if CAUSAL:
+                    visible = visible & (offs_n[None, :] <= rows[:, None] + shift)
+                p = tl.where(visible, p, 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
             ds = p * (dp - delta[:, None])
@@ -183,8 +191,10 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, SQ, SK, H, GROUP, D,
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     shift = SK - SQ
     hi = SK
+    full_until = SK  # key blocks ending here or before need no mask
     if CAUSAL:
         hi = tl.maximum(tl.minimum(SK, (pid_m + 1) * BLOCK_M + shift), 0)
+        full_until = tl.minimum(SK, pid_m * BLOCK_M + shift + 1)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < SK
@@ -193,10 +203,12 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, SQ, SK, H, GROUP, D,
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        visible = mask_n[None, :] & mask_m[:, None]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
-        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s - lse[:, None])
+        if start_n + BLOCK_N > full_until:
+            visible = mask_n[None, :] & mask_m[:, None]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
+            p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
