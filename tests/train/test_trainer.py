@@ -66,10 +66,12 @@ def test_resume_is_bit_exact(straight, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_resume_under_another_layout(straight, tmp_path):
-    """The step-3 checkpoint of cp=1/dp=2 resumed on cp=2/dp=1 (zigzag) continues with the same losses."""
+@pytest.mark.parametrize("layout", [["parallel.cp=2", "train.zero_stage=2"], ["parallel.tp=2", "train.zero_stage=3"]],
+                         ids=["cp2-zero2", "tp2-zero3"])
+def test_resume_under_another_layout(straight, tmp_path, layout):
+    """The step-3 checkpoint of dp=2 (ZeRO-1) resumed on cp=2 or tp=2 (dp=1) continues with the same losses."""
     src, ref = straight
-    res = run_distributed(_train, 2, [f"run.out_dir={tmp_path}", "parallel.cp=2", "train.zero_stage=2"],
+    res = run_distributed(_train, 2, [f"run.out_dir={tmp_path}", *layout],
                           resume=str(src / "checkpoints" / "step_00000003"))
     assert res[0]["losses"] == res[1]["losses"]
     assert sorted(res[0]["losses"]) == [4, 5, 6] and res[0]["position"] == 24
