@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import statistics
 import sys
 from pathlib import Path
@@ -89,11 +90,14 @@ def _lightning_cases(batch: int, heads: int, seq: int, d: int, dtype: torch.dtyp
     peer = None
     try:
         from fla.ops.simple_gla import chunk_simple_gla
-
+    except ImportError:
+        chunk_simple_gla = None
+    if chunk_simple_gla is not None and "g_gamma" in inspect.signature(chunk_simple_gla).parameters:
+        # per-head constant decay: exactly lightning attention (fla's own lightning_attn calls this)
+        peer = lambda: chunk_simple_gla(q, k, v, g_gamma=log_decay, scale=1.0)[0]  # noqa: E731
+    elif chunk_simple_gla is not None:
         g = log_decay.expand(batch, seq, heads).contiguous()  # per-token log decay, fla's layout [b, s, h]
         peer = lambda: chunk_simple_gla(q, k, v, g=g, scale=1.0)[0]  # noqa: E731
-    except ImportError:
-        pass
     return ours, peer, grad, [q, k, v]
 
 
