@@ -1,10 +1,10 @@
 """The hybrid decoder: Llama-3 blocks whose token mixer is linear or softmax attention, per layer.
 
-    x = embed(input_ids)                                   VocabParallelEmbedding (all-reduce over TP)
+    x = embed(input_ids)                      VocabParallelEmbedding (all-reduce over TP)
     for each layer (mixer from the layer pattern):
-        x = x + mixer(rmsnorm(x))                          LinearAttention (LASP-2/1) | SoftmaxAttention (all-gather/ring/Ulysses)
+        x = x + mixer(rmsnorm(x))             LinearAttention (LASP-2/1) | SoftmaxAttention (all-gather/ring/Ulysses)
         x = x + swiglu(rmsnorm(x))
-    logits = rmsnorm(x) W_out^T                            ColumnParallelLinear, vocab split over TP (tied: W_out = embedding)
+    logits = rmsnorm(x) W_out^T               ColumnParallelLinear, vocab split over TP (tied: W_out = embedding)
     loss_sum = sum(loss_mask * vocab_parallel_cross_entropy(logits, labels))
 
 Parallelism is read from the mesh: heads, MLP columns and the vocabulary are split over its TP group

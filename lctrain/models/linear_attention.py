@@ -59,7 +59,9 @@ class LinearAttention(torch.nn.Module):
         self.gate_fn = GATE_FNS.get(cfg.linear_output_gate)
         self.log_decay = None
         if cfg.linear_decay != "none":
-            depth = dict(layer_idx=layer_idx, num_layers=cfg.num_layers) if cfg.linear_decay == "lightning_depth" else {}
+            depth = {}
+            if cfg.linear_decay == "lightning_depth":
+                depth = dict(layer_idx=layer_idx, num_layers=cfg.num_layers)
             first = mesh.tp_rank * self.local_heads
             self.log_decay = default_log_decay(cfg.num_heads, **depth)[first:first + self.local_heads]
         self.qkv = GroupedQKV(cfg, mp, mesh.tp_group, mesh.tp)
@@ -75,7 +77,9 @@ class LinearAttention(torch.nn.Module):
                                      init_method=scaled_init(cfg.init_std, cfg.num_layers), bias=False,
                                      input_is_parallel=True, skip_bias_add=False, tp_group=mesh.tp_group)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None) -> torch.Tensor:
+        """`cos` and `sin` (the softmax layers' RoPE tables) are accepted and unused: no RoPE here."""
         b, s, _ = x.shape
         q, k, v = self.qkv(x)  # [b, s, h/tp, d], [b, s, h_kv/tp, d] x 2
         q, k = self.feature_map(q), self.feature_map(k)

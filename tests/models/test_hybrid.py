@@ -138,7 +138,7 @@ def _build(cfg_kw: dict, tp: int, cp: int, layout: str):
 
 
 @pytest.mark.parametrize("cfg_kw,tp,cp,layout,match", [
-    (dict(num_heads=2, num_kv_heads=2, hidden_size=32), 4, 1, "zigzag", "num_heads 2 is not divisible by the TP size 4"),
+    (dict(num_heads=2, num_kv_heads=2), 4, 1, "zigzag", "num_heads 2 is not divisible by the TP size 4"),
     (dict(num_kv_heads=1), 2, 1, "zigzag", "num_kv_heads 1 is not divisible by the TP size 2"),
     (dict(layer_pattern="A", softmax_sp="ulysses", num_heads=2, num_kv_heads=2), 1, 4, "zigzag",
      "ulysses needs the heads per TP rank"),
