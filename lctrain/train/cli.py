@@ -11,9 +11,11 @@ import os
 import socket
 import sys
 import warnings
+from pathlib import Path
 
-# Megatron warns on import that optional fused kernels are absent; that is expected here.
+# Expected on CPU: Megatron's optional fused kernels are absent, and DCP/DeepSpeed call deprecated torch APIs.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 from lctrain.config import Config, ConfigError, load_config, to_dict
 
@@ -71,11 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else (args.nproc or 1)
     try:
         cfg = load_config(args.config, args.overrides)
-        from lctrain.train.trainer import _resolve_resume, plan_run
-        from pathlib import Path
+        from lctrain.train.trainer import plan_run, resolve_resume
 
         plan = plan_run(cfg, world)
-        ckpt = _resolve_resume(resume, Path(cfg.run.out_dir) / "checkpoints")
+        ckpt = resolve_resume(resume, Path(cfg.run.out_dir) / "checkpoints")
     except (ConfigError, ValueError) as err:
         print(f"lctrain train: error: {err}", file=sys.stderr)
         return 2

@@ -88,7 +88,9 @@ def _world_size() -> int:
     return torch.distributed.get_world_size() if comm.is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
+def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
+    """The checkpoint to start from: None for "none" or an empty run, the newest complete one for "auto",
+    else the given path (CheckpointError, naming it, if it is missing or damaged)."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -148,7 +150,9 @@ def _save(engine, mesh: Mesh, cfg: Config, plan: Plan, ckpt_root: Path, step: in
     tensors = full_state(engine, mesh, step)
     tensors.update(_rng_names(mesh.rank))
     meta = {"position": position, "layout": {"world": plan.world, "tp": plan.tp, "cp": plan.cp, "dp": plan.dp},
-            "zero_stage": cfg.train.zero_stage, "config": to_dict(cfg)}
+            "zero_stage": cfg.train.zero_stage, "config": to_dict(cfg),
+            "schedule": {"next_lr": lr_at(step, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup, cfg.train.steps),
+                         "steps": cfg.train.steps, "warmup": cfg.train.warmup}}
     return save_checkpoint(ckpt_root, step, tensors, meta, cfg.checkpoint.keep)
 
 
@@ -163,7 +167,7 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
     plan = plan_run(cfg, world)
     run_dir = Path(cfg.run.out_dir)
     ckpt_root = run_dir / "checkpoints"
-    resume_path = _resolve_resume(resume, ckpt_root)
+    resume_path = resolve_resume(resume, ckpt_root)
     meta = read_meta(resume_path) if resume_path is not None else None
     if meta is not None and meta["config"]["model"] != to_dict(cfg.model):
         raise CheckpointError(f"checkpoint {str(resume_path)!r} was saved for a different model config "
@@ -240,7 +244,9 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
             record.update(ev)
         if step % tc.log_every == 0 or step == end or "eval_acc" in record:
             logger.log(record)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (step == end and cfg.checkpoint.at_end):
+        # train.exit_after always ends with a checkpoint (the next run continues from it).
+        at_end = step == end and (cfg.checkpoint.at_end or end < tc.steps)
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end:
             result.checkpoint = str(_save(engine, mesh, cfg, plan, ckpt_root, step, position))
             logger.write(f"checkpoint: {result.checkpoint}")
 
