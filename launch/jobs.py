@@ -126,7 +126,8 @@ def stage_bundle(config_path: str | Path, dest: str | Path, include: list[str] |
 
 
 def submit(client: JobSubmissionClient, config_path: str, overrides: list[str], nodes: int,
-           procs_per_node: int, include: list[str] | None = None, submission_id: str | None = None) -> str:
+           procs_per_node: int, include: list[str] | None = None, submission_id: str | None = None,
+           agent_wait_s: float = 60.0) -> str:
     """Submit `lctrain launch` of `config_path` as a Ray job; returns the job id.
 
     Args:
@@ -137,6 +138,7 @@ def submit(client: JobSubmissionClient, config_path: str, overrides: list[str], 
         procs_per_node: --procs-per-node of the launch.
         include: extra files/directories shipped in the job's working directory.
         submission_id: the job id to use (Ray makes one when None).
+        agent_wait_s: how long to retry while the head's job agent is not up yet.
     """
     if not Path(config_path).is_file():
         raise ValueError(f"config file {config_path!r} does not exist")
@@ -144,12 +146,18 @@ def submit(client: JobSubmissionClient, config_path: str, overrides: list[str], 
             "--nodes", str(nodes), "--procs-per-node", str(procs_per_node)]
     with tempfile.TemporaryDirectory(prefix="lctrain-job-") as tmp:
         bundle = stage_bundle(config_path, Path(tmp) / "bundle", include)
-        try:
-            return client.submit_job(entrypoint=shlex.join(argv), submission_id=submission_id,
-                                     runtime_env={"working_dir": str(bundle)},
-                                     metadata={"lctrain_config": Path(config_path).name})
-        except Exception as err:
-            raise JobError(f"submitting the job failed: {' '.join(str(err).split())}") from None
+        deadline = time.monotonic() + agent_wait_s
+        while True:
+            try:
+                return client.submit_job(entrypoint=shlex.join(argv), submission_id=submission_id,
+                                         runtime_env={"working_dir": str(bundle)},
+                                         metadata={"lctrain_config": Path(config_path).name})
+            except Exception as err:
+                text = " ".join(str(err).split())
+                # A head that has just started answers 500 until its job agent is up.
+                if "No available agent" not in text or time.monotonic() > deadline:
+                    raise JobError(f"submitting the job failed: {text}") from None
+                time.sleep(2.0)
 
 
 def wait(client: JobSubmissionClient, job_id: str, timeout_s: float, poll_s: float = 1.0) -> JobStatus:

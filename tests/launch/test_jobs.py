@@ -1,0 +1,146 @@
+"""`lctrain submit` / `lctrain job` against a real Ray head on this machine (`ray start --head`), token auth on.
+
+The head runs with its own temp dir as HOME; at the end every process with that HOME is stopped by pid
+(never `ray stop`, which would stop every Ray instance of this user).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lctrain.launch import jobs
+from lctrain.launch.cli import job_main, submit_main
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def test_find_auth_token_follows_rays_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    missing = jobs.find_auth_token()
+    assert missing.token is None and str(tmp_path / ".ray/auth_token") in missing.source
+    assert "RAY_AUTH_TOKEN" in jobs.missing_token_help(missing)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray/auth_token").write_text("home-token\n")
+    assert jobs.find_auth_token().token == "home-token"
+    (tmp_path / "t").write_text("path-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
+    assert jobs.find_auth_token().token == "path-token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert jobs.find_auth_token() == jobs.AuthToken("env-token", "$RAY_AUTH_TOKEN")
+
+
+def test_bundle_imports_lctrain_from_itself(tmp_path):
+    bundle = jobs.stage_bundle(ROOT / "configs/tiny.yaml", tmp_path / "b", [str(Path(__file__).parent / "fake_trainer.py")])
+    for rel in ("lctrain/cli.py", "lctrain/launch/cli.py", "lctrain/kernels/__init__.py", "configs/tiny.yaml",
+                "job_config.yaml", "fake_trainer.py"):
+        assert (bundle / rel).is_file(), rel
+    code = "import lctrain.launch.supervisor as s, fake_trainer as f; print(s.__file__); print(f.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=bundle, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(bundle)}).stdout.split()
+    assert all(p.startswith(str(bundle)) for p in out), out
+
+
+def test_job_address_errors(capsys):
+    assert submit_main(["configs/tiny.yaml", "--address", "127.0.0.1:8265"]) == 1
+    assert "must be the job server's URL" in capsys.readouterr().err
+    assert submit_main(["configs/tiny.yaml", "--address", "http://127.0.0.1:9"]) == 1
+    assert "cannot reach the Ray job server at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_processes_with_home(home: str) -> None:
+    """Stop the head's processes: `ray start` ran with HOME=home, which all of them inherit."""
+    procs = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid != os.getpid() and p.environ().get("HOME") == home:
+                procs.append(p)
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A Ray head with token auth and its job server on 127.0.0.1; yields (url, token)."""
+    temp = tempfile.mkdtemp(prefix="lcr", dir="/tmp")
+    token = secrets.token_hex(16)
+    dash = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": temp,
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    try:
+        # Every port is picked free, so another Ray instance on this machine cannot collide with this one.
+        ports = [f"--{name}={_free_port()}" for name in (
+            "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "ray-client-server-port", "metrics-export-port", "node-manager-port", "object-manager-port")]
+        subprocess.run([str(BIN / "ray"), "start", "--head", *ports, "--num-cpus", "1",
+                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--temp-dir", temp,
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+        yield f"http://127.0.0.1:{dash}", token
+    finally:
+        _stop_processes_with_home(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_submit_runs_a_job_to_completion(head, tmp_path, monkeypatch, capsys):
+    url, token = head
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["configs/tiny.yaml", f"run.out_dir={tmp_path / 'run'}", "train.steps=2", "checkpoint.every=0",
+            "launch.entrypoint=fake_trainer:run", "--include", str(Path(__file__).parent / "fake_trainer.py"),
+            "--address", url, "--nodes", "1", "--procs-per-node", "1"]
+    # without the token the job server refuses, and the error says where the token was looked for
+    assert submit_main(args) == 1
+    err = capsys.readouterr().err
+    assert "requires token authentication" in err and "no Ray authentication token found" in err
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-" + token)
+    assert submit_main(args) == 1
+    assert "rejected the token" in capsys.readouterr().err
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    assert submit_main(args + ["--wait", "--timeout", "240"]) == 0
+    out = capsys.readouterr().out
+    job_id = out.split()[0]
+    assert f"job {job_id}: SUCCEEDED" in out and "[lctrain launch] done: step 2" in out
+    assert (tmp_path / "run/metrics.jsonl").read_text().count("\n") == 2
+
+    assert job_main(["status", job_id, "--address", url]) == 0
+    assert f"{job_id}: SUCCEEDED" in capsys.readouterr().out
+    assert job_main(["logs", job_id, "--address", url]) == 0
+    assert "gang of 1 ranks on 1 node(s)" in capsys.readouterr().out
+    assert job_main(["stop", job_id, "--address", url]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert job_main(["status", "no-such-job", "--address", url]) == 1
+    assert "no-such-job" in capsys.readouterr().err
