@@ -291,20 +291,23 @@ class LightningAttentionFunction(torch.autograd.Function):
         d_final = d_final.contiguous() if d_final is not None else None
         need_q, need_k, need_v, need_decay, need_s0 = ctx.needs_input_grad[:5]
         dq = dk = dv = d_s0 = None
+        # d log_decay sums (t+1)-weighted products of dq and dk over all tokens: keep them float32 for it
+        grad_dtype = torch.float32 if need_decay else None
         if need_q or need_decay:
             # dq_i = sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j + lambda^(i+1) do_i S0^T: the forward on (do, v, k)
             s0_t = initial_state.transpose(-1, -2) if initial_state is not None else None  # [b, h, dv, dk]
-            dq, _ = _launch(True, do, v, k, log_decay, s0_t, q.dtype, False)
+            dq, _ = _launch(True, do, v, k, log_decay, s0_t, grad_dtype or q.dtype, False)
         # dv_j = k_j D_j, dk_j = D_j v_j^T with D_j = sum_{i>=j} lambda^(i-j) q_i^T do_i + lambda^(n-1-j) dFinal
         if need_v or need_s0:
             dv, d_s0 = _launch(False, k, q, do, log_decay, d_final, v.dtype,
                                initial_state is not None and need_s0)
         if need_k or need_decay:
             d_final_t = d_final.transpose(-1, -2) if d_final is not None else None
-            dk, _ = _launch(False, v, do, q, log_decay, d_final_t, k.dtype, False)
+            dk, _ = _launch(False, v, do, q, log_decay, d_final_t, grad_dtype or k.dtype, False)
         d_log_decay = None
         if need_decay:
             d_log_decay = _log_decay_grad(q, k, dq, dk, final, d_final)
+            dq, dk = dq.to(q.dtype), dk.to(k.dtype)
         return dq, dk, dv, d_log_decay, d_s0, None
 
 

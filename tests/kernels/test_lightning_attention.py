@@ -109,12 +109,19 @@ def test_half_precision_inputs(device):
     # bfloat16 on the GPU; float16 under the interpreter, whose tl.dot has no bfloat16 arithmetic (numpy)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
     seed, (q, k, v, log_decay, s0) = _inputs(1, 24, 2, 16, 16, True, True, device)
-    q, k, v = (x.to(dtype) for x in (q, k, v))
-    o, f = lightning_attention(q, k, v, log_decay, s0, output_final_state=True)
-    o_ref, f_ref = naive_lightning_attention(q, k, v, log_decay, s0, output_final_state=True)
+    ours = _leaves([x.to(dtype) for x in (q, k, v)] + [log_decay, s0])
+    ref = _leaves([x.to(dtype) for x in (q, k, v)] + [log_decay, s0], torch.float64)
+    o, f = lightning_attention(*ours, output_final_state=True)
+    o_ref, f_ref = naive_lightning_attention(*ref, output_final_state=True)
     assert o.dtype == dtype and f.dtype == torch.float32
     assert_close(o.float(), o_ref.float(), f"o (seed {seed})", rtol=2e-2, atol=2e-2)
-    assert_close(f, f_ref, f"final state (seed {seed})", rtol=2e-2, atol=2e-2)
+    assert_close(f, f_ref.float(), f"final state (seed {seed})", rtol=2e-2, atol=2e-2)
+    do, d_final = torch.randn_like(o), torch.randn_like(f)
+    ((o.float() * do.float()).sum() + (f * d_final).sum()).backward()
+    ((o_ref * do.double()).sum() + (f_ref * d_final.double()).sum()).backward()
+    for name, x, x_ref in zip(_NAMES, ours, ref):
+        assert x.grad.dtype == x.dtype
+        assert_close(x.grad.float(), x_ref.grad.float(), f"{name} (seed {seed})", rtol=2e-2, atol=2e-2)
 
 
 def test_segments_give_enough_programs():
