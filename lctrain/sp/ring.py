@@ -13,8 +13,8 @@ Causal blocks (global chunk order decides visibility):
 
 Backward: K/V travel again; the dK/dV accumulator of each block travels with it (added to by every rank the
 block visits, then delivered home after P sends) while dQ stays local. Every block's gradient is computed
-from the final merged (o, lse), which is exact. P2P batches post sends and receives together, so the
-ordering is deadlock-free for any ring size.
+from the final merged (o, lse), which is exact (derivation and the visibility table: README_softmax.md).
+P2P batches post sends and receives together, so the ordering is deadlock-free for any ring size.
 """
 from __future__ import annotations
 
