@@ -43,7 +43,8 @@ def _block(rank: int, src: int, causal: bool, layout: str, s: int) -> tuple[slic
     return (_ALL, slice(0, c), False) if src < rank else (slice(c, s), _ALL, False)
 
 
-def _shift(buf: torch.Tensor, group: dist.ProcessGroup | None, rank: int, size: int) -> tuple[torch.Tensor, comm.P2PHandle]:
+def _shift(buf: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
+           size: int) -> tuple[torch.Tensor, comm.P2PHandle]:
     """Post: send `buf` to the next rank, receive the previous rank's into a new buffer."""
     incoming = torch.empty_like(buf)
     handle = comm.batch_isend_irecv([P2POp("send", buf, (rank + 1) % size),
