@@ -48,9 +48,10 @@ def default_log_decay(num_heads: int, layer_idx: int | None = None, num_layers: 
 
     For H a power of two, head h (0-indexed) gets lambda_h = exp(-2^(-8 (h+1) / H)), i.e.
     log_decay[h] = -2^(-8 (h+1) / H): head 0 forgets fastest (lambda = exp(-2^(-8/H)), exp(-1/2) for H = 8),
-    the last head slowest (lambda = exp(-2^-8) = 0.9961). Other H follow ALiBi's rule: the slopes of the nearest power of
-    two below H, then every other slope of twice that. With `layer_idx` and `num_layers`, the slopes are scaled
-    by TransNormerLLM's depth factor (1 - layer_idx / (num_layers - 1) + 1e-5), so deeper layers decay less.
+    the last head slowest (lambda = exp(-2^-8) = 0.9961). Other H follow ALiBi's rule: the slopes of the
+    nearest power of two below H, then every other slope of twice that. With `layer_idx` and `num_layers`, the
+    slopes are scaled by TransNormerLLM's depth factor (1 - layer_idx / (num_layers - 1) + 1e-5), so deeper
+    layers decay less.
 
     Args:
         num_heads: H.
@@ -122,7 +123,10 @@ def _chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     o = ((qc @ kc.transpose(-1, -2)) * intra) @ vc  # [b, h, nc, c, dv]
     mem = k_dec.transpose(-1, -2) @ vc  # [b, h, nc, dk, dv], each chunk's own contribution to the state
 
-    state = initial_state.to(cdt) if initial_state is not None else torch.zeros(b, h, dk, dv, dtype=cdt, device=q.device)
+    if initial_state is not None:
+        state = initial_state.to(cdt)
+    else:
+        state = torch.zeros(b, h, dk, dv, dtype=cdt, device=q.device)
     if nc == 1 and initial_state is None:
         entering = None
     else:
@@ -242,7 +246,8 @@ def check_linear_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   initial_state: torch.Tensor | None = None) -> None:
     """Raise ValueError when shapes or the decay are not what `linear_attention` accepts."""
     if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must be [b, s, h, dk] with the same shape, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(f"q and k must be [b, s, h, dk] with the same shape, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be [b, s, h, dv] matching q's {tuple(q.shape[:3])} in b, s, h; got {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -254,7 +259,8 @@ def check_linear_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         if bool((log_decay > 0).any()):
             raise ValueError(f"log_decay must be <= 0 (a decay lambda <= 1), got max {log_decay.max().item():.4g}")
     if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
-        raise ValueError(f"initial_state must be [b, h, dk, dv] = {(b, h, dk, v.shape[-1])}, got {tuple(initial_state.shape)}")
+        raise ValueError(f"initial_state must be [b, h, dk, dv] = {(b, h, dk, v.shape[-1])}, "
+                         f"got {tuple(initial_state.shape)}")
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
