@@ -19,7 +19,8 @@ from lctrain.testing.compare import assert_close
 CONFIGS = [(decay, True, layout, torch.float64) for decay in (None, "fixed", "learned")
            for layout in ("contiguous", "zigzag")]
 CONFIGS += [(None, False, layout, torch.float64) for layout in ("contiguous", "zigzag")]
-CONFIGS += [("learned", True, "zigzag", torch.float32), (None, False, "contiguous", torch.float32)]
+CONFIGS += [("learned", True, "zigzag", torch.float32), (None, False, "contiguous", torch.float32),
+            ("fixed", True, "zigzag", torch.bfloat16)]
 
 
 def reference(q, k, v, log_decay, causal):
@@ -59,7 +60,7 @@ def check_against_reference(fn, cfg, seed, layout_kw=True, b=2, s_per_rank=6, h=
         o = fn(*loc, ld, causal=causal, **kwargs)
         (o.double() * shard_sequence(w, dim=1, layout=layout)).sum().backward()
 
-    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    tol = {torch.float64: {}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}.get(dtype, {"rtol": 2e-2, "atol": 2e-2})
     where = f"rank {rank}/{world} {cfg}"
     assert o.dtype == dtype and o.shape == (b, s_per_rank, h, dv), where
     assert_close(o.double(), shard_sequence(ref_o, dim=1, layout=layout).detach(), f"o {where}", **tol)
@@ -81,7 +82,8 @@ def _lasp2_all_configs(seed):
     for i, cfg in enumerate(CONFIGS):
         rec = check_against_reference(lasp2_linear_attention, cfg, seed + i)
         n_loc = 2 if cfg[1] and cfg[2] == "zigzag" else 1
-        state_bytes = n_loc * 2 * 2 * 3 * 4 * 8 if cfg[3] == torch.float64 else n_loc * 2 * 2 * 3 * 4 * 4
+        # States travel in float32 whatever the input dtype (float64 for float64 inputs).
+        state_bytes = n_loc * 2 * 2 * 3 * 4 * (8 if cfg[3] == torch.float64 else 4)
         if world == 1:
             assert rec.summary() == {}, rec.summary()
         else:
