@@ -1,8 +1,9 @@
 """The rank actor: one Ray actor per rank, placed in its bundle, that runs the trainer entrypoint.
 
-The actor is threaded (max_concurrency=2) so the supervisor can read rank 0's progress while `run` is
-busy training. Each actor is its own worker process, so setting the torch.distributed variables in
-os.environ before calling the entrypoint is local to that rank.
+Each actor is its own worker process, so the torch.distributed variables it sets in os.environ are local
+to its rank. `run` joins torch.distributed from them (nccl on GPU, gloo on CPU) before calling the
+entrypoint, which then finds the default group ready. The actor is threaded (max_concurrency=2) so the
+supervisor can read rank 0's progress while `run` is busy training.
 """
 from __future__ import annotations
 
@@ -56,9 +57,14 @@ class RankWorker:
         raise RuntimeError(f"no free port in {lo}..{hi} on {socket.gethostname()}")
 
     def run(self, cfg: Any, env: dict[str, str], resume: str = "auto") -> Any:
-        """Set this rank's environment, call the entrypoint with (cfg, resume) and return its result."""
+        """Set this rank's environment, join torch.distributed, call the entrypoint with (cfg, resume)."""
+        from lctrain.parallel.mesh import init_distributed
+
         os.environ.update(env)
         fn = resolve_entrypoint(self.entrypoint)
+        parallel = getattr(cfg, "parallel", None)
+        # nccl on GPU, gloo on CPU unless parallel.backend says otherwise; the trainer's mesh reuses this group.
+        init_distributed(getattr(parallel, "backend", None), getattr(parallel, "timeout_s", 600.0))
         return fn(cfg, resume=resume)
 
     def file_size(self, path: str) -> int:

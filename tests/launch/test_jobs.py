@@ -69,13 +69,16 @@ def _free_port() -> int:
 
 def _stop_processes_with_home(home: str) -> None:
     """Stop the head's processes: `ray start` ran with HOME=home, which all of them inherit."""
-    procs = []
+    procs = {}
     for p in psutil.process_iter(["pid"]):
         try:
             if p.pid != os.getpid() and p.environ().get("HOME") == home:
-                procs.append(p)
+                # agents retitle themselves (setproctitle hides their environment): take children too
+                for q in [p, *p.children(recursive=True)]:
+                    procs[q.pid] = q
         except psutil.Error:
             pass
+    procs = list(procs.values())
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)

@@ -46,8 +46,8 @@ def _fake_args(out: Path, fn: str, *extra: str) -> list[str]:
             FAKE + fn, "launch.gang_timeout_s=60", "launch.poll_s=0.2", *extra]
 
 
-def _on(cluster) -> list[str]:
-    return ["--nodes", "2", "--procs-per-node", "2", "--address", cluster.address]
+def _on(cluster, procs_per_node: int = 2) -> list[str]:
+    return ["--nodes", "2", "--procs-per-node", str(procs_per_node), "--address", cluster.address]
 
 
 def _metrics(out: Path) -> dict[int, float]:
@@ -124,7 +124,7 @@ def test_fake_job_env_and_losses(cluster, tmp_path, capsys):
 
 def test_crash_restarts_from_checkpoint_then_gives_up(cluster, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = launch_main(_fake_args(out, "crash", "launch.max_restarts=1", *_on(cluster)))
+    rc = launch_main(_fake_args(out, "crash", "launch.max_restarts=1", *_on(cluster, 1)))
     err = capsys.readouterr()
     assert rc == 1
     assert "giving up after 1 restart(s)" in err.err and "was lost (its actor or node died)" in err.err
@@ -136,13 +136,13 @@ def test_crash_restarts_from_checkpoint_then_gives_up(cluster, tmp_path, capsys)
 
 def test_hang_is_detected_by_progress_timeout(cluster, tmp_path, capsys):
     rc = launch_main(_fake_args(tmp_path / "run", "hang", "launch.max_restarts=0",
-                                "launch.progress_timeout_s=4", *_on(cluster)))
+                                "launch.progress_timeout_s=4", *_on(cluster, 1)))
     assert rc == 1
     assert "treating the gang as hung" in capsys.readouterr().err
 
 
 def test_fatal_error_is_not_restarted(cluster, tmp_path, capsys):
-    rc = launch_main(_fake_args(tmp_path / "run", "bad_config", "launch.max_restarts=3", *_on(cluster)))
+    rc = launch_main(_fake_args(tmp_path / "run", "bad_config", "launch.max_restarts=3", *_on(cluster, 1)))
     err = capsys.readouterr()
     assert rc == 1 and "ValueError: train.steps must be positive (injected)" in err.err
     assert "not restarted" in err.err and "restart 1/" not in err.out
