@@ -19,7 +19,6 @@ import importlib.util
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
@@ -47,12 +46,6 @@ class _Task:
     module_file: str | None
     args: tuple
     kwargs: dict
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _resolve(module: str, qualname: str, module_file: str | None) -> Callable:
@@ -92,7 +85,10 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
     from datetime import timedelta
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+    # The parent hosts the rendezvous store on a port the OS gave it, so no rank races for a free port.
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                          timeout=timedelta(seconds=TEST_COMM_TIMEOUT_S))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, store=store,
                             timeout=timedelta(seconds=TEST_COMM_TIMEOUT_S))
     from lctrain.parallel import destroy_mesh
 
@@ -125,7 +121,13 @@ class _Pool:
         self.world_size = world_size
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
-        port = _free_port()
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        self.store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=TEST_COMM_TIMEOUT_S))
+        port = self.store.port
         self.procs = [
             ctx.Process(target=_worker, daemon=True, name=f"lctrain-test-rank{r}",
                         args=(r, world_size, port, self.inboxes[r], self.outbox, os.getpid(), list(sys.path)))
@@ -185,6 +187,7 @@ class _Pool:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        self.store = None
 
 
 _POOLS: dict[int, _Pool] = {}
