@@ -255,7 +255,7 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
     if result.evals:
         last = result.evals[max(result.evals)]
         logger.write(f"step {step}/{tc.steps}: eval loss {last['eval_loss']:.4f}, "
-                     f"accuracy on queried tokens {last['eval_acc']:.4f}")
+                     f"held-out accuracy on scored tokens (MQAR: recalled values) {last['eval_acc']:.4f}")
     logger.close()
     if mesh.rank == 0 and tc.plot and (run_dir / "metrics.jsonl").is_file():
         from lctrain.train.plot import plot_run
