@@ -47,7 +47,9 @@ def _fake_args(out: Path, fn: str, *extra: str) -> list[str]:
 
 
 def _on(cluster, procs_per_node: int = 2) -> list[str]:
-    return ["--nodes", "2", "--procs-per-node", str(procs_per_node), "--address", cluster.address]
+    """2 nodes x procs_per_node ranks; one rank per node takes the node's 2 CPUs, so the groups must spread."""
+    cpus = [] if procs_per_node == 2 else ["launch.cpus_per_rank=2"]
+    return [*cpus, "--nodes", "2", "--procs-per-node", str(procs_per_node), "--address", cluster.address]
 
 
 def _metrics(out: Path) -> dict[int, float]:
