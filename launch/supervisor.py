@@ -125,8 +125,8 @@ class Gang:
         by_node: dict[str, list[int]] = {}
         for rank, info in enumerate(infos):
             by_node.setdefault(info["node_id"], []).append(rank)
-        port = ray.get(self.actors[0].free_port.remote(self.lcfg.port_min, self.lcfg.port_max,
-                                                       time.time_ns() + self.attempt))
+        (port,) = self._get([self.actors[0].free_port.remote(self.lcfg.port_min, self.lcfg.port_max,
+                                                             time.time_ns() + self.attempt)], "MASTER_PORT")
         master = infos[0]["ip"]
         envs = []
         for rank, info in enumerate(infos):
@@ -147,7 +147,7 @@ class Gang:
         """Run the entrypoint on every rank; return rank 0's result or raise RankFailure."""
         envs = self.environments()
         metrics = os.path.join(self.cfg.run.out_dir, "metrics.jsonl")
-        offset = ray.get(self.actors[0].file_size.remote(metrics))
+        (offset,) = self._get([self.actors[0].file_size.remote(metrics)], "progress")
         pending = {a.run.remote(self.cfg, env, resume): rank for rank, (a, env) in enumerate(zip(self.actors, envs))}
         results: dict[int, Any] = {}
         progress_ref, partial = None, b""
