@@ -5,7 +5,8 @@ output and the log-sum-exp that partial results are merged with) and :func:`atte
 accepts an externally merged output and lse). Backends register with a `supports(q, k, v, causal)`
 predicate and a priority; per call the highest-priority available backend that supports the case runs.
 One backend can be forced by `backend=`, by the :func:`use_attention_backend` context manager, or by the
-environment variable LCTRAIN_ATTN_BACKEND (in that order of precedence).
+environment variable LCTRAIN_ATTN_BACKEND (in that order of precedence); a forced backend is used without
+asking `supports` (the rules are lctrain.ops.registry's, shared with linear attention).
 
 Built in: "flash_attn" (priority 20, if importable), "sdpa" (10), "reference" (0, always). The Triton
 kernel registers itself as "triton" from `lctrain.kernels.flash_attention`, loaded on first dispatch.
@@ -17,23 +18,18 @@ causal masks aligned bottom-right when sq != sk; rows with no visible key give o
 from __future__ import annotations
 
 import contextlib
-import importlib
-import os
-import threading
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from lctrain.ops import attention_flash_attn, attention_ref, attention_sdpa
+from lctrain.ops.registry import BackendRegistry
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 BackwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 SupportsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], bool]
 
-#: Modules that register extra backends when imported (loaded once, on first dispatch, if present).
-PLUGIN_MODULES = ("lctrain.kernels.flash_attention",)
 ENV_VAR = "LCTRAIN_ATTN_BACKEND"
 
 
@@ -48,54 +44,32 @@ class AttentionBackend:
     backward: BackwardFn
     """(do, q, k, v, o, lse, causal, softmax_scale) -> (dq, dk, dv)."""
     supports: SupportsFn
-    """(q, k, v, causal) -> whether this backend computes the case exactly (device, dtype, shapes)."""
+    """(q, k, v, causal) -> whether automatic dispatch may pick it for the case (device, dtype, shapes)."""
     priority: int
     """Higher wins when several support a case."""
     available: Callable[[], bool]
     """Whether the backend can run at all in this process (its library imports, its device exists)."""
 
 
-_BACKENDS: dict[str, AttentionBackend] = {}
-_forced = threading.local()
-_plugins_loaded = False
+#: The registered backends; the Triton kernel's package registers itself when loaded on first dispatch.
+REGISTRY: BackendRegistry[AttentionBackend] = BackendRegistry(
+    "attention", ENV_VAR, plugins=("lctrain.kernels.flash_attention",))
 
 
 def register_attention_backend(name: str, forward: ForwardFn, backward: BackwardFn, supports: SupportsFn,
                                priority: int, available: Callable[[], bool] | None = None) -> None:
     """Register (or replace) a backend under `name`; see :class:`AttentionBackend` for the callables."""
-    _BACKENDS[name] = AttentionBackend(name, forward, backward, supports, priority, available or (lambda: True))
+    REGISTRY.register(AttentionBackend(name, forward, backward, supports, priority, available or (lambda: True)))
 
 
 def attention_backends() -> dict[str, AttentionBackend]:
-    """The registered backends by name (after loading the plugin modules)."""
-    _load_plugins()
-    return dict(_BACKENDS)
+    """The registered backends by name, highest priority first."""
+    return REGISTRY.backends()
 
 
-@contextlib.contextmanager
-def use_attention_backend(name: str | None) -> Iterator[None]:
+def use_attention_backend(name: str | None) -> contextlib.AbstractContextManager[None]:
     """Force backend `name` for the attention calls of this thread inside the block (None: automatic)."""
-    old = getattr(_forced, "name", None)
-    _forced.name = name
-    try:
-        yield
-    finally:
-        _forced.name = old
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for mod in PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name is None or not mod.startswith(err.name):
-                warnings.warn(f"attention backend module {mod} failed to import: {err}")
-        except Exception as err:  # noqa: BLE001 - a broken optional backend must not break attention
-            warnings.warn(f"attention backend module {mod} failed to import: {err}")
+    return REGISTRY.use(name)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -113,22 +87,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                    backend: str | None = None) -> AttentionBackend:
     """The backend a call with these inputs runs on (forced, or the best that supports the case)."""
-    _load_plugins()
-    name = backend or getattr(_forced, "name", None) or os.environ.get(ENV_VAR) or None
-    if name is not None:
-        if name not in _BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}")
-        be = _BACKENDS[name]
-        if not be.available():
-            raise ValueError(f"attention backend {name!r} is not available in this process")
-        if not be.supports(q, k, v, causal):
-            raise ValueError(f"attention backend {name!r} does not support this case: q {tuple(q.shape)} "
-                             f"{q.dtype} on {q.device}, k {tuple(k.shape)}, causal={causal}")
-        return be
-    for be in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        if be.available() and be.supports(q, k, v, causal):
-            return be
-    raise ValueError(f"no attention backend supports q {tuple(q.shape)} {q.dtype} on {q.device}")
+    return REGISTRY.select(q, k, v, causal, backend=backend,
+                           describe=lambda: f"q {tuple(q.shape)} {q.dtype} on {q.device}, k {tuple(k.shape)}, "
+                                            f"causal={causal}")
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,

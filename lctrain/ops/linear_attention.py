@@ -20,24 +20,17 @@ chunk may be short); gradients through autograd. The derivation is in lctrain/sp
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import math
-import os
-import threading
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from lctrain.ops.linear_attention_ref import compute_dtype, linear_attention_ref
+from lctrain.ops.registry import BackendRegistry, always
 
 #: Tokens per chunk of the "chunk" backend.
 CHUNK_SIZE = 64
-
-#: Module that registers the Triton backend when it is importable (loaded once, on first dispatch).
-_PLUGIN_MODULES = ("lctrain.kernels.lightning_attention",)
 
 LinearAttentionFn = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
 
@@ -165,16 +158,26 @@ def memory_state(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | Non
     return torch.einsum("bshk,bshv->bhkv", kf, v.to(cdt))
 
 
-@dataclass
-class _Backend:
+@dataclass(frozen=True)
+class LinearAttentionBackend:
+    """One local linear-attention implementation."""
+
+    name: str
+    """Name used to force it (`backend=`, `use_linear_attention_backend`, LCTRAIN_LINEAR_BACKEND)."""
     fn: LinearAttentionFn
+    """(q, k, v, log_decay=None, initial_state=None, output_final_state=False) -> (o, final_state)."""
     supports: Callable[..., bool]
+    """(q, k, v, log_decay) -> whether automatic dispatch may pick it for these inputs."""
     priority: int
+    """Higher wins when several support a case ("chunk" is 10)."""
+
+    def available(self) -> bool:
+        return True
 
 
-_BACKENDS: dict[str, _Backend] = {}
-_forced = threading.local()
-_plugins_loaded = False
+#: The registered backends; the Triton kernel's package registers itself when loaded on first dispatch.
+REGISTRY: BackendRegistry[LinearAttentionBackend] = BackendRegistry(
+    "linear attention", "LCTRAIN_LINEAR_BACKEND", plugins=("lctrain.kernels.lightning_attention",))
 
 
 def register_linear_attention_backend(name: str, fn: LinearAttentionFn,
@@ -189,56 +192,29 @@ def register_linear_attention_backend(name: str, fn: LinearAttentionFn,
             inputs (default: always). A forced backend is used without asking.
         priority: automatic dispatch takes the highest-priority supporting backend ("chunk" is 10).
     """
-    _BACKENDS[name] = _Backend(fn, supports or (lambda *_: True), priority)
+    REGISTRY.register(LinearAttentionBackend(name, fn, supports or always, priority))
 
 
 def linear_attention_backends() -> list[str]:
     """Registered backend names, highest priority first."""
-    _load_plugins()
-    return sorted(_BACKENDS, key=lambda n: -_BACKENDS[n].priority)
+    return list(REGISTRY.backends())
 
 
-@contextlib.contextmanager
-def use_linear_attention_backend(name: str | None) -> Iterator[None]:
+def use_linear_attention_backend(name: str | None) -> contextlib.AbstractContextManager[None]:
     """Force backend `name` for every `linear_attention` call in this thread inside the block (None: automatic)."""
-    old = getattr(_forced, "name", None)
-    _forced.name = name
-    try:
-        yield
-    finally:
-        _forced.name = old
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for mod in _PLUGIN_MODULES:
-        try:
-            if importlib.util.find_spec(mod) is None:
-                continue
-        except ModuleNotFoundError:
-            continue
-        try:
-            importlib.import_module(mod)
-        except Exception as err:  # noqa: BLE001 - a broken optional kernel must not break the PyTorch path
-            warnings.warn(f"linear attention backend module {mod} failed to import: {err!r}")
+    return REGISTRY.use(name)
 
 
 def select_linear_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     log_decay: torch.Tensor | None = None, backend: str | None = None) -> str:
     """The backend name `linear_attention` would use for these inputs."""
-    _load_plugins()
-    name = backend or getattr(_forced, "name", None) or os.environ.get("LCTRAIN_LINEAR_BACKEND") or None
-    if name is not None:
-        if name not in _BACKENDS:
-            raise ValueError(f"unknown linear attention backend {name!r}; registered: {linear_attention_backends()}")
-        return name
-    for cand in linear_attention_backends():
-        if _BACKENDS[cand].supports(q, k, v, log_decay):
-            return cand
-    raise ValueError("no registered linear attention backend supports these inputs")
+    return _select(q, k, v, log_decay, backend).name
+
+
+def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
+            backend: str | None) -> LinearAttentionBackend:
+    return REGISTRY.select(q, k, v, log_decay, backend=backend,
+                           describe=lambda: f"q {tuple(q.shape)} {q.dtype} on {q.device}, v {tuple(v.shape)}")
 
 
 def check_linear_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -280,8 +256,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_deca
         inputs) or None.
     """
     check_linear_attention_inputs(q, k, v, log_decay, initial_state)
-    name = select_linear_attention_backend(q, k, v, log_decay, backend)
-    return _BACKENDS[name].fn(q, k, v, log_decay=log_decay, initial_state=initial_state,
+    return _select(q, k, v, log_decay, backend).fn(q, k, v, log_decay=log_decay, initial_state=initial_state,
                               output_final_state=output_final_state)
 
 

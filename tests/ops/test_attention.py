@@ -141,14 +141,14 @@ def test_dispatch_picks_sdpa_on_cpu_and_can_be_forced(monkeypatch):
         attention_forward(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1), True, 1.0)
 
 
-def test_priority_and_supports_decide_the_backend(monkeypatch):
+def test_priority_and_supports_decide_the_backend(monkeypatch, request):
     monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
-    monkeypatch.setattr(attn_mod, "_BACKENDS", dict(attn_mod._BACKENDS))
+    request.addfinalizer(lambda: attn_mod.REGISTRY.unregister("fast"))
     calls = []
 
     def fwd(q, k, v, causal, scale):
         calls.append("fast")
-        return attn_mod._BACKENDS["reference"].forward(q, k, v, causal, scale)
+        return attention_backends()["reference"].forward(q, k, v, causal, scale)
 
     register_attention_backend("fast", fwd, reference_attention_backward,
                                lambda q, k, v, causal: not causal, priority=100)
@@ -156,8 +156,9 @@ def test_priority_and_supports_decide_the_backend(monkeypatch):
     attention_forward(q, k, v, False, 1.0)
     assert calls == ["fast"]
     assert select_backend(q, k, v, True).name == "sdpa"  # "fast" does not support causal
-    with pytest.raises(ValueError, match="does not support this case"):
-        attention_forward(q, k, v, True, 1.0, backend="fast")
+    # A forced backend is used without asking `supports`.
+    attention_forward(q, k, v, True, 1.0, backend="fast")
+    assert calls == ["fast", "fast"]
 
 
 def test_attention_autograd_default_scale():

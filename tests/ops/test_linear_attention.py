@@ -84,8 +84,8 @@ def test_default_log_decay_is_lightning_attention_slopes():
         default_log_decay(8, layer_idx=1)
 
 
-def test_dispatch_forces_and_registers(monkeypatch):
-    monkeypatch.setattr(la, "_BACKENDS", dict(la._BACKENDS))
+def test_dispatch_forces_and_registers(monkeypatch, request):
+    request.addfinalizer(lambda: la.REGISTRY.unregister("fake"))
     monkeypatch.delenv("LCTRAIN_LINEAR_BACKEND", raising=False)
     q, k, v, ld, _ = _inputs(1, 5, 2, 3, 3, True, False)
     assert select_linear_attention_backend(q, k, v, ld) == "chunk"

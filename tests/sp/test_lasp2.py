@@ -105,7 +105,7 @@ def _lasp2_all_configs(seed):
         with use_linear_attention_backend("counting"):
             check_against_reference(lasp2_linear_attention, ("learned", True, "zigzag", torch.float64), seed - 1)
     finally:
-        la._BACKENDS.pop("counting")
+        la.REGISTRY.unregister("counting")
     # One call forward and one recompute backward, both chunks of the zigzag slice stacked in the batch.
     assert calls == [(4, 3, 2, 3)] * 2, calls
     return True
