@@ -1,7 +1,9 @@
 """MQAR recall vs sequence length for several layer patterns, trained in this process; prints a Markdown table.
 
-    python benchmarks/mqar_sweep.py [--patterns LL LA] [--seq-lens 64 128 256] [--out-root runs/mqar] \
-        [dotted.key=value ...]
+    python benchmarks/mqar_sweep.py [dotted.key=value ...] [--patterns LL LA] [--seq-lens 64 128 256] \
+        [--out-root runs/mqar]
+
+(the overrides come before the options: `--patterns` and `--seq-lens` take every word after them).
 
 Each (pattern, seq_len) cell is one single-process run of `lctrain.train.trainer.run` on configs/demo.yaml
 with `parallel.cp=1`, the given overrides, no progress bar, plot or checkpoints, started fresh in
