@@ -58,7 +58,6 @@ def reference_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         o `[b, sq, h, d]` in q's dtype, lse `[b, h, sq]` in float32 (float64 for float64 inputs).
     """
     b, sq, h, d = q.shape
-    hk = k.shape[2]
     s = _scores(q, k, causal, softmax_scale)  # [b, hk, g, sq, sk]
     lse = torch.logsumexp(s, dim=-1)  # [b, hk, g, sq]
     p = _probs(s, lse)

@@ -118,7 +118,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
     if backend == "nccl":
@@ -126,7 +126,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local rendezvous)."""
     import socket
 
     with socket.socket() as s:

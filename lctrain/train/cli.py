@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -18,12 +17,7 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 from lctrain.config import Config, ConfigError, load_config, to_dict
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lctrain.parallel.mesh import free_port
 
 
 def _rank_main(local_rank: int, nproc: int, port: int, threads: int, cfg: Config, resume: str) -> None:
@@ -96,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = max(1, (os.cpu_count() or 1) // args.nproc)
     try:
-        mp.start_processes(_rank_main, args=(args.nproc, _free_port(), threads, cfg, resume), nprocs=args.nproc,
+        mp.start_processes(_rank_main, args=(args.nproc, free_port(), threads, cfg, resume), nprocs=args.nproc,
                            join=True, start_method="spawn")
     except mp.ProcessExitedException as err:
         print(f"lctrain train: rank {err.error_index} exited with code {err.exit_code}; stopped the others",
