@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.lctrain-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(VENV)/bin/lctrain bench sp
