@@ -1,4 +1,4 @@
-"""`lctrain data prepare INPUT... --out DIR [--tokenizer byte|PATH] [--shard-tokens N]`."""
+"""`lctrain data prepare INPUT... --out DIR [--tokenizer byte|PATH] ...` and `lctrain data pack DIR --seq-len N ...`."""
 from __future__ import annotations
 
 import argparse
@@ -8,19 +8,41 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lctrain data", description="Prepare training data.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    prep = sub.add_parser("prepare", help="tokenize text files/folders into memory-mapped shards")
-    prep.add_argument("inputs", nargs="+", help="text files or folders (read recursively)")
+    prep = sub.add_parser("prepare", help="tokenize documents into memory-mapped shards plus a document index")
+    prep.add_argument("inputs", nargs="+", help="files or folders (read recursively): plain text, .jsonl, .parquet; "
+                                                "or pkg:NAME (an installed package's files)")
     prep.add_argument("--out", required=True, help="output directory (use it as data.path with data.source=text)")
     prep.add_argument("--tokenizer", default="byte", help="'byte' (default) or a local tokenizer.json")
+    prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
+    prep.add_argument("--eos-token", default=None, help="end-of-document token (default: from the tokenizer)")
+    prep.add_argument("--bos-token", default=None, help="beginning-of-document token, or 'none' "
+                                                        "(default: from the tokenizer)")
     prep.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file")
+    pack = sub.add_parser("pack", help="pack a prepared corpus into sequences (done on first use otherwise)")
+    pack.add_argument("path", help="a directory written by `lctrain data prepare`")
+    pack.add_argument("--seq-len", type=int, required=True)
+    pack.add_argument("--packing", default="best_fit", help="best_fit | greedy | concat | pad")
+    pack.add_argument("--eval-fraction", type=float, default=0.01)
+    pack.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from lctrain.data.text import prepare_text
+    from lctrain.data.packing import load_pack
+    from lctrain.data.text import prepare_text, read_index
 
     try:
-        index = prepare_text(args.inputs, args.out, args.tokenizer, args.shard_tokens)
+        if args.cmd == "prepare":
+            index = prepare_text(args.inputs, args.out, args.tokenizer, args.shard_tokens, args.text_field,
+                                 args.eos_token, args.bos_token)
+            print(f"wrote {index['total_tokens']} tokens from {index['documents']} documents in "
+                  f"{len(index['shards'])} shard(s) to {args.out} (eos id {index['eos_id']}, "
+                  f"bos id {index['bos_id']}, pad id {index['pad_id']})")
+            return 0
+        index = read_index(args.path)
+        for split in ("train", "eval"):
+            _, _, meta = load_pack(args.path, index, args.seq_len, args.packing, args.eval_fraction, args.seed, split)
+            slots = meta["sequences"] * args.seq_len
+            print(f"{split}: {meta['documents']} documents -> {meta['sequences']} sequences of {args.seq_len} "
+                  f"({meta['pad_tokens'] / max(slots, 1):.1%} padding)")
     except ValueError as err:
-        print(f"lctrain data prepare: {err}", file=sys.stderr)
+        print(f"lctrain data {args.cmd}: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {index['total_tokens']} tokens from {index['documents']} documents in "
-          f"{len(index['shards'])} shard(s) to {args.out}")
     return 0

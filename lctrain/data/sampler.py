@@ -12,6 +12,7 @@ CP and TP ranks of one DP rank read the same samples; each CP rank then keeps it
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -42,9 +43,18 @@ def micro_batch_indices(position: int, micro: int, dp: int, dp_rank: int, accum_
 
 
 def collate(dataset: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
-    """Stack samples `indices` of `dataset` into a batch (`[b, s]` tensors)."""
+    """Stack samples `indices` of `dataset` into a batch (`[b, s]` tensors).
+
+    Packed samples' `cu_seqlens` (`[n_i + 1]` each, 0 ... s) become the boundaries of the b sequences laid
+    end to end (int32 `[sum n_i + 1]`, 0 ... b * s), as flash-attn's varlen API takes them.
+    """
     samples = [dataset[i] for i in indices]
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "cu_seqlens"}
+    if "cu_seqlens" in samples[0]:
+        s = batch["input_ids"].shape[1]
+        batch["cu_seqlens"] = torch.cat([x["cu_seqlens"][:-1] + i * s for i, x in enumerate(samples)]
+                                        + [torch.tensor([len(samples) * s], dtype=torch.int32)]).to(torch.int32)
+    return batch
 
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
@@ -58,9 +68,10 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
         from lctrain.data.passkey import PasskeyDataset
 
         return PasskeyDataset(cfg.seq_len, cfg.passkey_digits, cfg.seed, split)
-    from lctrain.data.text import TextDataset
+    from lctrain.data.text import TextDataset, ensure_prepared
 
-    return TextDataset(cfg.path, cfg.seq_len, cfg.seed, split, cfg.eval_fraction)
+    ensure_prepared(cfg)
+    return TextDataset(cfg.path, cfg.seq_len, cfg.seed, split, cfg.eval_fraction, cfg.packing, cfg.document_mask)
 
 
 def data_vocab_size(cfg: DataConfig) -> int:
@@ -69,6 +80,9 @@ def data_vocab_size(cfg: DataConfig) -> int:
         return cfg.mqar_vocab_size
     if cfg.source == "passkey":
         return 256
-    from lctrain.data.text import read_index
+    from lctrain.data.text import INDEX, read_index
+    from lctrain.data.tokenizer import get_tokenizer
 
+    if cfg.inputs and not (Path(cfg.path) / INDEX).is_file():
+        return get_tokenizer(cfg.tokenizer).vocab_size  # data.path is prepared from data.inputs at the start
     return int(read_index(cfg.path)["vocab_size"])

@@ -1,14 +1,25 @@
-"""Text corpora: tokenize files once into memory-mapped shards, then read packed fixed-length samples.
+"""Text corpora: tokenize documents once into memory-mapped shards with a document index, then serve packed samples.
 
-`prepare_text` walks files/folders (sorted, so the result is reproducible), tokenizes each document,
-appends the tokenizer's end-of-document id, and writes flat token shards (`shard_NNNNN.bin`, uint16
-or uint32) plus `index.json`. `TextDataset` maps the shards without reading them and packs the token
-stream into samples of `seq_len + 1` tokens (inputs and next-token labels; documents run into each
-other across the separator). The last `eval_fraction` of the samples is held out; the training order is
-a fresh permutation per epoch drawn from the data seed.
+`prepare_text` reads documents (plain text, JSONL, Parquet; see documents.py), tokenizes each one as
+`[bos] + encode(text) + [eos]` (ids from the tokenizer), and writes
+
+    shard_NNNNN.bin   the token stream (uint16 or uint32), documents end to end
+    doc_offsets.npy   int64 [n_docs + 1]: where each document starts in the stream (offsets per document)
+    doc_hash.npy      uint64 [n_docs]: a hash of each document's text (chooses its split)
+    index.json        format, tokenizer (name, fingerprint, special ids), vocab size, counts, shards
+
+`TextDataset` serves the split's packed sequences (packing.py): `dataset[i]` has `input_ids` and `labels`
+`[seq_len]` (labels = the next token of the same document, IGNORE_INDEX at each document's last token and on
+padding), `loss_mask` (labels != IGNORE_INDEX) and, with document masking, `cu_seqlens` int32
+`[n_docs + 1]` (the document boundaries of the sequence, 0 ... seq_len; padding is its own last document).
+A document goes to the eval split when `hash < eval_fraction * 2^64`: by content, so the split of a
+document does not depend on the file order or on the other documents (and duplicates share a split).
+Training order: epoch e visits the sequences in the order of a seeded O(1)-memory permutation
+(`Permutation(n, seed, e)`), so sample i is a pure function of (seed, i) and a resume continues exactly.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,43 +28,61 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lctrain.data.documents import iter_documents
+from lctrain.data.permutation import Permutation
 from lctrain.data.tokenizer import get_tokenizer
 
 INDEX = "index.json"
-FORMAT = "lctrain-tokens-v1"
+FORMAT = "lctrain-tokens-v2"
+#: Label of a position that is not scored (a document's last token, padding); as torch's cross_entropy.
+IGNORE_INDEX = -100
 
 
-def _iter_files(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file()
-                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        else:
-            raise ValueError(f"input {item!r} is neither a file nor a directory")
-    if not files:
-        raise ValueError(f"no input files found in {inputs}")
-    return files
+def doc_hash(text: str) -> int:
+    """64-bit content hash of a document (blake2b of its UTF-8 text)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def prepare_text(inputs: list[str], out_dir: str, tokenizer: str = "byte",
-                 shard_tokens: int = 1 << 24) -> dict:
-    """Tokenize `inputs` (files or folders) into shards under `out_dir` (written atomically).
+def eval_threshold(eval_fraction: float) -> int:
+    """Documents whose hash is below this are held out."""
+    return min(int(eval_fraction * 2.0 ** 64), 2 ** 64 - 1) if eval_fraction > 0 else 0
+
+
+def publish(tmp: Path, out: Path, replace: bool) -> None:
+    """Move the finished directory `tmp` to `out` atomically; with replace=False an existing `out`
+    (written meanwhile by another rank from the same inputs) is kept and `tmp` dropped."""
+    if out.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if replace or not out.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_text(inputs: list[str], out_dir: str, tokenizer: str = "byte", shard_tokens: int = 1 << 24,
+                 text_field: str = "text", eos_token: str | None = None, bos_token: str | None = None,
+                 replace: bool = True) -> dict:
+    """Tokenize the documents of `inputs` into shards and a document index under `out_dir` (written atomically).
 
     Args:
-        inputs: files and/or directories (read recursively, hidden entries skipped, sorted).
+        inputs: files, folders (recursive) and `pkg:NAME` entries; see :func:`iter_documents`.
         out_dir: output directory; must not exist yet or hold an earlier index.json (it is replaced).
         tokenizer: "byte" or the path of a local tokenizer.json.
         shard_tokens: tokens per shard file.
+        text_field: the JSONL field / Parquet column holding a document's text.
+        eos_token, bos_token: override the tokenizer's detected special tokens.
+        replace: replace an existing prepared directory (False: keep it, e.g. when several ranks prepare).
     Returns:
         The index (what index.json holds).
     """
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    tok = get_tokenizer(tokenizer)
+    tok = get_tokenizer(tokenizer, eos_token, bos_token)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     out = Path(out_dir)
     if out.exists() and not (out / INDEX).is_file():
@@ -62,29 +91,46 @@ def prepare_text(inputs: list[str], out_dir: str, tokenizer: str = "byte",
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shards: list[dict] = []
-    buf: list[int] = []
+    pending: list[np.ndarray] = []
+    pending_len = 0
+    offsets, hashes = [0], []
 
     def flush(final: bool) -> None:
-        while len(buf) >= shard_tokens or (final and buf):
-            chunk, buf[:] = buf[:shard_tokens], buf[shard_tokens:]
+        nonlocal pending, pending_len
+        if not pending:
+            return
+        stream = np.concatenate(pending)
+        cut = 0
+        while len(stream) - cut >= shard_tokens or (final and cut < len(stream)):
+            chunk = stream[cut:cut + shard_tokens]
             name = f"shard_{len(shards):05d}.bin"
-            np.asarray(chunk, dtype=dtype).tofile(tmp / name)
+            chunk.tofile(tmp / name)
             shards.append({"file": name, "tokens": len(chunk)})
+            cut += len(chunk)
+        pending, pending_len = [stream[cut:]], len(stream) - cut
 
-    files = _iter_files(inputs)
-    for f in files:
-        buf += tok.encode(f.read_text(encoding="utf-8", errors="replace"))
-        buf.append(tok.eos_id)
-        flush(final=False)
+    head = [] if tok.bos_id is None else [tok.bos_id]
+    for text in iter_documents(inputs, text_field):
+        ids = np.asarray(head + tok.encode(text) + [tok.eos_id], dtype=dtype)
+        pending.append(ids)
+        pending_len += len(ids)
+        offsets.append(offsets[-1] + len(ids))
+        hashes.append(doc_hash(text))
+        if pending_len >= shard_tokens:
+            flush(final=False)
     flush(final=True)
-    index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
-             "eos_id": tok.eos_id, "total_tokens": sum(s["tokens"] for s in shards), "documents": len(files),
-             "shards": shards}
+    if not hashes:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"no non-empty documents in {inputs}")
+    np.save(tmp / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64))
+    np.save(tmp / "doc_hash.npy", np.asarray(hashes, dtype=np.uint64))
+    index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "tokenizer": tok.name,
+             "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+             "bos_id": tok.bos_id, "pad_id": tok.pad_id, "total_tokens": int(offsets[-1]),
+             "documents": len(hashes), "text_field": text_field, "shards": shards}
     (tmp / INDEX).write_text(json.dumps(index, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return index
+    publish(tmp, out, replace)
+    return read_index(out_dir)
 
 
 def read_index(path: str) -> dict:
@@ -97,16 +143,15 @@ def read_index(path: str) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{f} is corrupt: {err}") from err
     if index.get("format") != FORMAT:
-        raise ValueError(f"{f}: unknown format {index.get('format')!r} (expected {FORMAT})")
+        raise ValueError(f"{f}: unknown format {index.get('format')!r} (expected {FORMAT}; "
+                         "re-run `lctrain data prepare`)")
     return index
 
 
-class TextDataset:
-    """Packed samples of a prepared corpus: `dataset[i]` is the i-th sample of the split's order."""
+class TokenStore:
+    """The memory-mapped token stream of a prepared directory (nothing is read until asked for)."""
 
-    def __init__(self, path: str, seq_len: int, seed: int = 0, split: str = "train", eval_fraction: float = 0.01):
-        index = read_index(path)
-        self.seq_len, self.seed, self.split = seq_len, seed, split
+    def __init__(self, path: str, index: dict):
         self._shards = []
         for s in index["shards"]:
             f = Path(path) / s["file"]
@@ -114,18 +159,12 @@ class TextDataset:
                 raise ValueError(f"token shard {f} is missing or truncated")
             self._shards.append(np.memmap(f, dtype=index["dtype"], mode="r", shape=(s["tokens"],)))
         self._starts = np.cumsum([0] + [s["tokens"] for s in index["shards"]])
-        total = int(self._starts[-1])
-        n = (total - 1) // seq_len
-        n_eval = int(n * eval_fraction) if eval_fraction > 0 else 0
-        if eval_fraction > 0 and n > 1:
-            n_eval = max(1, n_eval)
-        self.n_train, self.n_eval = n - n_eval, n_eval
-        count = self.n_train if split == "train" else self.n_eval
-        if count < 1:
-            raise ValueError(f"{path!r}: {total} tokens give no {split} samples of seq_len={seq_len}")
-        self._perm_epoch, self._perm = -1, None
+        self.total = int(self._starts[-1])
 
-    def _tokens(self, start: int, length: int) -> np.ndarray:
+    def read(self, start: int, length: int) -> np.ndarray:
+        """int64 tokens [start, start + length) of the stream."""
+        if start < 0 or start + length > self.total:
+            raise IndexError(f"tokens [{start}, {start + length}) outside the stream of {self.total}")
         out = np.empty(length, dtype=np.int64)
         pos, filled = start, 0
         while filled < length:
@@ -136,20 +175,80 @@ class TextDataset:
             filled, pos = filled + take, pos + take
         return out
 
+
+class TextDataset:
+    """Packed sequences of a prepared corpus: `dataset[i]` is the i-th sample of the split's order.
+
+    Args:
+        path: the prepared directory.
+        seq_len: tokens per sequence.
+        seed: seed of the document order in packing and of the per-epoch sequence order.
+        split: "train" or "eval".
+        eval_fraction: fraction of documents (by content hash) held out for evaluation.
+        packing: best_fit | greedy | concat | pad (see packing.py).
+        document_mask: emit `cu_seqlens` (documents attend only within themselves; RoPE restarts per document).
+    """
+
+    def __init__(self, path: str, seq_len: int, seed: int = 0, split: str = "train", eval_fraction: float = 0.01,
+                 packing: str = "best_fit", document_mask: bool = True):
+        from lctrain.data.packing import load_pack
+
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        index = read_index(path)
+        self.seq_len, self.seed, self.split, self.document_mask = seq_len, seed, split, document_mask
+        self.pad_id = int(index["pad_id"])
+        self._store = TokenStore(path, index)
+        self._offsets, self._pieces, self.stats = load_pack(path, index, seq_len, packing, eval_fraction, seed, split)
+        self.n = len(self._offsets) - 1
+        if self.n < 1:
+            raise ValueError(f"{path!r}: no {split} documents with eval_fraction={eval_fraction} "
+                             f"({index['documents']} documents in all; the split is by document hash)")
+        self._perm_epoch, self._perm = -1, None
+
     def sample_id(self, index: int) -> int:
-        """Which packed sample the split's `index`-th item is (train: permuted per epoch)."""
+        """Which packed sequence the split's `index`-th item is (train: permuted per epoch, O(1) memory)."""
         if self.split == "eval":
-            return self.n_train + index % self.n_eval
-        epoch, j = divmod(int(index), self.n_train)
+            return int(index) % self.n
+        epoch, j = divmod(int(index), self.n)
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)
-            self._perm_epoch = epoch
-        return int(self._perm[j])
+            self._perm, self._perm_epoch = Permutation(self.n, self.seed, epoch), epoch
+        return self._perm(j)
+
+    def sequence(self, k: int) -> dict[str, torch.Tensor]:
+        """Packed sequence `k` (in pack order)."""
+        s = self.seq_len
+        pieces = self._pieces[int(self._offsets[k]):int(self._offsets[k + 1])]  # [n, 2]: (stream start, length)
+        tokens = np.full(s, self.pad_id, dtype=np.int64)
+        labels = np.full(s, IGNORE_INDEX, dtype=np.int64)
+        bounds = [0]
+        for start, length in pieces.tolist():
+            at = bounds[-1]
+            tokens[at:at + length] = self._store.read(start, length)
+            labels[at:at + length - 1] = tokens[at + 1:at + length]  # the document's last label stays ignored
+            bounds.append(at + length)
+        if bounds[-1] < s:
+            bounds.append(s)  # padding: a document of its own, never scored
+        out = {"input_ids": torch.from_numpy(tokens),  # [s]
+               "labels": torch.from_numpy(labels),  # [s]
+               "loss_mask": torch.from_numpy((labels != IGNORE_INDEX).astype(np.float32))}  # [s]
+        if self.document_mask:
+            out["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)  # [n_docs + 1]
+        return out
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        tokens = self._tokens(self.sample_id(index) * self.seq_len, self.seq_len + 1)
-        return {
-            "input_ids": torch.from_numpy(tokens[:-1].copy()),  # [s]
-            "labels": torch.from_numpy(tokens[1:].copy()),  # [s]
-            "loss_mask": torch.ones(self.seq_len, dtype=torch.float32),
-        }
+        return self.sequence(self.sample_id(index))
+
+
+def ensure_prepared(cfg) -> dict:
+    """The index of `cfg.path` (a DataConfig), preparing it from `cfg.inputs` with `cfg.tokenizer` first when
+    it holds no corpus yet; ValueError when it was prepared with another tokenizer than `cfg.tokenizer`."""
+    from lctrain.data.tokenizer import tokenizer_fingerprint
+
+    if cfg.inputs and not (Path(cfg.path) / INDEX).is_file():
+        prepare_text(list(cfg.inputs), cfg.path, cfg.tokenizer, text_field=cfg.text_field, replace=False)
+    index = read_index(cfg.path)
+    if index["tokenizer_fingerprint"] != tokenizer_fingerprint(cfg.tokenizer):
+        raise ValueError(f"data.path {cfg.path!r} was prepared with the tokenizer {index['tokenizer']!r}, "
+                         f"not data.tokenizer={cfg.tokenizer!r}; set data.tokenizer to the one it was prepared with")
+    return index
