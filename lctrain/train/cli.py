@@ -53,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint in run.out_dir, default) | none | a checkpoint path")
     p.add_argument("--resume-from", default=None, metavar="PATH", help="resume from this checkpoint (= --resume PATH)")
-    p.add_argument("--dry-run", action="store_true", help="validate the config and the layout, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the pre-reservation check (lctrain.preflight) at the target world size, then exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the target world size (e.g. nodes x GPUs per node; default: --nproc or 1)")
+    p.add_argument("--procs-per-node", type=int, default=None,
+                   help="with --dry-run: ranks per node (fewer than the world = multi-node: out_dir must be absolute)")
     return p
 
 
@@ -64,11 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc is not None and args.nproc < 1:
         print("lctrain train: --nproc must be >= 1", file=sys.stderr)
         return 2
-    world = int(os.environ["WORLD_SIZE"]) if under_launcher else (args.nproc or 1)
+    if (args.world_size is not None or args.procs_per_node is not None) and not args.dry_run:
+        print("lctrain train: --world-size / --procs-per-node only describe the target of --dry-run", file=sys.stderr)
+        return 2
+    world = int(os.environ["WORLD_SIZE"]) if under_launcher else (args.world_size or args.nproc or 1)
+    per_node = (int(os.environ.get("LOCAL_WORLD_SIZE", world)) if under_launcher
+                else (args.procs_per_node or args.nproc or world))
     try:
         cfg = load_config(args.config, args.overrides)
+        from lctrain.preflight import Target, require_preflight
         from lctrain.train.trainer import plan_run, resolve_resume
 
+        require_preflight(cfg, Target.of(world, per_node))
         plan = plan_run(cfg, world)
         ckpt = resolve_resume(resume, Path(cfg.run.out_dir) / "checkpoints")
     except (ConfigError, ValueError) as err:
