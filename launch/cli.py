@@ -1,8 +1,12 @@
 """`lctrain launch`, `lctrain submit` and `lctrain job`: the command-line side of the Ray launcher.
 
-    lctrain launch CONFIG [k=v ...] --nodes N --procs-per-node G [--address HOST:PORT|auto] [--resume MODE]
-    lctrain submit CONFIG [k=v ...] --address http://HEAD:8265 --nodes N --procs-per-node G [--wait]
+    lctrain launch CONFIG [k=v ...] --nodes N --procs-per-node G [--address HOST:PORT|auto] [--resume MODE] [--dry-run]
+    lctrain submit CONFIG [k=v ...] --address http://HEAD:8265 --nodes N --procs-per-node G [--wait] [--dry-run]
     lctrain job status|logs|stop ID --address http://HEAD:8265
+
+Both `launch` and `submit` run the pre-reservation check (`lctrain.preflight`) at the target world size first:
+a config that cannot run there fails in seconds, with every reason, before any cluster is contacted.
+`--dry-run` stops after that check (no Ray, no job server needed).
 
 Without --address (and without RAY_ADDRESS), `launch` starts a private local Ray cluster without a
 dashboard (no HTTP server) and with Ray's token authentication (on by default). Exit codes: 0 success, 1 the job or the cluster failed, 2 a usage or config error.
@@ -83,7 +87,38 @@ def _launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray head HOST:PORT or 'auto'; default: $RAY_ADDRESS, else a new local cluster")
     p.add_argument("--resume", default="auto", help="auto | none | PATH (first attempt; restarts use auto)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the pre-reservation check at nodes x procs-per-node and exit (no Ray)")
     return p
+
+
+def _checked_config(cmd: str, config: str, overrides: list[str], nodes: int, procs_per_node: int,
+                    ray_job: bool, dry_run: bool):
+    """Load the config and run the pre-reservation check; returns the config, or the exit code (2) on a problem.
+
+    With `dry_run`, prints the layout and returns 0 when the check passes.
+    """
+    from lctrain.config import load_config
+    from lctrain.preflight import Target, describe, preflight
+
+    if nodes < 1 or procs_per_node < 1:
+        _err(cmd, f"--nodes and --procs-per-node must be >= 1, got {nodes}, {procs_per_node}")
+        return 2
+    try:
+        cfg = load_config(config, overrides)
+    except (ValueError, OSError) as err:
+        _err(cmd, str(err))
+        return 2
+    target = Target(nodes * procs_per_node, procs_per_node, nodes, ray_job=ray_job)
+    problems = preflight(cfg, target)
+    if problems:
+        _err(cmd, f"{config} cannot run on {nodes} node(s) x {procs_per_node} rank(s):\n"
+             + "\n".join(f"  - {p}" for p in problems))
+        return 2
+    if dry_run:
+        print(f"[lctrain {cmd}] preflight OK: {describe(cfg, target)}", flush=True)
+        return 0
+    return cfg
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
@@ -98,16 +133,10 @@ def launch_main(argv: list[str]) -> int:
     args = _parse(_launch_parser(), argv)
     if isinstance(args, int):
         return args
-    from lctrain.config import load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        cfg.parallel.validate(args.nodes * args.procs_per_node)
-        if args.nodes < 1 or args.procs_per_node < 1:
-            raise ValueError(f"--nodes and --procs-per-node must be >= 1, got {args.nodes}, {args.procs_per_node}")
-    except ValueError as err:
-        _err("launch", str(err))
-        return 2
+    cfg = _checked_config("launch", args.config, args.overrides, args.nodes, args.procs_per_node,
+                          ray_job=False, dry_run=args.dry_run)
+    if isinstance(cfg, int):
+        return cfg
     try:
         connect_ray(args.address)
     except ClusterError as err:
@@ -145,9 +174,15 @@ def submit_main(argv: list[str]) -> int:
     p.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
     p.add_argument("--wait", action="store_true", help="wait for the job, print its logs, exit with its outcome")
     p.add_argument("--timeout", type=float, default=3600.0, help="with --wait: give up after this many seconds")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the pre-reservation check at nodes x procs-per-node and exit (no job server needed)")
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
+    checked = _checked_config("submit", args.config, args.overrides, args.nodes, args.procs_per_node,
+                              ray_job=True, dry_run=args.dry_run)
+    if isinstance(checked, int):
+        return checked
     try:
         client = jobs.connect(args.address)
         job_id = jobs.submit(client, args.config, args.overrides, args.nodes, args.procs_per_node,
