@@ -14,6 +14,7 @@ LINEAR_GATES = ("none", "sigmoid", "silu")
 SOFTMAX_SP = ("allgather", "ring", "ulysses")
 LINEAR_SP = ("lasp2", "lasp1")
 MIXERS = ("L", "A")
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 
 
 @dataclass
@@ -56,6 +57,9 @@ class ModelConfig:
     """Std of the normal init of every weight matrix; output projections use init_std / sqrt(2 * num_layers)."""
     tie_embeddings: bool = False
     """Share the input embedding with the output layer."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward: none | selective (the token mixer and the MLP of each block) |
+    full (whole blocks; only block inputs are kept). Same losses, less activation memory, more compute."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size"):
@@ -74,7 +78,7 @@ class ModelConfig:
                              "use L (linear attention) and A (softmax attention)")
         for name, allowed in (("feature_map", FEATURE_MAPS), ("linear_decay", LINEAR_DECAYS),
                               ("linear_output_gate", LINEAR_GATES), ("softmax_sp", SOFTMAX_SP),
-                              ("linear_sp", LINEAR_SP)):
+                              ("linear_sp", LINEAR_SP), ("activation_checkpointing", ACTIVATION_CHECKPOINTING)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("rope_theta", "norm_eps", "init_std"):

@@ -13,10 +13,18 @@ the mixers exchange what they need). Activations between layers are `[b, s_local
 over TP. Weights are drawn from torch's RNG as full matrices on every rank (see tensor_parallel.py), so
 seeding torch identically on every rank before :func:`build_model` gives the same full model for any
 TP x CP x DP layout.
+
+Activation checkpointing (`activation_checkpointing`, recomputed in backward with torch's non-reentrant
+`torch.utils.checkpoint`): "full" keeps only each block's input; "selective" keeps the residual stream and the
+norm outputs and recomputes the token mixer and the MLP (their projections, the attention core and the
+`[b, s, 2 ffn / tp]` SwiGLU intermediates). Recomputing a mixer re-issues its forward collectives (SP
+all-gather / ring / all-to-all, TP all-reduces) during backward: 2x the forward collectives of every
+recomputed layer; ranks recompute in the same order, so the collectives still match.
 """
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
@@ -46,10 +54,20 @@ class Block(torch.nn.Module):
             self.mixer = SoftmaxAttention(cfg, mp, mesh, cp_layout)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, mp, mesh.tp_group)
+        self.recompute = getattr(cfg, "activation_checkpointing", "none")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
+        recompute = self.recompute if torch.is_grad_enabled() else "none"
+        if recompute == "full":
+            return checkpoint(self._forward, x, cos, sin, "none", use_reentrant=False)
+        return self._forward(x, cos, sin, recompute)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recompute: str) -> torch.Tensor:
+        h = self.mixer_norm(x)
+        x = x + (checkpoint(self.mixer, h, cos, sin, use_reentrant=False) if recompute == "selective"
+                 else self.mixer(h, cos, sin))
+        h = self.mlp_norm(x)
+        return x + (checkpoint(self.mlp, h, use_reentrant=False) if recompute == "selective" else self.mlp(h))
 
 
 class HybridLM(torch.nn.Module):
@@ -112,6 +130,11 @@ class HybridLM(torch.nn.Module):
             raise ValueError(f"the zigzag layout needs an even local sequence length (two chunks per CP rank); "
                              f"got {s} tokens on this rank, so the global length {s * self.mesh.cp} is not "
                              f"divisible by 2*CP = {2 * self.mesh.cp}")
+
+    def shared_parameters(self) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+        """(module, parameter) pairs where a module reads another module's parameter (the tied output layer);
+        ZeRO-3 must gather such a parameter for the reading module too (see lctrain.train.engine)."""
+        return [(self.output, self.embed.weight)] if self.cfg.tie_embeddings else []
 
     def num_parameters(self) -> int:
         """Parameters of the full model (not of this rank's shard)."""
