@@ -14,25 +14,15 @@ from megatron.core.tensor_parallel import RowParallelLinear
 
 from lctrain import sp
 from lctrain.models.config import ModelConfig
+from lctrain.models.packing import Documents, packed_mode, per_document
 from lctrain.models.qkv import GroupedQKV
 from lctrain.models.rope import apply_rope
 from lctrain.models.tensor_parallel import scaled_init
 from lctrain.parallel.mesh import Mesh
 
 
-def softmax_context_parallel(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: Mesh,
-                             layout: str, softmax_scale: float) -> torch.Tensor:
-    """Causal attention of this CP rank's queries over the whole sequence with the SP `method`."""
-    if method == "allgather":
-        return sp.allgather_attention(q, k, v, group=mesh.cp_group, causal=True, softmax_scale=softmax_scale,
-                                      layout=layout)
-    if method == "ring":
-        return sp.ring_attention(q, k, v, group=mesh.cp_group, causal=True, softmax_scale=softmax_scale,
-                                 layout=layout)
-    if method == "ulysses":
-        return sp.ulysses_attention(q, k, v, group=mesh.cp_group, causal=True, softmax_scale=softmax_scale,
-                                    layout=layout)
-    raise ValueError(f"unknown softmax SP method {method!r}")
+#: The SP function of each softmax method (looked up in lctrain.sp when a layer is built).
+SOFTMAX_SP_FNS = {"allgather": "allgather_attention", "ring": "ring_attention", "ulysses": "ulysses_attention"}
 
 
 class SoftmaxAttention(torch.nn.Module):
@@ -41,16 +31,28 @@ class SoftmaxAttention(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, mesh: Mesh, cp_layout: str):
         super().__init__()
         self.mesh, self.cp_layout, self.method = mesh, cp_layout, cfg.softmax_sp
+        if self.method not in SOFTMAX_SP_FNS:
+            raise ValueError(f"unknown softmax SP method {self.method!r}")
+        self.sp_fn = getattr(sp, SOFTMAX_SP_FNS[self.method])
+        self.packed_mode = packed_mode(self.sp_fn, mesh.cp)
         self.softmax_scale = 1.0 / math.sqrt(cfg.head_dim)
         self.qkv = GroupedQKV(cfg, mp, mesh.tp_group, mesh.tp)
         self.out = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, config=mp,
                                      init_method=scaled_init(cfg.init_std, cfg.num_layers), bias=False,
                                      input_is_parallel=True, skip_bias_add=False, tp_group=mesh.tp_group)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                docs: Documents | None = None) -> torch.Tensor:
+        """`cos`/`sin`: RoPE tables `[s, d]` or `[b, s, d]`; `docs`: the packed batch's documents (or None)."""
         b, s, _ = x.shape
         q, k, v = self.qkv(x)  # [b, s, h/tp, d], [b, s, h_kv/tp, d] x 2
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = softmax_context_parallel(self.method, q, k, v, self.mesh, self.cp_layout, self.softmax_scale)
+        kw = dict(group=self.mesh.cp_group, causal=True, softmax_scale=self.softmax_scale)
+        if docs is None:
+            o = self.sp_fn(q, k, v, layout=self.cp_layout, **kw)
+        elif self.packed_mode == "native":
+            o = self.sp_fn(q, k, v, layout=self.cp_layout, cu_seqlens=docs.cu_seqlens, **kw)
+        else:  # one CP rank: each document on its own
+            o = per_document(self.sp_fn, q, k, v, docs.bounds, layout="contiguous", **kw)
         out, _ = self.out(o.reshape(b, s, -1).contiguous())  # [b, s, hidden]
         return out

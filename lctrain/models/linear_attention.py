@@ -21,6 +21,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from lctrain import sp
 from lctrain.models.config import ModelConfig
 from lctrain.models.norm import rms_norm
+from lctrain.models.packing import Documents, packed_mode, per_document
 from lctrain.models.qkv import GroupedQKV
 from lctrain.models.tensor_parallel import mark_tp_split, normal_init, scaled_init
 from lctrain.ops.linear_attention import default_log_decay
@@ -35,15 +36,8 @@ FEATURE_MAP_FNS = {
 GATE_FNS = {"sigmoid": torch.sigmoid, "silu": F.silu}
 
 
-def linear_context_parallel(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            log_decay: torch.Tensor | None, mesh: Mesh, layout: str) -> torch.Tensor:
-    """Causal linear attention of this CP rank's tokens, the state carried across the CP group by `method`."""
-    if method == "lasp2":
-        return sp.lasp2_linear_attention(q, k, v, log_decay=log_decay, group=mesh.cp_group, causal=True,
-                                         layout=layout)
-    if method == "lasp1":
-        return sp.lasp1_linear_attention(q, k, v, log_decay=log_decay, group=mesh.cp_group, causal=True)
-    raise ValueError(f"unknown linear SP method {method!r}")
+#: The SP function of each linear method (looked up in lctrain.sp when a layer is built).
+LINEAR_SP_FNS = {"lasp2": "lasp2_linear_attention", "lasp1": "lasp1_linear_attention"}
 
 
 class LinearAttention(torch.nn.Module):
@@ -52,6 +46,10 @@ class LinearAttention(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, mesh: Mesh, cp_layout: str, layer_idx: int):
         super().__init__()
         self.mesh, self.cp_layout, self.method = mesh, cp_layout, cfg.linear_sp
+        if self.method not in LINEAR_SP_FNS:
+            raise ValueError(f"unknown linear SP method {self.method!r}")
+        self.sp_fn = getattr(sp, LINEAR_SP_FNS[self.method])
+        self.packed_mode = packed_mode(self.sp_fn, mesh.cp)
         self.eps, self.head_dim = cfg.norm_eps, cfg.head_dim
         self.q_per_group = cfg.num_heads // cfg.num_kv_heads
         self.local_heads = cfg.num_heads // mesh.tp
@@ -77,9 +75,10 @@ class LinearAttention(torch.nn.Module):
                                      init_method=scaled_init(cfg.init_std, cfg.num_layers), bias=False,
                                      input_is_parallel=True, skip_bias_add=False, tp_group=mesh.tp_group)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None,
-                sin: torch.Tensor | None = None) -> torch.Tensor:
-        """`cos` and `sin` (the softmax layers' RoPE tables) are accepted and unused: no RoPE here."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                docs: Documents | None = None) -> torch.Tensor:
+        """`cos` and `sin` (the softmax layers' RoPE tables) are accepted and unused: no RoPE here. `docs`: the
+        packed batch's documents (the state restarts at each), or None."""
         b, s, _ = x.shape
         q, k, v = self.qkv(x)  # [b, s, h/tp, d], [b, s, h_kv/tp, d] x 2
         q, k = self.feature_map(q), self.feature_map(k)
@@ -92,7 +91,15 @@ class LinearAttention(torch.nn.Module):
             if self.log_decay.device != q.device:
                 self.log_decay = self.log_decay.to(q.device)
             log_decay = self.log_decay.to(torch.promote_types(q.dtype, torch.float32))  # [h/tp]
-        o = linear_context_parallel(self.method, q, k, v, log_decay, self.mesh, self.cp_layout)  # [b, s, h/tp, d]
+        kw = dict(log_decay=log_decay, group=self.mesh.cp_group, causal=True)
+        layout = {} if self.method == "lasp1" else {"layout": self.cp_layout}  # LASP-1 is contiguous only
+        if docs is None:
+            o = self.sp_fn(q, k, v, **layout, **kw)  # [b, s, h/tp, d]
+        elif self.packed_mode == "native":
+            o = self.sp_fn(q, k, v, cu_seqlens=docs.cu_seqlens, **layout, **kw)
+        else:  # one CP rank: each document on its own (a fresh state per document)
+            one_rank = {} if self.method == "lasp1" else {"layout": "contiguous"}
+            o = per_document(self.sp_fn, q, k, v, docs.bounds, **one_rank, **kw)
         if self.norm_weight is not None:
             o = rms_norm(o, self.norm_weight.view(self.local_heads, self.head_dim), self.eps)
         if self.gate is not None:

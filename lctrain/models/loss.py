@@ -55,16 +55,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
     """Masked cross-entropy sum of vocab-parallel `logits` `[b, s, V/tp]` against `labels` `[b, s]`.
 
     The per-token loss is Megatron's `vocab_parallel_cross_entropy` (computed in float32, identical on
-    every TP rank).
+    every TP rank). A negative label (the data pipeline's IGNORE_INDEX = -100: a document's last token,
+    padding) is not scored: its weight is 0 whatever `loss_mask` says, and it is not counted in `num_tokens`.
     """
     predictions = vocab_parallel_argmax(logits, tp_group) if return_predictions else None
-    per_token = vocab_parallel_cross_entropy(logits, labels)  # [b, s] float32
-    if loss_mask is None:
-        loss_sum = per_token.sum()
-        num_tokens = torch.tensor(float(per_token.numel()), dtype=loss_sum.dtype, device=loss_sum.device)
-    else:
-        loss_sum = (per_token * loss_mask).sum()
-        num_tokens = loss_mask.sum().to(loss_sum.dtype)
+    scored = labels >= 0
+    per_token = vocab_parallel_cross_entropy(logits, labels.clamp_min(0))  # [b, s] float32
+    weight = scored.to(per_token.dtype) if loss_mask is None else loss_mask * scored
+    loss_sum = (per_token * weight).sum()
+    num_tokens = weight.sum().to(loss_sum.dtype)
     return LMOutput(loss_sum=loss_sum, num_tokens=num_tokens, predictions=predictions)
 
 
