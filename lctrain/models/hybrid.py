@@ -7,6 +7,9 @@
     logits = rmsnorm(x) W_out^T               ColumnParallelLinear, vocab split over TP (tied: W_out = embedding)
     loss_sum = sum(loss_mask * vocab_parallel_cross_entropy(logits, labels))
 
+Packed documents (`cu_seqlens`, see packing.py): RoPE positions restart at every document, every mixer
+passes the boundaries to its SP method, and a document's last token is not scored.
+
 Parallelism is read from the mesh: heads, MLP columns and the vocabulary are split over its TP group
 (Megatron-core layers), the sequence over its CP group (each rank holds its tokens in the CP layout and
 the mixers exchange what they need). Activations between layers are `[b, s_local, hidden]`, replicated
@@ -35,6 +38,7 @@ from lctrain.models.linear_attention import LinearAttention
 from lctrain.models.loss import LMOutput, lm_loss
 from lctrain.models.mlp import SwiGLU
 from lctrain.models.norm import RMSNorm
+from lctrain.models.packing import Documents, check_cu_seqlens, document_tables
 from lctrain.models.rope import rope_cos_sin
 from lctrain.models.tensor_parallel import megatron_config, normal_init
 from lctrain.parallel.mesh import Mesh, get_mesh
@@ -56,16 +60,18 @@ class Block(torch.nn.Module):
         self.mlp = SwiGLU(cfg, mp, mesh.tp_group)
         self.recompute = getattr(cfg, "activation_checkpointing", "none")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                docs: Documents | None = None) -> torch.Tensor:
         recompute = self.recompute if torch.is_grad_enabled() else "none"
         if recompute == "full":
-            return checkpoint(self._forward, x, cos, sin, "none", use_reentrant=False)
-        return self._forward(x, cos, sin, recompute)
+            return checkpoint(self._forward, x, cos, sin, "none", docs, use_reentrant=False)
+        return self._forward(x, cos, sin, recompute, docs)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recompute: str) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recompute: str,
+                 docs: Documents | None = None) -> torch.Tensor:
         h = self.mixer_norm(x)
-        x = x + (checkpoint(self.mixer, h, cos, sin, use_reentrant=False) if recompute == "selective"
-                 else self.mixer(h, cos, sin))
+        x = x + (checkpoint(self.mixer, h, cos, sin, docs, use_reentrant=False) if recompute == "selective"
+                 else self.mixer(h, cos, sin, docs))
         h = self.mlp_norm(x)
         return x + (checkpoint(self.mlp, h, use_reentrant=False) if recompute == "selective" else self.mlp(h))
 
@@ -91,9 +97,18 @@ class HybridLM(torch.nn.Module):
         self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
                                            init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
                                            skip_weight_param_allocation=cfg.tie_embeddings, tp_group=mesh.tp_group)
+        # Packed batches: decided here, once, from what each mixer's SP method takes (see packing.py).
+        modes = [getattr(layer.mixer, "packed_mode", None) for layer in self.layers]
+        unsupported = sorted({f"{type(layer.mixer).__name__} ({getattr(layer.mixer, 'method', '?')})"
+                              for layer, mode in zip(self.layers, modes) if mode is None})
+        self.packed_problem = None if not unsupported else (
+            f"packed documents (cu_seqlens) with CP={mesh.cp}: the SP method of {', '.join(unsupported)} does not "
+            "take cu_seqlens= yet; use parallel.cp=1 or data.document_mask=false")
+        self._bounds_on_host = "per_document" in modes
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                loss_mask: torch.Tensor | None = None, return_predictions: bool = False) -> LMOutput:
+                loss_mask: torch.Tensor | None = None, return_predictions: bool = False,
+                cu_seqlens: torch.Tensor | None = None) -> LMOutput:
         """Loss of this rank's tokens.
 
         Args:
@@ -102,14 +117,27 @@ class HybridLM(torch.nn.Module):
             labels: int64 `[b, s_local]`, the next-token targets of those tokens.
             loss_mask: float `[b, s_local]` weights of the tokens in the loss, or None (all ones).
             return_predictions: also return the argmax over the full vocabulary.
+            cu_seqlens: packed documents: int `[n_docs + 1]`, boundaries of the b sequences laid end to end
+                (0 ... b * s_global), the same on every rank; a CPU tensor is checked and read without a device
+                sync. Negative labels (the data pipeline's ignore index) are never scored.
         Returns:
             LMOutput(loss_sum, num_tokens, predictions); reduce with `lctrain.models.loss.global_token_mean`.
         """
         self._check_inputs(input_ids, position_ids, labels, loss_mask)
+        docs = None
+        if cu_seqlens is not None:
+            if self.packed_problem:
+                raise NotImplementedError(self.packed_problem)
+            b, s_local = input_ids.shape
+            check_cu_seqlens(cu_seqlens, b, s_local * self.mesh.cp)
+            # Once per batch, for every layer: positions within documents, document ends (no longer scored).
+            positions, last = document_tables(cu_seqlens, position_ids, b, s_local * self.mesh.cp)  # [b, s_local]
+            docs = Documents(cu_seqlens, cu_seqlens.tolist() if self._bounds_on_host else None, positions, last)
+            position_ids, labels = positions, labels.masked_fill(last, -100)
         x = self.embed(input_ids)  # [b, s, hidden]
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # [s, d] each
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # [(b,) s, d] each
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, docs)
         x = self.norm(x)
         logits, _ = self.output(x, weight=self.embed.weight if self.cfg.tie_embeddings else None)  # [b, s, V/tp]
         return lm_loss(logits, labels, loss_mask, self.mesh.tp_group, return_predictions)
