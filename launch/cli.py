@@ -93,7 +93,7 @@ def _launch_parser() -> argparse.ArgumentParser:
 
 
 def _checked_config(cmd: str, config: str, overrides: list[str], nodes: int, procs_per_node: int,
-                    ray_job: bool, dry_run: bool):
+                    ray_job: bool, dry_run: bool, one_machine: bool = False):
     """Load the config and run the pre-reservation check; returns the config, or the exit code (2) on a problem.
 
     With `dry_run`, prints the layout and returns 0 when the check passes.
@@ -109,7 +109,7 @@ def _checked_config(cmd: str, config: str, overrides: list[str], nodes: int, pro
     except (ValueError, OSError) as err:
         _err(cmd, str(err))
         return 2
-    target = Target(nodes * procs_per_node, procs_per_node, nodes, ray_job=ray_job)
+    target = Target(nodes * procs_per_node, procs_per_node, nodes, ray_job=ray_job, one_machine=one_machine)
     problems = preflight(cfg, target)
     if problems:
         _err(cmd, f"{config} cannot run on {nodes} node(s) x {procs_per_node} rank(s):\n"
@@ -133,8 +133,10 @@ def launch_main(argv: list[str]) -> int:
     args = _parse(_launch_parser(), argv)
     if isinstance(args, int):
         return args
+    # Without --address (and RAY_ADDRESS) the "nodes" are this machine's private local cluster.
+    one_machine = args.address == "local" or (args.address is None and not os.environ.get("RAY_ADDRESS"))
     cfg = _checked_config("launch", args.config, args.overrides, args.nodes, args.procs_per_node,
-                          ray_job=False, dry_run=args.dry_run)
+                          ray_job=False, dry_run=args.dry_run, one_machine=one_machine)
     if isinstance(cfg, int):
         return cfg
     try:

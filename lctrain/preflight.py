@@ -45,6 +45,8 @@ class Target:
     """Nodes the ranks are spread over."""
     ray_job: bool = False
     """The run is a Ray job: its working directory is a per-node temporary copy, so out_dir must be absolute."""
+    one_machine: bool = False
+    """Every "node" is this machine (a private local Ray cluster): a relative out_dir is then shared anyway."""
 
     @property
     def multi_node(self) -> bool:
@@ -144,8 +146,8 @@ def check_data(cfg: Config, target: Target) -> list[str]:
         from lctrain.data.sampler import data_vocab_size
 
         need = data_vocab_size(cfg.data)
-    except (ValueError, ImportError):
-        return []
+    except (ValueError, ImportError, OSError):
+        return []  # a corpus prepared on the cluster's storage is not readable from here: checked at start-up
     if need > cfg.model.vocab_size:
         return [f"data.source={cfg.data.source} produces token ids up to {need - 1}, but model.vocab_size is "
                 f"{cfg.model.vocab_size}"]
@@ -166,7 +168,7 @@ def check_node_shape(cfg: Config, target: Target) -> list[str]:
 def check_run_dir(cfg: Config, target: Target) -> list[str]:
     """Multi-node runs and Ray jobs write run.out_dir from several hosts / a temporary working directory:
     it must be an absolute path on storage every node sees."""
-    if not (target.multi_node or target.ray_job):
+    if not ((target.multi_node and not target.one_machine) or target.ray_job):
         return []
     out = cfg.run.out_dir
     where = f"a {target.nodes}-node run" if target.multi_node else "a Ray job"
