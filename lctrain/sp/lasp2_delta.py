@@ -1,0 +1,281 @@
+"""LASP-2 for recurrences whose chunks act on the state as affine maps: the gated delta rule and gated linear
+attention with data-dependent gates, by ONE all-gather forward and ONE backward.
+
+A chunk g of the sequence (C tokens), started from state S, leaves T_g S + M_g behind, where M_g is the state
+it leaves from a zero start and T_g is the product of its per-token maps:
+
+    scalar gate [b, s, h]      T_g = exp(sum of the chunk's log gates)             [b, h]
+    vector gate [b, s, h, dk]  T_g = diag(exp(sum of the chunk's log gates))       [b, h, dk]
+    gated delta rule           T_g = prod_t a_t (I - beta_t k_t k_t^T)              [b, h, dk, dk]
+
+Forward: each rank computes (T, M) of its chunk(s) (`lctrain.ops.gla.gla_chunk_map`,
+`lctrain.ops.gated_delta.gated_delta_chunk_map`), packs them into one buffer and all-gathers it (both zigzag
+chunks in the same call); every rank then folds the prefix S_0 = S_init, S_(g+1) = T_g S_g + M_g locally in
+float32 (float64 for float64 inputs) and runs its chunks from their entering states S_g through the local
+backend dispatch (fla's kernels on GPU). Backward: the local pass is recomputed and gives D_g = dL/dS_g for the
+rank's chunks; ONE all-gather of the D_g (plus, with output_final_state, each rank's gradient of the final
+state) lets every rank fold the suffix Lambda_G = dL/dS_final, Lambda_g = D_g + T_g^T Lambda_(g+1) locally;
+dL/dM_g = Lambda_(g+1) and dL/dT_g = Lambda_(g+1) S_g^T flow back through the rank's own chunk maps.
+Derivation, byte counts and alternatives: README_lasp2_gated.md.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from lctrain.ops.gated_delta import gated_delta_chunk_map, gated_delta_rule
+from lctrain.ops.gla import check_gate_values, check_gated_inputs, gated_linear_attention, gla_chunk_map
+from lctrain.ops.linear_attention_ref import compute_dtype
+from lctrain.parallel import comm
+from lctrain.parallel.mesh import cp_group_or_default
+from lctrain.parallel.sharding import LAYOUTS, chunk_ids
+
+#: The recurrences this module carries across ranks, by the shape of their chunk map's T.
+VARIANTS = ("scalar", "vector", "delta")
+
+_VALIDATED: set[tuple] = set()
+
+
+def debug_checks() -> bool:
+    """Check data values (log gates <= 0, beta in [0, 1]) on every call: env LCTRAIN_SP_DEBUG=1 (a host sync)."""
+    return os.environ.get("LCTRAIN_SP_DEBUG", "0") == "1"
+
+
+def check_chunk_map_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                           beta: torch.Tensor | None, initial_state: torch.Tensor | None, variant: str,
+                           group: dist.ProcessGroup | None, layout: str,
+                           output_final_state: bool) -> tuple[int, int]:
+    """Validate inputs before any collective; returns (rank, world).
+
+    Shapes are checked on every call (no host sync). Agreement between ranks is exchanged (one object
+    all-gather) once per call signature; data values only under `debug_checks()`.
+    """
+    rank, world = comm.group_rank(group), comm.group_size(group)
+    error = None
+    try:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown CP layout {layout!r}; expected one of {LAYOUTS}")
+        kind = check_gated_inputs(q, k, v, g, beta if variant == "delta" else None, initial_state,
+                                  delta=variant == "delta")
+        if variant == "vector" and kind != "vector" or variant == "scalar" and kind not in ("scalar", "head"):
+            raise ValueError(f"a {variant} gate was expected, got log gate of shape "
+                             f"{None if g is None else list(g.shape)}")
+        if q.shape[1] == 0:
+            raise ValueError("this rank holds an empty sequence slice")
+        if layout == "zigzag" and q.shape[1] % 2:
+            raise ValueError(f"sequence length {q.shape[1] * world} is not divisible by 2*CP = {2 * world} "
+                             f"(zigzag layout: this rank's slice has odd length {q.shape[1]})")
+        if debug_checks():
+            check_gate_values(g, beta)
+    except ValueError as err:
+        error = str(err)
+    sig = (name, tuple(q.shape), tuple(v.shape), str(q.dtype), None if g is None else tuple(g.shape),
+           initial_state is None, bool(output_final_state), layout, q.device.type)
+    key = (id(group), world, sig)
+    if world == 1 or (error is None and key in _VALIDATED and not debug_checks()):
+        if error is not None:
+            raise ValueError(f"{name}: {error}")
+        return rank, world
+    metas = comm.all_gather_object((error, sig), group)
+    errors = [(r, e) for r, (e, _) in enumerate(metas) if e is not None]
+    if errors:
+        raise ValueError(f"{name}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
+    sigs = [s for _, s in metas]
+    if any(s != sigs[0] for s in sigs):
+        detail = "; ".join(f"rank {r}: q {s[1]}, v {s[2]}, {s[3]}, gate {s[4]}, layout {s[7]}"
+                           for r, s in enumerate(sigs))
+        raise ValueError(f"{name}: inputs differ between CP ranks (the sequence must split evenly over "
+                         f"{'2*CP' if layout == 'zigzag' else 'CP'} chunks): {detail}")
+    _VALIDATED.add(key)
+    return rank, world
+
+
+def _stack(x: torch.Tensor | None, n_loc: int) -> torch.Tensor | None:
+    """`[b, n_loc*C, ...]` -> `[n_loc*b, C, ...]`; a `[h]` gate (or None) is shared by every chunk."""
+    if x is None or x.dim() == 1 or n_loc == 1:
+        return x
+    return torch.cat(x.chunk(n_loc, dim=1), dim=0)
+
+
+def _unstack(x: torch.Tensor, n_loc: int) -> torch.Tensor:
+    return torch.cat(x.chunk(n_loc, dim=0), dim=1) if n_loc > 1 else x
+
+
+def _apply(t: torch.Tensor, s: torch.Tensor, variant: str, transpose: bool = False) -> torch.Tensor:
+    """T S (or T^T S) for a state `[..., dk, dv]`."""
+    if variant == "scalar":
+        return t[..., None, None] * s
+    if variant == "vector":
+        return t[..., None] * s
+    return (t.transpose(-1, -2) if transpose else t) @ s
+
+
+def _chunk_map(variant: str, k, v, g, beta):
+    if variant == "delta":
+        return gated_delta_chunk_map(k, v, g, beta)
+    return gla_chunk_map(k, v, g)
+
+
+def _local(variant: str, q, k, v, g, beta, initial_state):
+    if variant == "delta":
+        return gated_delta_rule(q, k, v, g, beta, initial_state=initial_state)[0]
+    return gated_linear_attention(q, k, v, g, initial_state=initial_state)[0]
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    return b if a is None else (a if b is None else a + b)
+
+
+def _gather_global(x: torch.Tensor, group, layout: str, world: int) -> torch.Tensor:
+    """All-gather `[n_loc, ...]` per rank and return `[G, ...]` in global chunk order."""
+    gathered = comm.all_gather(x, group=group)  # rank-major
+    order = [c for r in range(world) for c in chunk_ids(r, world, layout)]
+    out = torch.empty_like(gathered)
+    out[order] = gathered
+    return out
+
+
+class _LASP2ChunkMap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_state, variant, group, layout, rank, world, tag, want_final):
+        ids = chunk_ids(rank, world, layout)
+        n_loc, num_chunks = len(ids), len(ids) * world
+        b, _, h, dk = q.shape
+        dv = v.shape[-1]
+        sdt = compute_dtype(q.dtype)
+        qs, ks, vs, gs, bs = (_stack(x, n_loc) for x in (q, k, v, g, beta))  # [n_loc*b, C, h, ...]
+        t_loc, m_loc = _chunk_map(variant, ks, vs, gs, bs)  # T [n_loc*b, h, ...], M [n_loc*b, h, dk, dv]
+        t_shape = t_loc.shape[2:]
+        # One buffer per rank: [n_loc, b, h, |T| + dk*dv] (T and M side by side), one all-gather.
+        buf = torch.cat([t_loc.reshape(n_loc, b, h, -1), m_loc.reshape(n_loc, b, h, -1)], dim=-1).to(sdt)
+        with comm.comm_tag(f"{tag}.fwd"):
+            allbuf = _gather_global(buf, group, layout, world)  # [G, b, h, |T| + dk*dv]
+        t_all = allbuf[..., : -dk * dv].reshape(num_chunks, b, h, *t_shape)
+        m_all = allbuf[..., -dk * dv:].reshape(num_chunks, b, h, dk, dv)
+        state = (initial_state.to(sdt) if initial_state is not None
+                 else torch.zeros(b, h, dk, dv, dtype=sdt, device=q.device))
+        states = []
+        for c in range(num_chunks):  # prefix fold: S_(c+1) = T_c S_c + M_c
+            states.append(state)
+            state = _apply(t_all[c], state, variant) + m_all[c]
+        entering = torch.cat([states[c] for c in ids], dim=0)  # [n_loc*b, h, dk, dv]
+        o = _local(variant, qs, ks, vs, gs, bs, entering)
+        ctx.save_for_backward(q, k, v, g, beta, entering, t_all)
+        ctx.variant, ctx.group, ctx.layout, ctx.rank, ctx.world, ctx.tag = variant, group, layout, rank, world, tag
+        ctx.has_initial, ctx.want_final = initial_state is not None, want_final
+        return _unstack(o, n_loc), state
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, g, beta, entering, t_all = ctx.saved_tensors
+        variant, group, layout, rank, world = ctx.variant, ctx.group, ctx.layout, ctx.rank, ctx.world
+        ids = chunk_ids(rank, world, layout)
+        n_loc, num_chunks = len(ids), len(ids) * world
+        b = q.shape[0]
+        need = ctx.needs_input_grad
+        with torch.enable_grad():
+            qs, ks, vs = (_stack(x, n_loc).detach().requires_grad_(True) for x in (q, k, v))
+            gs = g.detach().requires_grad_(True) if g is not None and need[3] else g
+            gs_loc = _stack(gs, n_loc)
+            bs = beta.detach().requires_grad_(True) if beta is not None and need[4] else beta
+            bs_loc = _stack(bs, n_loc)
+            s_in = entering.detach().requires_grad_(True)
+            o = _local(variant, qs, ks, vs, gs_loc, bs_loc, s_in)
+            leaves = [qs, ks, vs, s_in] + [x for x in (gs, bs) if x is not None and x.requires_grad]
+            grads = list(torch.autograd.grad(o, leaves, _stack(do, n_loc), allow_unused=True))
+        d_in = grads[3]  # [n_loc*b, h, dk, dv], D_g of this rank's chunks
+        # One all-gather: the rank's D_g and (with output_final_state) its share of dL/dS_final.
+        parts = [d_in.reshape(n_loc, b, *d_in.shape[1:])]
+        if ctx.want_final:
+            parts.append(d_final.to(d_in.dtype)[None])
+        slots = len(parts[0]) + len(parts) - 1
+        buf = torch.cat(parts, dim=0)
+        with comm.comm_tag(f"{ctx.tag}.bwd"):
+            gathered = comm.all_gather(buf, group=group)  # [world * slots, b, h, dk, dv], rank-major
+        per_rank = gathered.view(world, slots, *buf.shape[1:])
+        d_all = torch.empty_like(per_rank[:, :n_loc].reshape(num_chunks, *buf.shape[1:]))
+        d_all[[c for r in range(world) for c in chunk_ids(r, world, layout)]] = per_rank[:, :n_loc].flatten(0, 1)
+        # Lambda_G = dL/dS_final: the sum of every rank's share (zero without output_final_state).
+        lam = per_rank[:, n_loc].sum(0) if ctx.want_final else torch.zeros_like(d_all[0])
+        after = [None] * num_chunks
+        for c in reversed(range(num_chunks)):  # suffix fold: Lambda_c = D_c + T_c^T Lambda_(c+1)
+            after[c] = lam
+            lam = d_all[c] + _apply(t_all[c], lam, variant, transpose=True)
+        lam_own = torch.cat([after[c] for c in ids], dim=0)  # dL/d(state leaving each own chunk)
+        with torch.enable_grad():
+            # Back through S_out = T S_in + M of the rank's own chunks (S_in fixed: its gradient is Lambda).
+            t_loc, m_loc = _chunk_map(variant, ks, vs, gs_loc, bs_loc)
+            leaving = _apply(t_loc, entering, variant) + m_loc
+            map_leaves = [ks, vs] + [x for x in (gs, bs) if x is not None and x.requires_grad]
+            map_grads = torch.autograd.grad(leaving, map_leaves, lam_own, allow_unused=True)
+        dq = _unstack(grads[0], n_loc)
+        dk = _unstack(grads[1] + map_grads[0], n_loc)
+        dv = _unstack(grads[2] + map_grads[1], n_loc)
+        dg = dbeta = None
+        i, j = 4, 2
+        if gs is not None and gs.requires_grad:
+            dg = _add(grads[i], map_grads[j]).to(g.dtype)
+            i, j = i + 1, j + 1
+        if bs is not None and bs.requires_grad:
+            dbeta = _add(grads[i], map_grads[j]).to(beta.dtype)
+        d_init = None
+        if ctx.has_initial and need[5]:
+            # The initial state is replicated: CP rank 0 (which holds the first chunk) returns the whole gradient.
+            d_init = lam if rank == 0 else torch.zeros_like(lam)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, d_init,
+                None, None, None, None, None, None, None)
+
+
+def lasp2_chunk_map_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                              beta: torch.Tensor | None, variant: str, group: dist.ProcessGroup | None = None,
+                              layout: str = "contiguous", initial_state: torch.Tensor | None = None,
+                              output_final_state: bool = False, name: str = "lasp2",
+                              tag: str = "lasp2") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LASP-2 for a recurrence given by its chunk maps (`variant`: "scalar", "vector" or "delta").
+
+    The public entry points are `lasp2_delta_attention` and `lasp2_linear_attention` (data-dependent gates);
+    arguments and results as there. Collectives are tagged `{tag}.fwd` and `{tag}.bwd`.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown chunk-map variant {variant!r}; expected one of {VARIANTS}")
+    group = cp_group_or_default(group)
+    rank, world = check_chunk_map_inputs(name, q, k, v, g, beta, initial_state, variant, group, layout,
+                                         output_final_state)
+    o, final = _LASP2ChunkMap.apply(q, k, v, g, beta, initial_state, variant, group, layout, rank, world, tag,
+                                    bool(output_final_state))
+    return (o, final) if output_final_state else o
+
+
+def lasp2_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                          log_decay: torch.Tensor | None = None, group: dist.ProcessGroup | None = None,
+                          layout: str = "contiguous", initial_state: torch.Tensor | None = None,
+                          output_final_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over a sequence sharded across the CP group (LASP-2: one all-gather each way).
+
+        S_t = a_t (I - beta_t k_t k_t^T) S_(t-1) + beta_t k_t v_t^T,   o_t = S_t^T q_t,   a_t = exp(log_decay_t)
+
+    Args:
+        q, k: `[b, s_local, h, dk]`, this rank's tokens (`shard_sequence(x, layout=layout)`); the caller
+            normalises k (and scales q).
+        v: `[b, s_local, h, dv]`.
+        beta: `[b, s_local, h]`, write strengths in [0, 1], sharded like q.
+        log_decay: `[b, s_local, h]` (sharded like q) or `[h]` (replicated) log gates <= 0, or None (a_t = 1).
+            Values are checked only with LCTRAIN_SP_DEBUG=1 (the check is a host sync).
+        group: the CP group (default: the mesh's).
+        layout: "contiguous" or "zigzag".
+        initial_state: `[b, h, dk, dv]` state entering the whole sequence (the same on every rank), or None.
+            Its gradient is returned on CP rank 0 (zeros elsewhere), so the sum over the group is the gradient.
+        output_final_state: also return the state after the last token of the whole sequence (float32; every
+            rank gets it; the gradients that flow into it on the different ranks are summed).
+    Returns:
+        `o` `[b, s_local, h, dv]` in v's dtype, or `(o, final_state)` with `output_final_state`.
+
+    Communication: forward one all-gather of `n_chunks * b * h * dk * (dk + dv)` float32 per rank, backward one
+    of `n_chunks * b * h * dk * dv` (plus one `b * h * dk * dv` slot with output_final_state; n_chunks = 1
+    contiguous, 2 zigzag), whatever the sequence length.
+    A `[h]` log_decay that requires grad gets each rank's contribution (their sum is the gradient).
+    """
+    return lasp2_chunk_map_attention(q, k, v, log_decay, beta, "delta", group, layout, initial_state,
+                                     output_final_state, name="lasp2_delta_attention", tag="lasp2_delta")
