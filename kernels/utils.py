@@ -13,8 +13,15 @@ whether this module was imported before or after `TRITON_INTERPRET` was set. For
 kernels use only Triton builtins: `tl.zeros`, `tl.sum`, `tl.max` and `tl.cdiv` are themselves `@jit`
 functions, fixed as compiled or interpreted when `triton` is first imported (in a test process, usually
 by Megatron-core, without the variable), so the kernels write `tl.full`, `tl.reduce` with Triton's
-standard combine functions, and integer arithmetic instead.
+standard combine functions, and integer arithmetic instead. Device functions shared by several kernels
+are decorated with `triton_helper`, which makes them callable from both worlds.
+
+Offsets are 64-bit where they can pass 2^31 elements (b * s * h * d does at 256K local tokens, 64 heads x
+128): every kernel forms a scalar int64 base pointer per (batch, head) and per block of rows with
+`row_block_ptrs`, and keeps only the in-block offsets (block rows x row stride) in int32; the host
+checks `check_row_stride` so those stay below 2^31.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 
 def interpreting() -> bool:
@@ -84,6 +93,67 @@ def pow2(n: int, minimum: int = 16) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` input precision: exact IEEE products for float32/float64 inputs, tensor-core default otherwise."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+#: Largest row stride (elements) for which the int32 in-block offsets (row < 256) x stride stay below 2^31.
+MAX_ROW_STRIDE = 2**31 // 256
+
+
+def check_row_stride(*tensors: torch.Tensor) -> None:
+    """Raise ValueError when a row stride (dim 1) is too large for the kernels' int32 in-block offsets."""
+    for t in tensors:
+        if t.dim() > 1 and t.stride(1) > MAX_ROW_STRIDE:
+            raise ValueError(f"row stride {t.stride(1)} exceeds {MAX_ROW_STRIDE} elements (int32 in-block offsets); "
+                             f"make the tensor contiguous per token")
+
+
+class TritonHelper(JITFunction):
+    """A `@triton.jit` device function that also runs under the interpreter, whenever `triton` was imported.
+
+    Compiled kernels see a `JITFunction` and inline it as usual; an interpreted kernel calls it as a
+    device function through Triton's `InterpretedFunction`, decided at each call (as `TritonKernel` does).
+    """
+
+    def __call__(self, *args, **kwargs):
+        if interpreting():
+            from triton.runtime.interpreter import InterpretedFunction
+
+            interpreted = self.__dict__.get("_interpreted")
+            if interpreted is None:
+                interpreted = self.__dict__["_interpreted"] = InterpretedFunction(self.fn)
+            return interpreted(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def triton_helper(fn: Callable) -> TritonHelper:
+    """Decorator for device functions shared by kernels (usable compiled and under the interpreter)."""
+    return TritonHelper(fn)
+
+
+@triton_helper
+def head_ptr(ptr, i_b, i_h, stride_b, stride_h):
+    """ptr + i_b * stride_b + i_h * stride_h in int64 (the (batch, head) base of a [b, s, h, ...] tensor)."""
+    return ptr + tl.cast(i_b, tl.int64) * stride_b + tl.cast(i_h, tl.int64) * stride_h
+
+
+@triton_helper
+def row_block_ptrs(base, row0, offs_r, offs_c, stride_r):
+    """Pointers [R, C] to rows row0 + offs_r, columns offs_c: int64 block base, int32 in-block offsets."""
+    return base + tl.cast(row0, tl.int64) * stride_r + (offs_r[:, None] * stride_r + offs_c[None, :])
+
+
+@triton_helper
+def load_rows(base, row0, offs_r, offs_c, stride_r, n_rows, n_cols):
+    """The [R, C] tile at rows row0 + offs_r (< n_rows) and columns offs_c (< n_cols); 0 outside."""
+    mask = ((row0 + offs_r) < n_rows)[:, None] & (offs_c < n_cols)[None, :]
+    return tl.load(row_block_ptrs(base, row0, offs_r, offs_c, stride_r), mask=mask, other=0.0)
+
+
+@triton_helper
+def store_rows(base, row0, offs_r, offs_c, stride_r, n_rows, n_cols, value):
+    """Store `value` ([R, C]) at rows row0 + offs_r (< n_rows), columns offs_c (< n_cols), in base's dtype."""
+    mask = ((row0 + offs_r) < n_rows)[:, None] & (offs_c < n_cols)[None, :]
+    tl.store(row_block_ptrs(base, row0, offs_r, offs_c, stride_r), value.to(base.dtype.element_ty), mask=mask)
 
 
 class TritonKernel:

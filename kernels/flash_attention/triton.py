@@ -16,21 +16,56 @@ import torch
 import triton
 import triton.language as tl
 
-from lctrain.kernels.utils import check_dtype, check_runnable, dot_precision, new_output, pow2, triton_kernel
+from lctrain.kernels.utils import (check_dtype, check_row_stride, check_runnable, dot_precision, head_ptr, load_rows,
+                                  new_output, pow2, row_block_ptrs, store_rows, triton_helper, triton_kernel)
+
 
 def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# Hopper-oriented candidates (BLOCK_M, BLOCK_N, warps, stages): wide query blocks forward; for dk/dv
-# narrow query blocks against a wide resident key block, for dq the other way round.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3),
-                         (64, 128, 4, 3)])
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3),
-                          (32, 64, 4, 2)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3),
-                        (64, 32, 4, 2)])
+# Hopper candidates (BLOCK_M, BLOCK_N, warps, stages), kept only if they compile for sm_90 without register
+# spills in bf16 and fp16 at head dims 64 and 128 (tests/kernels/test_compile_sm90.py; table in docs/kernels.md).
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
+_BWD_CONFIGS = _configs([(32, 64, 8, 2), (32, 64, 8, 1), (16, 128, 8, 2)])
 _INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16}
+_LOG2E = 1.4426950408889634
+
+
+@triton_helper
+def _program_heads(pid_bh, H, GROUP):
+    """(batch, query head, kv head) of a program over batch x heads."""
+    i_b = pid_bh // H
+    i_h = pid_bh % H
+    return i_b, i_h, i_h // GROUP
+
+
+@triton_helper
+def _causal_bounds(pid_m, SQ, SK, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key range a query block scans: [0, hi), and full_until (key blocks ending there or before need no mask)."""
+    hi = SK
+    full_until = SK
+    if CAUSAL:
+        shift = SK - SQ
+        hi = tl.maximum(tl.minimum(SK, (pid_m + 1) * BLOCK_M + shift), 0)
+        full_until = tl.minimum(SK, pid_m * BLOCK_M + shift + 1)
+    return hi, full_until
+
+
+@triton_helper
+def _visible(rows, cols, SQ, SK, CAUSAL: tl.constexpr):
+    """[M, N] mask of the query rows x key columns that attend (in range, bottom-right causal)."""
+    visible = (rows < SQ)[:, None] & (cols < SK)[None, :]
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + (SK - SQ))
+    return visible
+
+
+@triton_helper
+def _load_lse2(LSE, row_base, rows, SQ):
+    """Base-2 log-sum-exp of the rows; +inf for rows out of range or with no visible key, so that p = 0."""
+    lse = tl.load(LSE + row_base + rows, mask=rows < SQ, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
 
 
 @triton_kernel(configs=_FWD_CONFIGS, key=["D", "CAUSAL"], interpret=_INTERPRET)
@@ -41,43 +76,27 @@ def _forward_kernel(Q, K, V, O, LSE, scale, SQ, SK, H, GROUP, D,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    i_b = pid_bh // H
-    i_h = pid_bh % H
-    i_hk = i_h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_b, i_h, i_hk = _program_heads(pid_bh, H, GROUP)
+    start_m = pid_m * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < SQ
-    mask_d = offs_d < D
-
-    q_ptrs = Q + i_b * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    k_base = K + i_b * stride_kb + i_hk * stride_kh
-    v_base = V + i_b * stride_vb + i_hk * stride_vh
+    rows = start_m + offs_m
+    q = load_rows(head_ptr(Q, i_b, i_h, stride_qb, stride_qh), start_m, offs_m, offs_d, stride_qs, SQ, D)
+    k_base = head_ptr(K, i_b, i_hk, stride_kb, stride_kh)
+    v_base = head_ptr(V, i_b, i_hk, stride_vb, stride_vh)
     qk_scale = scale * 1.4426950408889634  # work in base 2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
-    shift = SK - SQ
-    hi = SK
-    full_until = SK  # key blocks ending here or before need no mask
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(SK, (pid_m + 1) * BLOCK_M + shift), 0)
-        full_until = tl.minimum(SK, pid_m * BLOCK_M + shift + 1)
+    hi, full_until = _causal_bounds(pid_m, SQ, SK, BLOCK_M, CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < SK
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        k = load_rows(k_base, start_n, offs_n, offs_d, stride_ks, SK, D)  # [BLOCK_N, BLOCK_D]
+        v = load_rows(v_base, start_n, offs_n, offs_d, stride_vs, SK, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
         if start_n + BLOCK_N > full_until:
-            visible = mask_n[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
-            s = tl.where(visible, s, float("-inf"))
+            s = tl.where(_visible(rows, start_n + offs_n, SQ, SK, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -89,130 +108,72 @@ def _forward_kernel(Q, K, V, O, LSE, scale, SQ, SK, H, GROUP, D,
     has_key = l_i > 0
     o = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_ptrs = O + i_b * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(LSE + pid_bh * SQ + offs_m, lse, mask=mask_m)
+    store_rows(head_ptr(O, i_b, i_h, stride_ob, stride_oh), start_m, offs_m, offs_d, stride_os, SQ, D, o)
+    tl.store(LSE + tl.cast(pid_bh, tl.int64) * SQ + rows, lse, mask=rows < SQ)
 
 
-@triton_kernel(configs=_DKDV_CONFIGS, key=["D", "CAUSAL"], interpret=_INTERPRET)
-def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, SQ, SK, H, HKV, GROUP, D,
-                          stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                          stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-                          CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # dv_j = sum_i p_ij do_i;  dk_j = scale * sum_i p_ij (do_i . v_j - delta_i) q_i, over the group's q heads.
+@triton_kernel(configs=_BWD_CONFIGS, key=["D", "CAUSAL"], interpret=_INTERPRET, restore_value=["DQ"])
+def _backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, scale, SQ, SK, H, HKV, GROUP, D,
+                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                     stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
+                     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (key block, batch x kv head), FlashAttention-2's five matmuls per (query, key) block
+    # pair, transposed so the key block is the row dimension:
+    #   s^T = k q^T,  dp^T = v do^T,  dv += p^T do,  dk += ds^T q,  dq += ds k  (ds = p (dp - delta))
+    # dk, dv are summed over every query head of the GQA group and query block; dq goes to a float32
+    # buffer with atomic adds (the key blocks of one query block run in different programs).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     i_b = pid_bh // HKV
     i_hk = pid_bh % HKV
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < SK
-    mask_d = offs_d < D
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + i_b * stride_kb + i_hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-    v = tl.load(V + i_b * stride_vb + i_hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    cols = start_n + offs_n
+    k = load_rows(head_ptr(K, i_b, i_hk, stride_kb, stride_kh), start_n, offs_n, offs_d, stride_ks, SK, D)
+    v = load_rows(head_ptr(V, i_b, i_hk, stride_vb, stride_vh), start_n, offs_n, offs_d, stride_vs, SK, D)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
-    shift = SK - SQ
     lo = 0
     full_from = 0  # query blocks starting here or after see every key of this block
     if CAUSAL:
+        shift = SK - SQ
         # the first query that sees this block's first key, rounded down to a query block
-        lo = (tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M) * BLOCK_M
-        full_from = pid_n * BLOCK_N + BLOCK_N - 1 - shift
-    key_tail = pid_n * BLOCK_N + BLOCK_N > SK
+        lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
+        full_from = start_n + BLOCK_N - 1 - shift
+    key_tail = start_n + BLOCK_N > SK
     for g in range(0, GROUP):
-        i_h = i_hk * GROUP + g
-        q_base = Q + i_b * stride_qb + i_h * stride_qh
-        do_base = DO + i_b * stride_dob + i_h * stride_doh
-        row_base = (i_b * H + i_h) * SQ
+        i_h = tl.cast(i_hk, tl.int64) * GROUP + g
+        q_base = head_ptr(Q, i_b, i_h, stride_qb, stride_qh)
+        do_base = head_ptr(DO, i_b, i_h, stride_dob, stride_doh)
+        dq_base = head_ptr(DQ, i_b, i_h, stride_dqb, stride_dqh)
+        row_base = (tl.cast(i_b, tl.int64) * H + i_h) * SQ
         for start_m in range(lo, SQ, BLOCK_M):
             rows = start_m + offs_m
-            mask_m = rows < SQ
-            q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :],
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-            do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            lse = tl.load(LSE + row_base + rows, mask=mask_m, other=float("inf"))
-            # a row with no visible key (lse = -inf) gets p = 0, not exp(-inf + inf)
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = tl.load(DELTA + row_base + rows, mask=mask_m, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            p = tl.exp2(s - lse[:, None])
+            q = load_rows(q_base, start_m, offs_m, offs_d, stride_qs, SQ, D)  # [BLOCK_M, BLOCK_D]
+            do = load_rows(do_base, start_m, offs_m, offs_d, stride_dos, SQ, D)
+            lse = _load_lse2(LSE, row_base, rows, SQ)
+            delta = tl.load(DELTA + row_base + rows, mask=rows < SQ, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            p_t = tl.exp2(s_t - lse[None, :])
             if key_tail | (start_m < full_from):
-                visible = mask_n[None, :] & mask_m[:, None]
-                if CAUSAL:
-                    visible = visible & (offs_n[None, :] <= rows[:, None] + shift)
-                p = tl.where(visible, p, 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                p_t = tl.where(tl.trans(_visible(rows, cols, SQ, SK, CAUSAL)), p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q, input_precision=PRECISION)
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_D]
+            dq_mask = (rows < SQ)[:, None] & (offs_d < D)[None, :]
+            tl.atomic_add(row_block_ptrs(dq_base, start_m, offs_m, offs_d, stride_dqs), dq, mask=dq_mask,
+                          sem="relaxed")
 
-    dk_ptrs = DK + i_b * stride_kb + i_hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    dv_ptrs = DV + i_b * stride_vb + i_hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton_kernel(configs=_DQ_CONFIGS, key=["D", "CAUSAL"], interpret=_INTERPRET)
-def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, SQ, SK, H, GROUP, D,
-                        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                        stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-                        CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # dq_i = scale * sum_j p_ij (do_i . v_j - delta_i) k_j
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    i_b = pid_bh // H
-    i_h = pid_bh % H
-    i_hk = i_h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < SQ
-    mask_d = offs_d < D
-    q_mask = mask_m[:, None] & mask_d[None, :]
-    q_offs = i_b * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-    q = tl.load(Q + q_offs, mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-    do = tl.load(DO + i_b * stride_dob + i_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
-                 mask=q_mask, other=0.0)
-    lse = tl.load(LSE + pid_bh * SQ + offs_m, mask=mask_m, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + pid_bh * SQ + offs_m, mask=mask_m, other=0.0)
-    k_base = K + i_b * stride_kb + i_hk * stride_kh
-    v_base = V + i_b * stride_vb + i_hk * stride_vh
-    qk_scale = scale * 1.4426950408889634
-    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
-    shift = SK - SQ
-    hi = SK
-    full_until = SK  # key blocks ending here or before need no mask
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(SK, (pid_m + 1) * BLOCK_M + shift), 0)
-        full_until = tl.minimum(SK, pid_m * BLOCK_M + shift + 1)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < SK
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        p = tl.exp2(s - lse[:, None])
-        if start_n + BLOCK_N > full_until:
-            visible = mask_n[None, :] & mask_m[:, None]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
-            p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    store_rows(head_ptr(DK, i_b, i_hk, stride_dkb, stride_dkh), start_n, offs_n, offs_d, stride_dks, SK, D,
+               dk * scale)
+    store_rows(head_ptr(DV, i_b, i_hk, stride_dkb, stride_dkh), start_n, offs_n, offs_d, stride_dks, SK, D, dv)
 
 
 def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -233,6 +194,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if len({q.device, k.device, v.device}) != 1:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     check_runnable(q, k, v)
+    check_row_stride(q, k, v)
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
@@ -254,8 +216,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sc
 def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
               lse: torch.Tensor, causal: bool, scale: float, d_lse: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # dq, dk, dv are written with the strides of q, k, v: make all four plainly contiguous
-    do, q, k, v = (x.contiguous() for x in (do, q, k, v))
+    do, q, k, v = (_inner_contiguous(x) for x in (do, q, k, v))
+    check_row_stride(do)
     batch, sq, heads, d = q.shape
     sk, heads_kv = k.shape[1], k.shape[2]
     # delta_i = do_i . o_i; a gradient flowing into lse_i enters as -d_lse_i (d lse_i / d s_ij = p_ij)
@@ -264,20 +226,18 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         delta = delta - d_lse.float()
     delta = delta.contiguous()
     lse = lse.float().contiguous()
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
+    dk = new_output(k.shape, k.dtype, k.device)  # [b, sk, h_kv, d], contiguous like dv
     dv = new_output(v.shape, v.dtype, v.device)
-    if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    precision = dot_precision(q.dtype)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    grid_kv = lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), batch * heads_kv)  # noqa: E731
-    _backward_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, scale, sq, sk, heads, heads_kv,
-                                   heads // heads_kv, d, *strides,
-                                   CAUSAL=causal, PRECISION=precision, BLOCK_D=pow2(d))
-    grid_q = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _backward_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, scale, sq, sk, heads, heads // heads_kv, d,
-                                *strides, CAUSAL=causal, PRECISION=precision, BLOCK_D=pow2(d))
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), dk.zero_(), dv.zero_()
+    # dq accumulates over key blocks with atomic adds: a zeroed float32 buffer, cast at the end
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), batch * heads_kv)  # noqa: E731
+    _backward_kernel[grid](q, k, v, do, lse, delta, dq_acc, dk, dv, scale, sq, sk, heads, heads_kv,
+                           heads // heads_kv, d, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                           *do.stride()[:3], *dq_acc.stride()[:3], *dk.stride()[:3],
+                           CAUSAL=causal, PRECISION=dot_precision(q.dtype), BLOCK_D=pow2(d))
+    dq = dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)
     return dq, dk, dv
 
 

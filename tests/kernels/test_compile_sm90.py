@@ -1,46 +1,77 @@
-"""The compiled (GPU) path of every kernel builds for Hopper (sm_90) down to a cubin, without a GPU.
+"""The compiled (GPU) path of every kernel, built for Hopper (sm_90) ahead of time, without a GPU.
 
-The interpreter tests check the numbers; this checks what only a GPU launch would otherwise reveal:
-that each kernel passes Triton's compiler (types, shapes, tl.dot constraints) and ptxas, in bf16 with a
-Hopper autotune config. It uses Triton's ahead-of-time `triton.compile` with an explicit target, so no
-driver is touched.
+The interpreter tests check the numbers; these check what only a GPU launch would otherwise reveal, with
+Triton's ahead-of-time compiler for an explicit target and its bundled ptxas (`lctrain.kernels.aot`):
+
+- every kernel passes Triton's compiler and ptxas (types, tl.dot shapes, shared memory <= 228 KB);
+- 64-bit offsets: the kernel's Triton IR has no 32-bit product of a program-id/loop-derived index and a
+  non-constant (stride, length) that feeds a pointer offset (`int32_offset_products`). Such a product is
+  what wraps past 2^31 elements (b * s * h * d at 256K local tokens, 64 heads x 128); a tensor that large
+  cannot be built on this machine, so the check reads the compiler's IR instead, with the integer
+  arguments typed i32 as a launch with small strides would type them. A planted kernel with the old
+  `Q + pid * stride` offsets shows the check fails when it should;
+- zero register spills (ptxas -v) for every shipped autotune config of the flash backward, bf16 and fp16,
+  head dims 64 and 128 (slow: ~25 compiles), and of every other kernel (slow).
 """
 from pathlib import Path
 
 import pytest
 import triton
+import triton.language as tl
 
-from lctrain.kernels.flash_attention import triton as flash
-from lctrain.kernels.lightning_attention import chunk as lightning
+from lctrain.kernels import aot
+from lctrain.kernels.utils import triton_kernel
 
 _PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-_LIGHTNING_TYPES = {"A": "*bf16", "B": "*bf16", "C": "*bf16", "OUT": "*bf16", "LOG_DECAY": "*fp32", "X0": "*fp32",
-                    "XN": "*fp32", "LOCAL": "*fp32"}
-_LIGHTNING_CONSTS = dict(HAS_X0=True, STORE_XN=True, REVERSE=True, PRECISION="tf32", BLOCK_A=128, BLOCK=64,
-                         BLOCK_C=64)
-_FLASH_TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
-                "DV": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "scale": "fp32"}
-_FLASH_CONSTS = dict(CAUSAL=True, PRECISION="tf32", BLOCK_D=128, BLOCK_M=64, BLOCK_N=64)
+pytestmark = pytest.mark.skipif(not _PTXAS.exists(), reason="this Triton build ships no ptxas")
+
+_SPECS = {spec.name: spec for spec in aot.kernel_specs()}
 
 
-@pytest.mark.skipif(not _PTXAS.exists(), reason="this Triton build ships no ptxas")
-@pytest.mark.parametrize("kernel,types,consts", [
-    (lightning._forward_kernel, _LIGHTNING_TYPES, _LIGHTNING_CONSTS),
-    (lightning._reverse_kernel, _LIGHTNING_TYPES, _LIGHTNING_CONSTS),
-    (lightning._boundary_kernel, _LIGHTNING_TYPES, _LIGHTNING_CONSTS),
-    (flash._forward_kernel, _FLASH_TYPES, _FLASH_CONSTS),
-    (flash._backward_dkdv_kernel, _FLASH_TYPES, _FLASH_CONSTS),
-    (flash._backward_dq_kernel, _FLASH_TYPES, _FLASH_CONSTS),
-], ids=["lightning_fwd", "lightning_reverse", "lightning_boundary", "flash_fwd", "flash_bwd_dkdv", "flash_bwd_dq"])
-def test_kernel_compiles_for_hopper(kernel, types, consts):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
+@pytest.mark.parametrize("name", sorted(_SPECS))
+def test_kernel_compiles_with_64_bit_offsets(name):
+    spec = _SPECS[name]
+    r = aot.report(spec, "bf16", 128, spec.kernel.configs[0])
+    assert r.shared <= 228 * 1024
+    assert r.registers <= 255
+    assert aot.int32_offset_products(r.ttir) == [], f"{name}: 32-bit offset products"
 
-    fn = JITFunction(kernel.fn)
-    consts = {name: value for name, value in consts.items() if name in fn.arg_names}
-    signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=8, num_stages=2))
-    assert compiled.asm["cubin"]
-    assert compiled.metadata.shared <= 228 * 1024
+
+@triton_kernel(configs=[triton.Config({"BLOCK": 64}, num_warps=4)], interpret={"BLOCK": 16})
+def _planted_int32_kernel(X, Y, stride_s, stride_h, BLOCK: tl.constexpr):
+    # the pattern the kernels used to have: row and head offsets multiplied by strides in int32
+    pid = tl.program_id(0)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + tl.program_id(1) * stride_h + rows * stride_s)
+    tl.store(Y + rows, x)
+
+
+def test_offset_check_finds_int32_products():
+    spec = aot.KernelSpec("planted", _planted_int32_kernel, ("X", "Y"), (), lambda d: {})
+    r = aot.report(spec, "bf16", 64, _planted_int32_kernel.configs[0])
+    found = aot.int32_offset_products(r.ttir)
+    assert len(found) == 2 and all("arith.muli" in line for line in found)
+
+
+def _spill_free(names):
+    bad = []
+    for name in names:
+        spec = _SPECS[name]
+        for dtype in aot.DTYPES:
+            for d in aot.HEAD_DIMS:
+                for config in spec.kernel.configs:
+                    r = aot.report(spec, dtype, d, config)
+                    if r.spills:
+                        bad.append(f"{name} {dtype} d={d} {r.config}: {r.registers} registers, "
+                                   f"{r.spill_stores}/{r.spill_loads} spill bytes")
+    return bad
+
+
+@pytest.mark.slow
+def test_flash_backward_configs_do_not_spill():
+    assert _spill_free(["flash_bwd"]) == []
+
+
+@pytest.mark.slow
+def test_other_kernel_configs_do_not_spill():
+    assert _spill_free(sorted(set(_SPECS) - {"flash_bwd"})) == []
