@@ -20,6 +20,7 @@ COMMANDS = {
     "data": ("lctrain.data.cli:main", "prepare tokenized text shards"),
     "plot": ("lctrain.train.plot:main", "plot a run's loss/accuracy curves to PNG"),
     "bench": ("lctrain.bench:main", "benchmarks (sequence-parallel attention)"),
+    "plan": ("lctrain.plan.cli:main", "predict memory, step time and tokens/s of a job at 8-1024 GPUs"),
 }
 
 
