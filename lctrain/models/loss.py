@@ -61,7 +61,8 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
     predictions = vocab_parallel_argmax(logits, tp_group) if return_predictions else None
     scored = labels >= 0
     per_token = vocab_parallel_cross_entropy(logits, labels.clamp_min(0))  # [b, s] float32
-    weight = scored.to(per_token.dtype) if loss_mask is None else loss_mask * scored
+    # Sum in the logits' precision when it is higher than the float32 per-token loss (float64 tests).
+    weight = scored.to(torch.promote_types(logits.dtype, per_token.dtype)) if loss_mask is None else loss_mask * scored
     loss_sum = (per_token * weight).sum()
     num_tokens = weight.sum().to(loss_sum.dtype)
     return LMOutput(loss_sum=loss_sum, num_tokens=num_tokens, predictions=predictions)
