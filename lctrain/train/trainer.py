@@ -121,8 +121,10 @@ def _restore_rng(path: Path, meta: dict, rank: int, world: int) -> None:
 
 
 def _batch_to_rank(batch: dict[str, torch.Tensor], mesh: Mesh, layout: str, device) -> dict[str, torch.Tensor]:
-    """This CP rank's slice of each `[b, s]` tensor of a batch, on `device`."""
-    return {k: shard_sequence(v, mesh.cp_group, dim=1, layout=layout).to(device) for k, v in batch.items()}
+    """This CP rank's slice of each `[b, s]` tensor of a batch, on `device`; a packed batch's `cu_seqlens` (the
+    document boundaries of the whole batch, the same on every rank) stays whole and on the host."""
+    return {k: v if k == "cu_seqlens" else shard_sequence(v, mesh.cp_group, dim=1, layout=layout).to(device)
+            for k, v in batch.items()}
 
 
 def evaluate(engine, dataset, cfg: Config, mesh: Mesh, plan: Plan, device) -> dict[str, float]:
@@ -136,7 +138,8 @@ def evaluate(engine, dataset, cfg: Config, mesh: Mesh, plan: Plan, device) -> di
             for m in range(plan.grad_accum):
                 idx = micro_batch_indices(k * tc.global_batch_size, tc.micro_batch_size, plan.dp, mesh.dp_rank, m)
                 b = _batch_to_rank(collate(dataset, idx), mesh, cfg.parallel.cp_layout, device)
-                out = engine(b["input_ids"], pos, b["labels"], loss_mask=b["loss_mask"], return_predictions=True)
+                out = engine(b["input_ids"], pos, b["labels"], loss_mask=b["loss_mask"], return_predictions=True,
+                             cu_seqlens=b.get("cu_seqlens"))
                 hit = ((out.predictions == b["labels"]).float() * b["loss_mask"]).sum()
                 totals += torch.stack([out.loss_sum.detach().double().cpu(), hit.double().cpu(),
                                        b["loss_mask"].sum().double().cpu()])
@@ -222,7 +225,7 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
         step_tokens = sum(b["loss_mask"].sum() for b in micro).to(torch.float32)
         loss_value = 0.0
         for b in micro:
-            out = engine(b["input_ids"], pos, b["labels"], loss_mask=b["loss_mask"])
+            out = engine(b["input_ids"], pos, b["labels"], loss_mask=b["loss_mask"], cu_seqlens=b.get("cu_seqlens"))
             loss = global_token_mean(out.loss_sum, step_tokens, mesh.dp_cp_group)
             engine.backward(loss, scale_wrt_gas=False)
             engine.step()
