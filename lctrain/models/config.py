@@ -13,7 +13,7 @@ LINEAR_DECAYS = ("none", "lightning", "lightning_depth")
 LINEAR_GATES = ("none", "sigmoid", "silu")
 SOFTMAX_SP = ("allgather", "ring", "ulysses")
 LINEAR_SP = ("lasp2", "lasp1")
-MIXERS = ("L", "A")
+MIXERS = ("L", "A", "D", "G")
 ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 
 
@@ -34,7 +34,8 @@ class ModelConfig:
     ffn_hidden_size: int = 172
     """SwiGLU inner size (divisible by the TP size)."""
     layer_pattern: str = "LLLA"
-    """Mixer per layer, repeated to num_layers: L = linear attention, A = softmax attention."""
+    """Mixer per layer, repeated to num_layers: L = linear attention, A = softmax attention, D = GatedDeltaNet,
+    G = GLA (gated_linear.py; e.g. "DDDA" is Qwen3-Next's 3:1 GatedDeltaNet:softmax hybrid)."""
     feature_map: str = "identity"
     """Linear attention's feature map on q and k: identity | elu1 (elu(x)+1) | silu | relu."""
     linear_decay: str = "lightning"
@@ -60,9 +61,12 @@ class ModelConfig:
     activation_checkpointing: str = "none"
     """Recompute activations in backward: none | selective (the token mixer and the MLP of each block) |
     full (whole blocks; only block inputs are kept). Same losses, less activation memory, more compute."""
+    short_conv_size: int = 4
+    """Kernel of the short causal convolution on q, k, v of the D and G mixers (1: no mixing across tokens)."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size"):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                     "short_conv_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"model.{name} must be an integer >= 1, got {v!r}")
@@ -75,7 +79,7 @@ class ModelConfig:
         bad = sorted(set(self.layer_pattern) - set(MIXERS))
         if bad:
             raise ValueError(f"model.layer_pattern {self.layer_pattern!r} has unknown characters {bad}; "
-                             "use L (linear attention) and A (softmax attention)")
+                             "use L (linear attention), A (softmax attention), D (GatedDeltaNet), G (GLA)")
         for name, allowed in (("feature_map", FEATURE_MAPS), ("linear_decay", LINEAR_DECAYS),
                               ("linear_output_gate", LINEAR_GATES), ("softmax_sp", SOFTMAX_SP),
                               ("linear_sp", LINEAR_SP), ("activation_checkpointing", ACTIVATION_CHECKPOINTING)):
