@@ -34,6 +34,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from lctrain.models.attention import SoftmaxAttention
 from lctrain.models.config import ModelConfig
 from lctrain.models.flops import flops_per_token, num_parameters
+from lctrain.models.gated_linear import GATED_MIXERS, GatedLinearMixer
 from lctrain.models.linear_attention import LinearAttention
 from lctrain.models.loss import LMOutput, lm_loss
 from lctrain.models.mlp import SwiGLU
@@ -45,7 +46,7 @@ from lctrain.parallel.mesh import Mesh, get_mesh
 
 
 class Block(torch.nn.Module):
-    """Pre-norm decoder block with a linear ("L") or softmax ("A") token mixer."""
+    """Pre-norm decoder block with a linear ("L"), gated linear ("D", "G") or softmax ("A") token mixer."""
 
     def __init__(self, cfg: ModelConfig, mixer: str, layer_idx: int, mp: ModelParallelConfig, mesh: Mesh,
                  cp_layout: str):
@@ -54,6 +55,8 @@ class Block(torch.nn.Module):
         self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if mixer == "L":
             self.mixer = LinearAttention(cfg, mp, mesh, cp_layout, layer_idx)
+        elif mixer in GATED_MIXERS:
+            self.mixer = GatedLinearMixer(cfg, mp, mesh, cp_layout, mixer)
         else:
             self.mixer = SoftmaxAttention(cfg, mp, mesh, cp_layout)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
