@@ -1,0 +1,127 @@
+"""`lctrain plan`: predicted memory, step time, tokens/s, MFU and communication share of a job before booking it.
+
+    lctrain plan CONFIG [k=v ...] --gpus N --gpus-per-node G --seq S --hardware h100|h200|a100-80g \
+                 [--search] [--json] [--plot FILE]
+
+Without --search: the config's layout (parallel.tp / parallel.cp, model.softmax_sp / linear_sp,
+model.activation_checkpointing, train.zero_stage, train.micro_batch_size) at N GPUs. With --search: every valid
+layout (lctrain.plan.search), best first, and the recommendation. This module only parses and prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from lctrain.plan.hardware import HARDWARE
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lctrain plan", description=__doc__.split("\n")[0])
+    p.add_argument("config", help="YAML config (model, parallel, train sections are read)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--gpus", type=int, required=True, help="total GPUs of the job")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--seq", type=int, default=None, help="global sequence length (default: data.seq_len)")
+    p.add_argument("--hardware", default="h100", help=f"device table: {', '.join(sorted(HARDWARE))}")
+    p.add_argument("--search", action="store_true", help="every valid layout instead of the config's")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--plot", default=None, help="write tokens/s and memory vs sequence length per method (PNG)")
+    p.add_argument("--top", type=int, default=15, help="rows to print with --search (all with --json)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the simulation cache")
+    return p.parse_args(argv)
+
+
+def _fmt_row(r) -> str:
+    mem = f"{r.mem_gb:7.1f}{'!' if r.oom else ' '}"
+    if not r.simulated:
+        return (f"| {r.tp:>2} | {r.cp:>3} | {r.dp:>3} | {r.softmax_sp:<9} | {r.linear_sp:<5} | {r.zero_stage} "
+                f"| {r.activation_checkpointing:<9} | >{mem} | - | - | - | - |")
+    return (f"| {r.tp:>2} | {r.cp:>3} | {r.dp:>3} | {r.softmax_sp:<9} | {r.linear_sp:<5} | {r.zero_stage} "
+            f"| {r.activation_checkpointing:<9} | {mem} | {r.step_s:8.3f} | {r.tokens_per_s:10.0f} "
+            f"| {100 * r.mfu:5.1f} | {100 * r.comm_frac:5.1f} |")
+
+
+_HEADER = ("| tp | cp | dp | softmax_sp | linear_sp | zero | checkpointing | mem/GPU GB | step s | tokens/s "
+           "| MFU % | comm % |\n|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(list(argv or []))
+    from lctrain.config import load_config
+    from lctrain.plan.hardware import get_hardware
+    from lctrain.plan.search import (SimCache, check_plan_inputs, plan_rows, recommend, search)
+    from lctrain.plan.simulate import SimSpec
+
+    try:
+        hw = get_hardware(args.hardware)
+        cfg = load_config(args.config, args.overrides)
+        seq = args.seq or cfg.data.seq_len
+        model = cfg.model
+        tp, cp, layout = cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.cp_layout
+        check_plan_inputs(model, args.gpus, args.gpus_per_node, seq,
+                          None if args.search else tp, None if args.search else cp, layout)
+    except ValueError as err:
+        print(f"lctrain plan: {err}", file=sys.stderr)
+        return 2
+    cache = SimCache(None if args.no_cache else "default")
+    mb = cfg.train.micro_batch_size
+    where = (f"{args.gpus} x {hw.name} ({args.gpus_per_node} per node), sequence {seq}, micro-batch {mb}, bf16; "
+             f"memory {hw.memory_gb:.0f} GB per GPU ('!' = does not fit)")
+    if args.search:
+        progress = None if args.json else (lambda msg: print(f"  simulating {msg}", file=sys.stderr, flush=True))
+        rows = search(model, args.gpus, args.gpus_per_node, seq, hw, micro_batch=mb, cache=cache, progress=progress)
+        best = recommend(rows)
+        if args.json:
+            print(json.dumps([_jsonable(r.to_dict()) for r in rows], indent=1))
+        else:
+            print(f"# lctrain plan --search: {args.config}: {where}\n")
+            print(_HEADER)
+            for r in rows[: args.top]:
+                print(_fmt_row(r))
+            print(f"\n{len(rows)} rows ({sum(not r.oom for r in rows)} fit); showing {min(args.top, len(rows))}.")
+            if best is None:
+                print("no layout fits in memory: more GPUs, a shorter sequence or a larger device")
+            else:
+                print(f"recommended: tp={best.tp} cp={best.cp} dp={best.dp} layout={best.cp_layout} "
+                      f"softmax_sp={best.softmax_sp} linear_sp={best.linear_sp} zero_stage={best.zero_stage} "
+                      f"activation_checkpointing={best.activation_checkpointing}: {best.tokens_per_s:.0f} tokens/s, "
+                      f"{best.mem_gb:.1f} GB/GPU, MFU {100 * best.mfu:.1f}%")
+    else:
+        spec = SimSpec(model, tp=tp, cp=cp, cp_layout=layout, seq_len=seq, micro_batch=mb,
+                       activation_checkpointing=model.activation_checkpointing)
+        sim, rows = plan_rows(spec, args.gpus, args.gpus_per_node, hw, [cfg.train.zero_stage], cache)
+        r = rows[0]
+        if args.json:
+            print(json.dumps([_jsonable(r.to_dict())], indent=1))
+        else:
+            print(f"# lctrain plan: {args.config}: {where}\n")
+            print(_HEADER)
+            print(_fmt_row(r))
+            print(f"\nper GPU: states {r.states_gb:.1f} GB (ZeRO-{r.zero_stage} over DPxCP={r.dp * r.cp}) + "
+                  f"activation peak {r.activations_gb:.1f} GB; {sim.params_local / 1e9:.3f} B parameters per TP shard")
+            print(f"step {r.step_s:.3f} s = compute {r.compute_s:.3f} s + exposed communication "
+                  f"{r.comm_exposed_s:.3f} s (of {r.comm_total_s:.3f} s) + optimizer")
+            print("simulated rank's collectives (per micro-batch):")
+            for c in sim.comm:
+                print(f"  {c.group:<2} {c.tag:<16} {c.op:<14} x{c.calls:<5} {c.bytes / 2**20:12.1f} MiB "
+                      f"(group of {c.group_size})")
+            print(f"simulated in {sim.sim_seconds:.1f} s")
+    if args.plot:
+        from lctrain.plan.plot import plot_methods
+
+        out = plot_methods(model, args.gpus, args.gpus_per_node, seq, hw, args.plot, tp=tp, cp=cp, micro_batch=mb,
+                           zero_stage=cfg.train.zero_stage,
+                           activation_checkpointing=model.activation_checkpointing, cache=cache)
+        print(f"plot: {out}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+

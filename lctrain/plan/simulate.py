@@ -1,0 +1,640 @@
+"""Simulate one rank of a real lctrain training step on the CPU, without allocating it.
+
+The rank's real code runs: lctrain's own `build_model` (Megatron-core TP layers, the config's SP methods)
+inside lctrain's `init_mesh`, over a fake process group of the job's TP x CP size (torch's `fake` backend:
+collectives return at once and move nothing), on fake tensors (`FakeTensorMode`: shapes, dtypes and
+storages, no data). One forward + backward of one micro-batch is watched by a dispatch mode that records
+
+- FLOPs per op class: `matmul` (mm/addmm: the projections, TP-split), `attention` (the SDPA / flash
+  kernels, causal-aware formulas registered here) and `linear_attention` (bmm: the chunked scan and the
+  state products; under `kernels="gpu"` one opaque op per call with the Triton kernel's count); bytes read
+  and written by every other (memory-bound) op;
+- the activation memory: the bytes of every storage created during the step and still alive, at its
+  peak (parameter gradients are taken out as they are produced; they are counted by the ZeRO rule);
+- every collective: lctrain's (SP methods, through `lctrain.parallel.comm.record_comm`, on the CP group)
+  and Megatron's TP all-reduces (it calls torch.distributed directly: wrapped here while the step runs).
+
+Why the simulated world is TP x CP and not the job's: one micro-batch's forward + backward issues no DP
+collective (DeepSpeed reduces gradients after it, modelled in timemodel.py by the ZeRO rule), and every
+TP or CP group of the job has the same size and rank order, so a rank of a TP x CP world does exactly what
+a rank of the job does.
+
+Which rank: under the zigzag layout every CP rank does the same work (causal balance); under the
+contiguous layout the last CP rank does the most attention work (its queries see every block), so it is
+the one simulated (LASP-1's middle ranks send and receive; its serial chain is timed in timemodel.py).
+
+Activation checkpointing ("none" | "selective" | "full") is the model's own (`model.activation_checkpointing`,
+lctrain/models/hybrid.py): the simulated step recomputes, and re-issues collectives, exactly as training does.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import time
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lctrain.models.config import ModelConfig
+
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+KERNELS = ("cpu", "gpu")
+_SP_TAGS = ("lasp2", "lasp1", "ring", "allgather", "ulysses")
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    """What to simulate: the model, the layout of one rank and the micro-batch."""
+
+    model: ModelConfig
+    tp: int = 1
+    cp: int = 1
+    cp_layout: str = "zigzag"
+    seq_len: int = 1024
+    """Global sequence length (split over CP)."""
+    micro_batch: int = 1
+    dtype: str = "bfloat16"
+    """Compute dtype of parameters and activations (bf16 on GPU, as the trainer's "auto")."""
+    activation_checkpointing: str = "none"
+    kernels: str = "gpu"
+    """"gpu": the local linear attention is one opaque op per call with the Triton kernel's saved tensors
+    and FLOPs; "cpu": the real CPU backends run (what a gloo run does; used to validate against one)."""
+    cp_rank: int | None = None
+    """CP rank to simulate; None: the worst one (see module docstring)."""
+
+    def validate(self) -> None:
+        for name in ("tp", "cp", "seq_len", "micro_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, "
+                             f"got {self.activation_checkpointing!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.dtype not in ("float32", "bfloat16", "float64"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float64, got {self.dtype!r}")
+        parts = 2 * self.cp if self.cp_layout == "zigzag" else self.cp
+        if self.cp_layout not in ("zigzag", "contiguous"):
+            raise ValueError(f"cp_layout must be zigzag or contiguous, got {self.cp_layout!r}")
+        if self.seq_len % parts:
+            raise ValueError(f"sequence length {self.seq_len} is not divisible by "
+                             f"{'2*CP' if self.cp_layout == 'zigzag' else 'CP'} = {parts} (CP={self.cp})")
+        self.model.validate_parallel(self.tp, self.cp, self.cp_layout)
+
+
+@dataclass
+class CommStat:
+    """Calls and bytes (this rank's payload, as lctrain.parallel.comm counts them) of one kind of collective."""
+
+    group: str  # "tp" | "cp"
+    op: str  # all_reduce | all_gather | reduce_scatter | all_to_all | send | recv
+    tag: str  # the comm_tag, e.g. "lasp2.fwd"; Megatron's: "megatron.fwd" / "megatron.bwd"
+    group_size: int
+    calls: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class RankSim:
+    """One simulated rank: what it holds, computes and sends in one micro-batch's forward + backward."""
+
+    spec: SimSpec
+    world: int
+    params_local: int
+    """Parameters this rank holds (its TP shard)."""
+    params_tp_replicated: int
+    """Of which replicated on every TP rank (norm scales)."""
+    param_bytes: int
+    """Bytes of those parameters in the compute dtype."""
+    activation_peak_bytes: int
+    """Peak of the step's live storages (activations, temporaries, comm buffers), without parameter grads."""
+    activation_after_forward_bytes: int
+    """Storages alive when the forward ends (what is kept for backward)."""
+    flops: dict[str, float]
+    """FLOPs of forward + backward by class: matmul, attention, linear_attention."""
+    memory_bound_bytes: float
+    """Bytes read + written by all other (elementwise, reduction, copy) ops, forward + backward."""
+    comm: list[CommStat]
+    sim_seconds: float
+    ops: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of this rank in the micro-batch."""
+        return self.spec.micro_batch * self.spec.seq_len // self.spec.cp
+
+    def comm_bytes(self, group: str | None = None, phase: str | None = None) -> int:
+        return sum(c.bytes for c in self.comm if (group is None or c.group == group)
+                   and (phase is None or c.tag.endswith(phase)))
+
+    def comm_calls(self, group: str | None = None, phase: str | None = None) -> int:
+        return sum(c.calls for c in self.comm if (group is None or c.group == group)
+                   and (phase is None or c.tag.endswith(phase)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"world": self.world, "params_local": self.params_local, "param_bytes": self.param_bytes,
+                "activation_peak_bytes": self.activation_peak_bytes,
+                "activation_after_forward_bytes": self.activation_after_forward_bytes,
+                "flops": dict(self.flops), "memory_bound_bytes": self.memory_bound_bytes,
+                "comm": [vars(c) for c in self.comm], "sim_seconds": self.sim_seconds}
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+
+
+def _attention_flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
+    """q.k^T and p.v: 2 * 2 * b * h * sq * sk * d; a square causal problem does about half of it."""
+    pairs = sq * sk
+    if causal and sq == sk:
+        pairs = sq * (sq + 1) / 2
+    return 4.0 * b * h * pairs * d
+
+
+def _sdpa_cpu_fwd(q, k, v, dropout_p=0.0, is_causal=False, *args, **kwargs) -> float:
+    b, h, sq, d = q.shape
+    return _attention_flops(b, h, sq, k.shape[2], d, bool(is_causal))
+
+
+def _sdpa_cpu_bwd(grad_out, q, k, v, out, lse, dropout_p=0.0, is_causal=False, *args, **kwargs) -> float:
+    b, h, sq, d = q.shape
+    # dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q: four products of the forward's size / 2 each.
+    return 2.0 * _attention_flops(b, h, sq, k.shape[2], d, bool(is_causal))
+
+
+def _matmul_flops(func, args, out) -> float:
+    from torch.utils.flop_counter import flop_registry
+
+    return float(flop_registry[func._overloadpacket](*args, out_val=out))
+
+
+# --------------------------------------------------------------- the GPU linear-attention kernel, as a model
+
+#: Sequence block of the Triton lightning-attention kernel (kernels/lightning_attention/chunk.py, BLOCK).
+LIGHTNING_BLOCK = 64
+
+
+def lightning_flops_fwd(b: int, s: int, h: int, dk: int, dv: int, block: int = LIGHTNING_BLOCK) -> float:
+    """The Triton kernel's forward per token and head: q.k^T and scores.v over its block (2*block*(dk+dv)),
+    q.S and the state update k^T v (2 * 2 * dk * dv)."""
+    return float(b * s * h * (2 * block * (dk + dv) + 4 * dk * dv))
+
+
+_PLAN_OPS: dict[str, Any] = {}
+
+
+def _register_plan_op() -> None:
+    """A local linear-attention backend "plan_gpu": one opaque op whose saved tensors are the Triton kernel's
+    (q, k, v, initial state) and whose FLOPs are `lightning_flops_fwd` (backward: twice that)."""
+    if _PLAN_OPS:
+        return
+    lib = torch.library.Library("lctrain_plan", "DEF")
+    lib.define("lightning(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor? state) -> (Tensor, Tensor)")
+    lib.define("lightning_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor? state) "
+               "-> (Tensor, Tensor, Tensor, Tensor)")
+
+    def fwd_meta(q, k, v, log_decay, state):
+        b, _, h, dk = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        return torch.empty_like(v), q.new_empty((b, h, dk, v.shape[-1]), dtype=acc)
+
+    def bwd_meta(do, q, k, v, log_decay, state):
+        b, _, h, dk = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                q.new_empty((b, h, dk, v.shape[-1]), dtype=acc))
+
+    for key in ("Meta", "CPU"):
+        lib.impl("lightning", fwd_meta, key)
+        lib.impl("lightning_bwd", bwd_meta, key)
+    _register_plan_op.lib = lib  # keep the library alive
+    _PLAN_OPS.update(fwd=torch.ops.lctrain_plan.lightning, bwd=torch.ops.lctrain_plan.lightning_bwd)
+
+
+class _PlanLightning(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, state):
+        o, final = torch.ops.lctrain_plan.lightning(q, k, v, log_decay, state)
+        ctx.save_for_backward(q, k, v, log_decay, state)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, log_decay, state = ctx.saved_tensors
+        dq, dk, dv, ds = torch.ops.lctrain_plan.lightning_bwd(do, q, k, v, log_decay, state)
+        return dq, dk, dv, None, (ds if state is not None else None)
+
+
+def _plan_linear_attention(q, k, v, log_decay=None, initial_state=None, output_final_state=False):
+    o, final = _PlanLightning.apply(q, k, v, log_decay, initial_state)
+    return o, (final if output_final_state else None)
+
+
+def _flop_formula(func, args, out) -> tuple[str, float] | None:
+    """(class, FLOPs) of one aten/plan op, or None for memory-bound ops."""
+    packet = func._overloadpacket
+    if packet in (aten.mm, aten.addmm):
+        return "matmul", _matmul_flops(func, args, out)
+    if packet in (aten.bmm, aten.baddbmm):
+        return "linear_attention", _matmul_flops(func, args, out)
+    if packet is aten._scaled_dot_product_flash_attention_for_cpu:
+        return "attention", _sdpa_cpu_fwd(*args)
+    if packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        return "attention", _sdpa_cpu_bwd(*args)
+    if packet in (aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_efficient_attention):
+        q, k = args[0], args[1]
+        return "attention", _attention_flops(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+                                             bool(args[4] if len(args) > 4 else False))
+    if _PLAN_OPS:
+        if packet is _PLAN_OPS["fwd"]:
+            q, v = args[0], args[2]
+            return "linear_attention", lightning_flops_fwd(q.shape[0], q.shape[1], q.shape[2], q.shape[3], v.shape[3])
+        if packet is _PLAN_OPS["bwd"]:
+            q, v = args[1], args[3]
+            return "linear_attention", 2 * lightning_flops_fwd(q.shape[0], q.shape[1], q.shape[2], q.shape[3],
+                                                               v.shape[3])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the tracker
+
+
+def _is_c10d(func) -> bool:
+    return func.namespace in ("c10d", "_c10d_functional", "c10d_functional")
+
+
+class StepTracker(TorchDispatchMode):
+    """Counts FLOPs, memory-bound bytes and live storages of everything dispatched inside it.
+
+    Storages are keyed by identity and released by a weakref finalizer, so a storage is counted from the op
+    that created it until its last tensor dies -- the same on fake and on real tensors.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self.flops: dict[str, float] = defaultdict(float)
+        self.memory_bytes = 0.0
+        self.ops = 0
+        self.excluded: set[int] = set()
+
+    def _release(self, key: int) -> None:
+        nbytes = self.live.pop(key, None)
+        if nbytes is not None:
+            self.current -= nbytes
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self.live:
+            return
+        nbytes = st.nbytes()
+        self.live[key] = nbytes
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+        weakref.finalize(st, self._release, key)
+
+    def forget(self, t: torch.Tensor) -> None:
+        """Stop counting `t`'s storage (a parameter gradient: the ZeRO rule counts those)."""
+        self._release(id(t.untyped_storage()))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops += 1
+        flat_out, _ = tree_flatten(out)
+        if not _is_c10d(func):
+            counted = _flop_formula(func, args, out)
+            if counted is not None:
+                self.flops[counted[0]] += counted[1]
+            elif not func.is_view:
+                flat_in, _ = tree_flatten((args, kwargs))
+                self.memory_bytes += sum(x.numel() * x.element_size() for x in flat_in + flat_out
+                                         if isinstance(x, torch.Tensor))
+        for x in flat_out:
+            if isinstance(x, torch.Tensor):
+                self._track(x)
+        return out
+
+
+# ---------------------------------------------------------------------------------------- communication
+
+
+class _CommWatch:
+    """Collects this rank's collectives: lctrain's through `record_comm`, Megatron's TP all-reduces by wrapping
+    torch.distributed while the step runs (calls made from lctrain.parallel.comm are left to its recorder)."""
+
+    _WRAPPED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
+
+    def __init__(self, tp_group) -> None:
+        self.tp_group = tp_group
+        self.phase = "fwd"
+        self.megatron: list[tuple[str, int, int, str]] = []
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Any]:
+        from lctrain.parallel import comm
+
+        originals = {name: getattr(dist, name) for name in self._WRAPPED}
+
+        def wrap(name, fn):
+            @functools.wraps(fn)
+            def recorded(tensor, *args, **kwargs):
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                group = kwargs.get("group")
+                if caller != comm.__name__ and group is not None and group is self.tp_group:
+                    t = tensor if name == "all_reduce" else args[0]
+                    self.megatron.append((name.split("_into")[0].replace("_tensor", ""),
+                                          t.numel() * t.element_size(), dist.get_world_size(group),
+                                          f"megatron.{self.phase}"))
+                return fn(tensor, *args, **kwargs)
+            return recorded
+
+        for name, fn in originals.items():
+            setattr(dist, name, wrap(name, fn))
+        try:
+            with comm.record_comm() as rec:
+                yield rec
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+
+
+def _collect_comm(rec, megatron: list[tuple[str, int, int, str]]) -> list[CommStat]:
+    stats: dict[tuple[str, str, str, int], CommStat] = {}
+
+    def add(group, op, tag, size, nbytes):
+        key = (group, op, tag, size)
+        if key not in stats:
+            stats[key] = CommStat(group, op, tag, size)
+        stats[key].calls += 1
+        stats[key].bytes += nbytes
+
+    for e in rec.events:
+        # A one-rank group moves nothing; the SP methods' object all-gather agrees on input shapes once per
+        # signature and process (lctrain.sp.utils.agree_once), so it is not part of a steady-state step.
+        if e.group_size < 2 or e.op == "all_gather_object":
+            continue
+        group = "cp" if e.tag.split(".")[0] in _SP_TAGS else "other"
+        add(group, e.op, e.tag, e.group_size, e.bytes)
+    for op, nbytes, size, tag in megatron:
+        if size < 2:
+            continue  # a one-rank group moves nothing
+        add("tp", op, tag, size, nbytes)
+    return sorted(stats.values(), key=lambda c: (c.group, c.tag, c.op))
+
+
+# -------------------------------------------------------------------------------------- the fake world
+
+
+def _fake_world(world: int, rank: int) -> None:
+    """(Re)initialise torch.distributed as a fake process group of `world` ranks, this process being `rank`."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from lctrain.parallel.mesh import destroy_mesh
+
+    if dist.is_initialized():
+        if dist.get_backend() != "fake":
+            raise RuntimeError("simulate_rank needs a process without a real torch.distributed group "
+                               f"(found backend {dist.get_backend()!r}); run the planner in its own process")
+        if dist.get_world_size() == world and dist.get_rank() == rank:
+            return
+        destroy_mesh(release=True)
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+
+
+_KEEP_WORLD = [0]
+
+
+@contextlib.contextmanager
+def keep_fake_world() -> Iterator[None]:
+    """Keep the fake process group (and Megatron's groups) between simulations inside the block, so that a
+    search pays for building a mesh once per layout; outside such a block every simulation tears them down."""
+    _KEEP_WORLD[0] += 1
+    try:
+        yield
+    finally:
+        _KEEP_WORLD[0] -= 1
+        if not _KEEP_WORLD[0]:
+            release_fake_world()
+
+
+def release_fake_world() -> None:
+    """Destroy the fake process group and the mesh built on it (no-op when there is none)."""
+    from lctrain.parallel.mesh import destroy_mesh
+
+    if dist.is_initialized() and dist.get_backend() == "fake":
+        destroy_mesh(release=True)
+        dist.destroy_process_group()
+
+
+def _worst_cp_rank(spec: SimSpec) -> int:
+    if spec.cp_rank is not None:
+        if not 0 <= spec.cp_rank < spec.cp:
+            raise ValueError(f"cp_rank {spec.cp_rank} out of range for CP={spec.cp}")
+        return spec.cp_rank
+    return spec.cp - 1 if spec.cp_layout == "contiguous" else 0
+
+
+@contextlib.contextmanager
+def _kernels(kind: str) -> Iterator[None]:
+    from lctrain.ops import linear_attention as la
+
+    if kind == "cpu":
+        yield
+        return
+    _register_plan_op()
+    la.register_linear_attention_backend("plan_gpu", _plan_linear_attention, supports=lambda *a: False,
+                                         priority=-100)
+    try:
+        with la.use_linear_attention_backend("plan_gpu"):
+            yield
+    finally:
+        la.REGISTRY.unregister("plan_gpu")
+
+
+def run_step(model: torch.nn.Module, spec: SimSpec, mesh, make_tensor) -> tuple[StepTracker, Any, int]:
+    """One forward + backward of `model` on this rank's tokens, watched; shared by the fake and the real run.
+
+    `make_tensor(shape, dtype)` creates the inputs (fake or real). Returns (tracker, comm recorder with
+    Megatron's events in `.megatron`, bytes alive after forward).
+    """
+    from lctrain.parallel.sharding import shard_positions
+
+    b, s_local = spec.micro_batch, spec.seq_len // spec.cp
+    input_ids = make_tensor((b, s_local), torch.int64)
+    labels = make_tensor((b, s_local), torch.int64)
+    pos = shard_positions(spec.seq_len, mesh.cp_rank, spec.cp, spec.cp_layout)
+    tracker = StepTracker()
+    watch = _CommWatch(mesh.tp_group)
+
+    def drop_grad(p: torch.Tensor) -> None:
+        tracker.forget(p.grad)
+        p.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(drop_grad) for p in model.parameters() if p.requires_grad]
+    try:
+        with _kernels(spec.kernels), watch.active() as rec, tracker:
+            out = model(input_ids, pos, labels)
+            after_forward = tracker.current
+            watch.phase = "bwd"
+            out.loss_sum.backward()
+            del out
+    finally:
+        for h in hooks:
+            h.remove()
+    rec.megatron = watch.megatron
+    return tracker, rec, after_forward
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[name]
+
+
+def simulate_rank(spec: SimSpec) -> RankSim:
+    """Simulate one rank of the job described by `spec` (see the module docstring).
+
+    Raises:
+        ValueError: the layout does not fit the model or the sequence (before anything is built).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lctrain.models import build_model
+    from lctrain.parallel.mesh import MeshConfig, init_mesh
+
+    spec.validate()
+    spec = replace(spec, model=replace(spec.model, activation_checkpointing=spec.activation_checkpointing))
+    t0 = time.perf_counter()
+    world = spec.tp * spec.cp
+    cp_rank = _worst_cp_rank(spec)
+    _fake_world(world, cp_rank * spec.tp)  # Megatron's order tp-cp-dp: TP rank 0 of CP rank cp_rank
+    mesh = init_mesh(MeshConfig(tp=spec.tp, cp=spec.cp, cp_layout=spec.cp_layout))
+    assert mesh.cp_rank == cp_rank and mesh.tp_rank == 0
+    dtype = _dtype(spec.dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+        model = build_model(spec.model, mesh, spec.cp_layout)
+        if dtype != torch.float32:
+            # Module.to would swap fake parameters (refused); the trainer's bf16 cast, parameter by parameter.
+            for p in model.parameters():
+                p.data = p.data.to(dtype)
+        params = list(model.parameters())
+        n_local = sum(p.numel() for p in params)
+        n_rep = sum(p.numel() for p in params if not getattr(p, "tensor_model_parallel", False))
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+
+        def make(shape, dt):
+            return torch.zeros(shape, dtype=dt)
+
+        tracker, rec, after_fwd = run_step(model, spec, mesh, make)
+    del fake_mode
+    if not _KEEP_WORLD[0]:
+        release_fake_world()
+    return RankSim(spec=spec, world=world, params_local=n_local, params_tp_replicated=n_rep,
+                   param_bytes=param_bytes, activation_peak_bytes=tracker.peak,
+                   activation_after_forward_bytes=after_fwd, flops=dict(tracker.flops),
+                   memory_bound_bytes=tracker.memory_bytes, comm=_collect_comm(rec, rec.megatron),
+                   sim_seconds=time.perf_counter() - t0, ops=tracker.ops)
+
+
+def _combine(parts: list[tuple[float, RankSim]], spec: SimSpec, seconds: float) -> RankSim:
+    """The linear combination sum_i w_i X_i of simulated records (every field of a record is a sum over layers)."""
+    comm: dict[tuple, CommStat] = {}
+    for w, sim in parts:
+        for c in sim.comm:
+            key = (c.group, c.op, c.tag, c.group_size)
+            acc = comm.setdefault(key, CommStat(c.group, c.op, c.tag, c.group_size))
+            acc.calls += w * c.calls
+            acc.bytes += w * c.bytes
+    classes = sorted({k for _, sim in parts for k in sim.flops})
+
+    def lin(get) -> float:
+        return sum(w * get(sim) for w, sim in parts)
+
+    stats = [replace(c, calls=int(round(c.calls)), bytes=int(round(c.bytes))) for c in comm.values()
+             if round(c.calls) > 0]
+    return RankSim(
+        spec=spec, world=parts[0][1].world,
+        params_local=int(round(lin(lambda r: r.params_local))),
+        params_tp_replicated=int(round(lin(lambda r: r.params_tp_replicated))),
+        param_bytes=int(round(lin(lambda r: r.param_bytes))),
+        activation_peak_bytes=int(round(lin(lambda r: r.activation_peak_bytes))),
+        activation_after_forward_bytes=int(round(lin(lambda r: r.activation_after_forward_bytes))),
+        flops={c: lin(lambda r, c=c: r.flops.get(c, 0.0)) for c in classes},
+        memory_bound_bytes=lin(lambda r: r.memory_bound_bytes),
+        comm=sorted(stats, key=lambda c: (c.group, c.tag, c.op)),
+        sim_seconds=seconds, ops=sum(sim.ops for _, sim in parts))
+
+
+def spec_key(spec: SimSpec) -> str:
+    """A hashable, stable key of everything a simulation depends on."""
+    import json
+    from dataclasses import asdict
+
+    return json.dumps(asdict(spec), sort_keys=True)
+
+
+def layer_variant(spec: SimSpec, mixer: str, num_layers: int) -> SimSpec:
+    """`spec` with a model of `num_layers` layers of one mixer type (the other type's SP method reset to its
+    default, so that variants which cannot differ share a cache key)."""
+    cfg = spec.model
+    defaults = ModelConfig()
+    model = replace(cfg, layer_pattern=mixer, num_layers=num_layers,
+                    softmax_sp=cfg.softmax_sp if mixer == "A" else defaults.softmax_sp,
+                    linear_sp=cfg.linear_sp if mixer == "L" else defaults.linear_sp)
+    return replace(spec, model=model)
+
+
+def simulate_composed(spec: SimSpec, cache: dict | None = None) -> RankSim:
+    """`simulate_rank` of the whole model, composed from short models of one layer type each.
+
+    Every record of a step (FLOPs, bytes, calls, parameters) is a sum over layers plus the embedding and the
+    output layer, so with X_m(n) the record of an n-layer model of mixer m, one layer of m adds
+    D_m = X_m(2) - X_m(1) and the rest is B = X_m(1) - D_m; the model is B + sum_m n_m D_m. The activation peak
+    is composed the same way: it is reached when backward starts (every layer's saved tensors alive, plus the
+    output layer's), which adds up per layer; tests/plan/test_simulate.py checks it against whole-model
+    simulation. `cache` (a dict) keeps the short simulations across calls (a search reuses them).
+    """
+    cfg = spec.model
+    counts: dict[str, int] = {}
+    for m in cfg.mixers:
+        counts[m] = counts.get(m, 0) + 1
+    t0 = time.perf_counter()
+    cache = {} if cache is None else cache
+
+    def sim(s: SimSpec) -> RankSim:
+        key = spec_key(s)
+        if key not in cache:
+            cache[key] = simulate_rank(s)
+        return cache[key]
+
+    parts: list[tuple[float, RankSim]] = []
+    for i, (m, n) in enumerate(sorted(counts.items())):
+        one, two = sim(layer_variant(spec, m, 1)), sim(layer_variant(spec, m, 2))
+        if i == 0:  # the base (embedding, output layer, loss) once: B = 2 X(1) - X(2)
+            parts += [(2.0, one), (-1.0, two)]
+        parts += [(float(n), two), (-float(n), one)]
+    return _combine(parts, spec, time.perf_counter() - t0)
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """The model's training FLOPs per token (lctrain.models.flops), the numerator of MFU."""
+    from lctrain.models.flops import flops_per_token
+
+    return flops_per_token(cfg, seq_len)
+
+
+__all__ = ["ACTIVATION_CHECKPOINTING", "CommStat", "RankSim", "SimSpec", "StepTracker",
+           "lightning_flops_fwd", "model_flops_per_token", "run_step", "simulate_composed", "layer_variant", "simulate_rank"]
