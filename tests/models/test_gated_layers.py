@@ -26,7 +26,8 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("world,meshes", [(2, [(2, 1), (1, 2)]), (4, [(1, 4), (2, 2)])])
+@pytest.mark.parametrize("world,meshes", [(2, [(2, 1), (1, 2)]),
+                                         pytest.param(4, [(1, 4), (2, 2)], marks=pytest.mark.slow)])
 def test_gated_model_matches_single_process(world, meshes):
     seed = random.randrange(2**31)
     counts = run_distributed(_check_variants, world, seed, meshes, VARIANTS)

@@ -1,5 +1,5 @@
-"""LASP-2 for gated recurrences (the gated delta rule; gated linear attention with data-dependent gates) equals
-the token-by-token recurrence on the unsharded sequence -- output, final state and the gradients of q, k, v,
+"""LASP-2 (and the LASP-1 baseline) for gated recurrences (the gated delta rule; gated linear attention with
+data-dependent gates) equals the token-by-token recurrence on the unsharded sequence -- output, final state and the gradients of q, k, v,
 gates, beta and the initial state -- on worlds 1-4, both layouts, with one all-gather forward and one backward
 whose size does not depend on the sequence length; bad inputs fail on every rank before any collective.
 
@@ -18,6 +18,7 @@ from lctrain.ops.gated_delta_ref import gated_delta_rule_recurrent
 from lctrain.ops.gla_ref import gla_recurrent
 from lctrain.parallel import MeshConfig, comm, init_mesh, shard_sequence
 from lctrain.sp import lasp2_delta_attention
+from lctrain.sp.lasp1_delta import lasp1_chunk_map_attention
 from lctrain.sp.lasp2_delta import lasp2_chunk_map_attention
 from lctrain.testing import run_distributed
 from tests.ops.gated_cases import make_gate, make_qkv, per_head_close
@@ -39,12 +40,21 @@ CONFIGS = [
 ]
 
 
+#: LASP-1 runs on the contiguous layout and returns no final state.
+LASP1_CONFIGS = [
+    ("delta", "scalar", "contiguous", torch.float64, True, False),
+    ("scalar", "scalar", "contiguous", torch.float64, True, False),
+    ("vector", "vector", "contiguous", torch.float64, False, False),
+]
+
+
 def _sharded(x, layout):
     return shard_sequence(x, dim=1, layout=layout)
 
 
-def _check(cfg, seed):
-    """Compare LASP-2 on this rank's shard to the float64 recurrence on the full sequence; return the recorder."""
+def _check(cfg, seed, method="lasp2"):
+    """Compare LASP-2 (or LASP-1) on this rank's shard to the float64 recurrence on the full sequence; return the
+    recorder."""
     variant, gate, layout, dtype, with_init, with_final = cfg
     world, rank = dist.get_world_size(), dist.get_rank()
     gen = torch.Generator().manual_seed(seed)  # identical full tensors on every rank
@@ -71,7 +81,9 @@ def _check(cfg, seed):
     loc = [_sharded(x, layout) if (x is not None and x.dim() >= 3) else x for x in full[:5]] + [s0]
     loc = [x.to(dtype).detach().requires_grad_(True) if x is not None else None for x in loc]
     with comm.record_comm() as rec:
-        if variant == "delta":
+        if method == "lasp1":
+            out = lasp1_chunk_map_attention(*loc[:5], variant, initial_state=loc[5])
+        elif variant == "delta":
             out = lasp2_delta_attention(loc[0], loc[1], loc[2], loc[4], log_decay=loc[3], layout=layout,
                                         initial_state=loc[5], output_final_state=with_final)
         else:
@@ -117,10 +129,17 @@ def _all_configs(seed):
                 (cfg, rec.events)
             assert set(rec.summary()) <= {"all_gather", "all_gather_object"}, rec.summary()
             assert rec.calls("all_gather") == 2, rec.summary()
+    # LASP-1 (contiguous, no final state): the state passed serially, P-1 sends each way in all.
+    for i, cfg in enumerate(LASP1_CONFIGS):
+        rec = _check(cfg, seed + 100 + i, method="lasp1")
+        sends = rec.calls("send", "lasp1")
+        total = comm.all_reduce(torch.tensor(float(sends)))
+        assert int(total) == 2 * (world - 1), (cfg, rec.summary())
+        assert set(rec.summary()) <= {"send", "recv", "all_gather_object"}, rec.summary()
     return True
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_lasp2_gated_matches_recurrence(world):
     seed = int(torch.randint(0, 2**31, ()).item())
     assert all(run_distributed(_all_configs, world, seed))
