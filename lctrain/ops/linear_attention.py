@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from lctrain.ops.debug import debug_checks_enabled, log_decay_problem
 from lctrain.ops.linear_attention_ref import compute_dtype, linear_attention_ref
 from lctrain.ops.registry import BackendRegistry, always
 
@@ -220,7 +221,11 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.
 def check_linear_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   log_decay: torch.Tensor | None = None,
                                   initial_state: torch.Tensor | None = None) -> None:
-    """Raise ValueError when shapes or the decay are not what `linear_attention` accepts."""
+    """Raise ValueError when shapes are not what `linear_attention` accepts (host metadata only).
+
+    Whether the decay values are <= 0 is checked only with debug checks on (`lctrain.ops.debug`): that check
+    synchronises the device. Check a decay parameter once with `lctrain.ops.debug.check_log_decay`.
+    """
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must be [b, s, h, dk] with the same shape, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
@@ -232,8 +237,10 @@ def check_linear_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if log_decay is not None:
         if log_decay.shape != (h,):
             raise ValueError(f"log_decay must be [heads] = [{h}], got {tuple(log_decay.shape)}")
-        if bool((log_decay > 0).any()):
-            raise ValueError(f"log_decay must be <= 0 (a decay lambda <= 1), got max {log_decay.max().item():.4g}")
+        # A value check reads the device: only under the debug switch (lctrain.ops.debug), never per call.
+        problem = log_decay_problem(log_decay) if debug_checks_enabled() else None
+        if problem:
+            raise ValueError(problem)
     if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
         raise ValueError(f"initial_state must be [b, h, dk, dv] = {(b, h, dk, v.shape[-1])}, "
                          f"got {tuple(initial_state.shape)}")

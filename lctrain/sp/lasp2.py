@@ -2,28 +2,35 @@
 
 Each CP rank holds one chunk of C tokens (contiguous layout) or two (zigzag: chunks r and 2P-1-r of 2P).
 For every chunk it holds it computes the chunk's memory state M_g = sum_s lambda^(C-1-s) k_s^T v_s
-(`[b, h, dk, dv]`, float32, independent of the sequence length); one all-gather brings every M to every
-rank, which forms the state entering each of its chunks locally,
+(`[b, h, dk, dv]`, float32, independent of the sequence length) and starts ONE asynchronous all-gather of
+the M; while it is in flight the rank computes the intra-chunk causal term through the local backend
+dispatch (it does not need the other chunks). Then it forms the state entering each of its chunks locally,
 
     S_g = sum_{j<g} lambda^(C (g-1-j)) M_j,
 
-and runs causal linear attention on the chunk starting from S_g (intra-chunk part + (q_t lambda^(t+1)) S_g)
-through the local backend dispatch. The backward pass recomputes the local pass, all-gathers the gradients
-dS_g of the entering states (the second and last collective) and forms each chunk's dM_j = sum_{g>j}
-lambda^(C (g-1-j)) dS_g locally. Non-causal: o = q . (sum of all M). Derivation: README_lasp2.md.
+and adds the inter-chunk term (q_t lambda^(t+1)) S_g, a local einsum. The backward pass forms the gradients
+dS_g of the entering states (one einsum), starts their all-gather (the second and last collective) and
+differentiates the intra-chunk term while it is in flight, from the autograd graph kept in forward (no
+recomputation of the local pass); then each chunk's dM_j = sum_{g>j} lambda^(C (g-1-j)) dS_g is formed
+locally. Non-causal: o = q . (sum of all M). Derivation: README_lasp2.md.
 
-`check_linear_sp_inputs` (shared with LASP-1) validates inputs on every rank before any collective.
+`check_linear_sp_inputs` (shared with LASP-1) validates inputs on every rank before any collective, with
+one agreement exchange per call signature (`lctrain.sp.utils.agree_once`).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 
+from lctrain.ops.debug import debug_checks_enabled
 from lctrain.ops.linear_attention import check_linear_attention_inputs, linear_attention, memory_state
 from lctrain.ops.linear_attention_ref import compute_dtype
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
-from lctrain.parallel.sharding import LAYOUTS, chunk_ids
+from lctrain.parallel.sharding import LAYOUTS
+from lctrain.sp.utils import agree_once
 
 
 def check_linear_sp_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -31,14 +38,16 @@ def check_linear_sp_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
                            layout: str) -> tuple[int, int]:
     """Validate the inputs of a linear-attention SP call on every rank of `group`, before any collective.
 
-    Local problems (shapes, decay > 0, decay without causal, a zigzag slice of odd length) and differences
-    between ranks (shapes, dtype, decay or not, mode) are exchanged as metadata (one small uncounted
-    object all-gather), so every rank raises the same ValueError instead of some ranks hanging.
+    Local problems (shapes, decay without causal, a zigzag slice of odd length; decay values > 0 only with
+    debug checks on, see `lctrain.ops.debug`) and differences between ranks (shapes, dtype, decay or not,
+    mode) are exchanged once per signature (`agree_once`), so every rank raises the same ValueError instead
+    of some ranks hanging. With debug checks on, the exchange runs on every call (values may change).
 
     Returns:
         (this rank, group size).
     """
-    error = None
+    rank, world = comm.group_rank(group), comm.group_size(group)
+    problem = None
     try:
         if layout not in LAYOUTS:
             raise ValueError(f"unknown CP layout {layout!r}; expected one of {LAYOUTS}")
@@ -49,47 +58,63 @@ def check_linear_sp_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
         if q.shape[1] == 0:
             raise ValueError("this rank holds an empty sequence slice")
     except ValueError as err:
-        error = str(err)
-    rank, world = comm.group_rank(group), comm.group_size(group)
-    if error is None and layout == "zigzag" and q.shape[1] % 2:
-        error = (f"sequence length {q.shape[1] * world} is not divisible by 2*CP = {2 * world} (zigzag layout: "
-                 f"this rank's slice has odd length {q.shape[1]})")
-    sig = (tuple(q.shape), tuple(v.shape), str(q.dtype), log_decay is None, bool(causal), layout, q.device.type)
-    metas = comm.all_gather_object((error, sig), group) if world > 1 else [(error, sig)]
-    errors = [(r, e) for r, (e, _) in enumerate(metas) if e is not None]
-    if errors:
-        raise ValueError(f"{name}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
-    sigs = [s for _, s in metas]
-    if any(s != sigs[0] for s in sigs):
-        lens = [s[0][1] for s in sigs]
-        hint = (f" (sequence lengths per rank {lens}: the full sequence must split evenly, i.e. be divisible "
-                f"by {'2*CP' if layout == 'zigzag' else 'CP'} = {(2 if layout == 'zigzag' else 1) * world})"
-                if len(set(lens)) > 1 else "")
-        detail = "; ".join(f"rank {r}: q {s[0]}, v {s[1]}, {s[2]}, decay={not s[3]}, causal={s[4]}, layout={s[5]}"
-                           for r, s in enumerate(sigs))
-        raise ValueError(f"{name}: inputs differ between CP ranks{hint}: {detail}")
+        problem = str(err)
+    if problem is None and layout == "zigzag" and q.shape[1] % 2:
+        problem = (f"sequence length {q.shape[1] * world} is not divisible by 2*CP = {2 * world} (zigzag layout: "
+                   f"this rank's slice has odd length {q.shape[1]})")
+    fields = (("q shape", tuple(q.shape)), ("k shape", tuple(k.shape)), ("v shape", tuple(v.shape)),
+              ("dtype", str(q.dtype)), ("device", q.device.type), ("causal", bool(causal)), ("layout", layout),
+              ("decay", None if log_decay is None else (tuple(log_decay.shape), str(log_decay.dtype))))
+
+    def hint(values: list[tuple]) -> str:
+        lens = [val[0][1] if len(val[0]) > 1 else None for val in values]
+        if len(set(lens)) == 1:
+            return ""
+        parts = 2 if layout == "zigzag" else 1
+        return (f" (sequence lengths per rank {lens}: the full sequence must split evenly, i.e. be divisible by "
+                f"{'2*CP' if parts == 2 else 'CP'} = {parts * world})")
+
+    agree_once(name, group, problem, fields, (q, k, v), cache=not debug_checks_enabled(), hint=hint)
     return rank, world
 
 
-def _prefix_weights(log_decay: torch.Tensor | None, num_chunks: int, chunk_len: int, num_heads: int,
-                    dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """W[g, j, h] = lambda_h^(C (g-1-j)) for j < g, else 0: how chunk j's state reaches the start of chunk g."""
-    g = torch.arange(num_chunks, device=device)
-    steps = (g[:, None] - 1 - g[None, :])  # [G, G]
+def _chunk_gids(rank: torch.Tensor | int, world: int, n_loc: int, device: torch.device) -> torch.Tensor:
+    """Global chunk index of slot `m % n_loc` of rank `rank` (a tensor of ranks, or one rank), device math only."""
+    slot = torch.arange(n_loc, device=device)
+    r = rank if isinstance(rank, torch.Tensor) else torch.full((n_loc,), rank, device=device)
+    if n_loc == 1:
+        return r.reshape(-1)
+    # zigzag: slot 0 is chunk r, slot 1 is chunk 2P-1-r.
+    return torch.where(slot % 2 == 0, r, 2 * world - 1 - r).reshape(-1)
+
+
+def _all_gids(world: int, n_loc: int, device: torch.device) -> torch.Tensor:
+    """Global chunk index of every entry of a rank-major all-gather of per-chunk states `[world*n_loc]`."""
+    m = torch.arange(world * n_loc, device=device)
+    r = m // n_loc
+    if n_loc == 1:
+        return r
+    return torch.where(m % n_loc == 0, r, 2 * world - 1 - r)
+
+
+def _prefix_weights(log_decay: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor, chunk_len: int,
+                    num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """W[a, c, h] = lambda_h^(C (rows[a]-1-cols[c])) if cols[c] < rows[a], else 0 (chunk cols[c] -> start of rows[a])."""
+    steps = rows[:, None] - 1 - cols[None, :]  # [A, B]
     before = (steps >= 0).to(dtype)
     if log_decay is None:
-        return before[..., None].expand(num_chunks, num_chunks, num_heads)
+        return before[..., None].expand(*steps.shape, num_heads)
     expo = (steps.clamp_min(0) * chunk_len).to(dtype)
-    return torch.exp(expo[..., None] * log_decay.to(dtype)) * before[..., None]  # [G, G, h]
+    return torch.exp(expo[..., None] * log_decay.to(dtype)) * before[..., None]  # [A, B, h]
 
 
-def _gather_chunks(x: torch.Tensor, group: dist.ProcessGroup | None, layout: str, world: int) -> torch.Tensor:
-    """All-gather per-chunk states `[n_loc, b, h, dk, dv]` and put them in global chunk order `[G, ...]`."""
-    gathered = comm.all_gather(x, group=group)  # rank-major: rank r's chunks chunk_ids(r)
-    order = [g for r in range(world) for g in chunk_ids(r, world, layout)]
-    out = torch.empty_like(gathered)
-    out[order] = gathered
-    return out
+def _q_decay(log_decay: torch.Tensor | None, chunk_len: int, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor | None:
+    """lambda^(i+1) for the chunk's positions i, `[C, h]` (None without decay)."""
+    if log_decay is None:
+        return None
+    i = torch.arange(1, chunk_len + 1, device=device, dtype=dtype)
+    return torch.exp(i[:, None] * log_decay.to(dtype)[None, :])
 
 
 def _stack_chunks(x: torch.Tensor, n_loc: int) -> torch.Tensor:
@@ -102,17 +127,12 @@ def _unstack_chunks(x: torch.Tensor, n_loc: int) -> torch.Tensor:
     return torch.cat(x.chunk(n_loc, dim=0), dim=1) if n_loc > 1 else x
 
 
-def _needs_decay_grad(ctx) -> bool:
-    return bool(ctx.needs_input_grad[3])
-
-
 class _LASP2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, group, causal, layout, rank, world):
         sdt = compute_dtype(q.dtype)
-        ids = chunk_ids(rank, world, layout)
-        n_loc = len(ids)
-        ctx.group, ctx.causal, ctx.layout, ctx.rank, ctx.world = group, causal, layout, rank, world
+        n_loc = 2 if layout == "zigzag" and causal else 1
+        ctx.group, ctx.causal, ctx.rank, ctx.world, ctx.n_loc = group, causal, rank, world, n_loc
         if not causal:
             mem = memory_state(k, v)[None]  # [1, b, h, dk, dv], every local token counts
             with comm.comm_tag("lasp2.fwd"):
@@ -122,68 +142,93 @@ class _LASP2(torch.autograd.Function):
 
         b, s, h, _ = q.shape
         chunk_len = s // n_loc
+        decay_grad = bool(ctx.needs_input_grad[3])
+        track = any(ctx.needs_input_grad[:4])
         qs, ks, vs = (_stack_chunks(x, n_loc) for x in (q, k, v))  # [n_loc*b, C, h, d]
-        mem = memory_state(ks, vs, log_decay)  # [n_loc*b, h, dk, dv]
+        # The local terms are built under autograd and their graph is kept for backward (O(S/P), no recompute).
+        grad_mode = torch.enable_grad() if track else contextlib.nullcontext()
+        with grad_mode:
+            leaves = [x.detach().requires_grad_(track) for x in (qs, ks, vs)]
+            ld = log_decay.detach().requires_grad_(decay_grad) if log_decay is not None else None
+            mem = memory_state(leaves[1], leaves[2], ld)  # [n_loc*b, h, dk, dv]
         with comm.comm_tag("lasp2.fwd"):
-            mem_all = _gather_chunks(mem.view(n_loc, b, *mem.shape[1:]), group, layout, world)  # [G, b, h, dk, dv]
-        weights = _prefix_weights(log_decay, n_loc * world, chunk_len, h, sdt, q.device)  # [G, G, h]
-        entering = torch.einsum("gjh,jbhkv->gbhkv", weights[ids], mem_all).flatten(0, 1)  # [n_loc*b, h, dk, dv]
-        o, _ = linear_attention(qs, ks, vs, log_decay, initial_state=entering)
-        ctx.save_for_backward(q, k, v, log_decay, entering, mem_all if _needs_decay_grad(ctx) else None)
-        return _unstack_chunks(o, n_loc)
+            pending = comm.all_gather(mem.detach().view(n_loc, b, *mem.shape[1:]), group=group, async_op=True)
+        with grad_mode:
+            o_intra, _ = linear_attention(*leaves, ld)  # overlaps the all-gather
+        mem_all = pending.wait()  # [world*n_loc, b, h, dk, dv], rank-major
+        own = _chunk_gids(rank, world, n_loc, q.device)
+        weights = _prefix_weights(log_decay, own, _all_gids(world, n_loc, q.device), chunk_len, h, sdt)
+        entering = torch.einsum("gjh,jbhkv->gbhkv", weights, mem_all).flatten(0, 1)  # [n_loc*b, h, dk, dv]
+        q_in = qs.to(sdt)
+        q_dec = _q_decay(log_decay, chunk_len, sdt, q.device)
+        if q_dec is not None:
+            q_in = q_in * q_dec[:, :, None]
+        o = o_intra.detach().to(sdt) + torch.einsum("bshk,bhkv->bshv", q_in, entering)
+        ctx.save_for_backward(q, log_decay, entering, mem_all if decay_grad else None)
+        ctx.graph = (o_intra, mem, leaves, ld) if track else None
+        return _unstack_chunks(o, n_loc).to(v.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        group, layout, rank, world = ctx.group, ctx.layout, ctx.rank, ctx.world
+        group, rank, world, n_loc = ctx.group, ctx.rank, ctx.world, ctx.n_loc
         if not ctx.causal:
             q, k, v, total = ctx.saved_tensors
             sdt = total.dtype
             d_total = torch.einsum("bshk,bshv->bhkv", q.to(sdt), do.to(sdt))[None]  # this rank's share of d(sum M)
             with comm.comm_tag("lasp2.bwd"):
-                d_mem = comm.all_gather(d_total, group=group).sum(0)  # [b, h, dk, dv]
-            dq = torch.einsum("bshv,bhkv->bshk", do.to(sdt), total)
+                pending = comm.all_gather(d_total, group=group, async_op=True)
+            dq = torch.einsum("bshv,bhkv->bshk", do.to(sdt), total)  # overlaps the all-gather
+            d_mem = pending.wait().sum(0)  # [b, h, dk, dv]
             dk = torch.einsum("bshv,bhkv->bshk", v.to(sdt), d_mem)
             dv = torch.einsum("bshk,bhkv->bshv", k.to(sdt), d_mem)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
-        q, k, v, log_decay, entering, mem_all = ctx.saved_tensors
-        decay_grad = _needs_decay_grad(ctx)
-        ids = chunk_ids(rank, world, layout)
-        n_loc = len(ids)
-        b, s = q.shape[:2]
+        q, log_decay, entering, mem_all = ctx.saved_tensors
+        o_intra, mem, leaves, ld = ctx.graph
+        ctx.graph = None
+        decay_grad = ld is not None and ld.requires_grad
+        b, s, h, _ = q.shape
         chunk_len = s // n_loc
         sdt = entering.dtype
-        with torch.enable_grad():
-            qs, ks, vs = (_stack_chunks(x, n_loc).detach().requires_grad_(True) for x in (q, k, v))
-            s_in = entering.detach().requires_grad_(True)
-            ld = log_decay.detach().requires_grad_(True) if decay_grad else log_decay
-            o, _ = linear_attention(qs, ks, vs, ld, initial_state=s_in)
-            inputs = [qs, ks, vs, s_in] + ([ld] if decay_grad else [])
-            grads = torch.autograd.grad(o, inputs, _stack_chunks(do, n_loc))
-        dqs, dks, dvs, d_in = grads[:4]
-        d_ld = grads[4] if decay_grad else None
-
+        dos = _stack_chunks(do, n_loc)  # [n_loc*b, C, h, dv]
+        q_dec = _q_decay(log_decay, chunk_len, sdt, q.device)  # [C, h] or None
+        q_in = leaves[0].detach().to(sdt)
+        if q_dec is not None:
+            q_in = q_in * q_dec[:, :, None]
+        # dL/dS_g for this rank's chunks, from the inter-chunk term o += (q_t lambda^(t+1)) S_g.
+        d_in = torch.einsum("bshk,bshv->bhkv", q_in, dos.to(sdt))  # [n_loc*b, h, dk, dv]
         with comm.comm_tag("lasp2.bwd"):
-            d_in_all = _gather_chunks(d_in.view(n_loc, b, *d_in.shape[1:]), group, layout, world)  # [G, b, h, dk, dv]
-        num_chunks = n_loc * world
-        with torch.enable_grad():
-            weights = _prefix_weights(ld, num_chunks, chunk_len, q.shape[2], sdt, q.device)  # [G, G, h]
-            # dM_j = sum_{g>j} W[g, j] dS_g for this rank's chunks j (a suffix sum over later chunks).
-            d_mem = torch.einsum("gjh,gbhkv->jbhkv", weights[:, ids].detach(), d_in_all).flatten(0, 1)
-            ks2, vs2 = ks.detach().requires_grad_(True), vs.detach().requires_grad_(True)
-            mem = memory_state(ks2, vs2, ld)
-            outs, outs_grad = [mem], [d_mem]
-            if decay_grad:
-                # The decay also enters through the prefix weights that formed this rank's entering states.
-                outs.append(torch.einsum("gjh,jbhkv->gbhkv", weights[ids], mem_all).flatten(0, 1))
-                outs_grad.append(d_in)
-            grads = torch.autograd.grad(outs, [ks2, vs2] + ([ld] if decay_grad else []), outs_grad)
-        dks = dks + grads[0]
-        dvs = dvs + grads[1]
+            pending = comm.all_gather(d_in.view(n_loc, b, *d_in.shape[1:]), group=group, async_op=True)
+
+        # While the all-gather is in flight: the intra-chunk gradients (from the kept graph) and the inter dq.
+        wrt = list(leaves) + ([ld] if decay_grad else [])
+        grads = torch.autograd.grad(o_intra, wrt, dos.to(o_intra.dtype))
+        dqs = grads[0].to(sdt)
+        dq_raw = torch.einsum("bshv,bhkv->bshk", dos.to(sdt), entering)  # d(q_in) of the inter term
+        dqs = dqs + (dq_raw * q_dec[:, :, None] if q_dec is not None else dq_raw)
+        d_ld = None
         if decay_grad:
-            d_ld = (d_ld + grads[2]).to(log_decay.dtype)
+            pos = torch.arange(1, chunk_len + 1, device=q.device, dtype=sdt)
+            d_ld = grads[3].to(sdt) + torch.einsum("bshk,bshk,s->h", q_in, dq_raw, pos)
+
+        d_in_all = pending.wait()  # [world*n_loc, b, h, dk, dv], rank-major
+        own = _chunk_gids(rank, world, n_loc, q.device)
+        every = _all_gids(world, n_loc, q.device)
+        # dM_j = sum_{g>j} W[g, j] dS_g for this rank's chunks j (a suffix sum over later chunks).
+        w_back = _prefix_weights(log_decay, every, own, chunk_len, h, sdt)  # [G, n_loc, h]
+        d_mem = torch.einsum("gjh,gbhkv->jbhkv", w_back, d_in_all).flatten(0, 1)  # [n_loc*b, h, dk, dv]
+        mem_grads = torch.autograd.grad(mem, [leaves[1], leaves[2]] + ([ld] if decay_grad else []), d_mem)
+        dks = grads[1].to(sdt) + mem_grads[0]
+        dvs = grads[2].to(sdt) + mem_grads[1]
+        if decay_grad:
+            # The decay also enters through the prefix weights that formed this rank's entering states:
+            # dW[g, j]/dlog(lambda) = C (g-1-j) W[g, j].
+            w_fwd = _prefix_weights(log_decay, own, every, chunk_len, h, sdt)  # [n_loc, G, h]
+            steps = ((own[:, None] - 1 - every[None, :]).clamp_min(0) * chunk_len).to(sdt)
+            d_w = torch.einsum("gbhkv,jbhkv->gjh", d_in.view(n_loc, b, *d_in.shape[1:]), mem_all)
+            d_ld = (d_ld + mem_grads[2] + (d_w * w_fwd * steps[..., None]).sum((0, 1))).to(log_decay.dtype)
         dq, dk, dv = (_unstack_chunks(x, n_loc) for x in (dqs, dks, dvs))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_ld, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(q.dtype), dv.to(do.dtype), d_ld, None, None, None, None, None
 
 
 def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
@@ -196,7 +241,8 @@ def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
         v: `[b, s_local, h, dv]`.
         log_decay: `[h]`, log(lambda) <= 0 per head (identical on every rank), or None (lambda = 1). When it
             requires grad, each rank returns its own contribution to the gradient; the sum over the CP group
-            (which the DP x CP gradient reduction forms) is the gradient of the whole sequence's loss.
+            (which the DP x CP gradient reduction forms) is the gradient of the whole sequence's loss. Its
+            values are not checked per call (that would synchronise the device): see `lctrain.ops.debug`.
         group: the CP group (default: the mesh's).
         causal: causal (with optional decay) or full non-causal linear attention (no decay).
         layout: "contiguous" (rank r holds chunk r of P) or "zigzag" (chunks r and 2P-1-r of 2P).
@@ -204,7 +250,9 @@ def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
         `o` `[b, s_local, h, dv]` in v's dtype: this rank's rows of linear attention over the full sequence.
 
     Communication: one all-gather of `n_chunks * b * h * dk * dv` float32 per rank forward (n_chunks = 1
-    contiguous, 2 zigzag), one of the same size backward, whatever the sequence length.
+    contiguous, 2 zigzag), one of the same size backward, whatever the sequence length; each is issued
+    asynchronously and overlapped with the intra-chunk compute. After the first call of a signature nothing
+    else goes on the wire and nothing synchronises the host.
     """
     group = cp_group_or_default(group)
     rank, world = check_linear_sp_inputs("lasp2_linear_attention", q, k, v, log_decay, group, causal, layout)

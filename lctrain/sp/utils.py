@@ -1,12 +1,20 @@
-"""Plumbing shared by the softmax sequence-parallel methods: input checks, the log-sum-exp merge, layouts.
+"""Plumbing shared by the sequence-parallel methods: the once-per-signature input agreement, the log-sum-exp
+merge, layouts.
 
 The merge itself (`merge_attention`, float32 accumulation) lives with the local attention ops, which also
 use it to split causal problems; it is re-exported here for the SP methods.
 
-Input checks run on every rank and end in one metadata exchange (an object all-gather, not counted as
-payload), so a rank with a bad shape cannot leave the others waiting in a collective: every rank raises
-the same ValueError before any tensor is communicated. Set LCTRAIN_SP_CHECK_RANKS=0 to skip the exchange
-once a model's shapes are known to be consistent (each rank then only checks its own inputs).
+Input checks (:func:`agree_once`) run on every rank before a method's first collective. Each rank checks its
+own inputs' metadata (shapes, dtypes, layout: host-side, free); then, the FIRST time a call signature
+(method, group, shapes, dtypes, devices, layout, causal, ...) is seen, the ranks exchange it once (one small
+object all-gather, counted as "all_gather_object"), so a rank with a bad shape cannot leave the others waiting
+in a collective: every rank raises the same ValueError before any tensor is communicated. Signatures that
+passed are cached, so in steady state an SP call issues nothing but its algorithm's collectives. The cache
+assumes the ranks keep running the same program once they agreed on a signature (a later divergence is
+caught by the process group's timeout, not by a ValueError). The exchange is skipped
+- with env LCTRAIN_SP_CHECK_RANKS=0 (each rank then only checks its own inputs),
+- on torch's "fake" backend or for FakeTensors (the planner's simulation: no data, no object collectives).
+`clear_agreement_cache()` forgets every signature (the test harness calls it before each task).
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
 
 from lctrain.ops.attention_merge import merge_attention
 from lctrain.ops.attention_ref import compute_dtype
@@ -24,8 +33,8 @@ from lctrain.parallel.sharding import LAYOUTS
 #: Optional per-method check: (q, k, v, cp) -> an error message or None.
 ExtraCheck = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], "str | None"]
 
-__all__ = ["compute_dtype", "resolve_scale", "check_inputs", "merge_attention", "rank_major_to_global",
-           "global_to_rank_major"]
+__all__ = ["compute_dtype", "resolve_scale", "agree_once", "check_inputs", "clear_agreement_cache",
+           "merge_attention", "rank_major_to_global", "global_to_rank_major"]
 
 
 def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
@@ -58,31 +67,76 @@ def _local_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: int, l
     return extra(q, k, v, cp) if extra is not None else None
 
 
+_AGREED: dict[tuple, None] = {}
+#: Distinct signatures remembered before the cache starts over (a run has a handful).
+_MAX_AGREED = 4096
+
+
+def clear_agreement_cache() -> None:
+    """Forget every agreed signature: the next call of each signature exchanges it again."""
+    _AGREED.clear()
+
+
+def _skip_exchange(group: dist.ProcessGroup | None, tensors: tuple) -> bool:
+    if os.environ.get("LCTRAIN_SP_CHECK_RANKS", "1") == "0" or comm.is_fake_group(group):
+        return True
+    return any(isinstance(t, FakeTensor) for t in tensors)
+
+
+def agree_once(method: str, group: dist.ProcessGroup | None, problem: str | None,
+               fields: tuple[tuple[str, object], ...], tensors: tuple = (), cache: bool = True,
+               hint: Callable[[list[tuple]], str] | None = None) -> None:
+    """Raise the same ValueError on every rank of `group` if any rank has a `problem` or the ranks' `fields` differ.
+
+    Args:
+        method: the SP function's name (starts every message).
+        group: the CP group.
+        problem: this rank's own input problem (None: fine); a function of `fields` only (host metadata).
+        fields: (name, value) pairs that every rank must agree on; with `method` and `group` they are the
+            signature that is exchanged once and then cached.
+        tensors: the call's tensors (only inspected for FakeTensors).
+        cache: False exchanges on every call (used while value checks, which depend on data, are on).
+        hint: optional extra text for a disagreement, from every rank's field values.
+    """
+    cp = comm.group_size(group)
+    key = (method, group, fields)
+    if problem is None and cache and key in _AGREED:
+        return
+    if cp == 1 or _skip_exchange(group, tensors):
+        if problem:
+            raise ValueError(f"{method}: {problem}")
+        return
+    metas = comm.all_gather_object((problem, tuple(v for _, v in fields)), group)
+    errors = [(r, m[0]) for r, m in enumerate(metas) if m[0]]
+    if errors:
+        raise ValueError(f"{method}: " + "; ".join(f"rank {r} of the CP group: {e}" for r, e in errors))
+    values = [m[1] for m in metas]
+    for i, (name, _) in enumerate(fields):
+        per_rank = [v[i] for v in values]
+        if any(x != per_rank[0] for x in per_rank):
+            listed = ", ".join(f"rank {r}: {x}" for r, x in enumerate(per_rank))
+            extra = hint(values) if hint is not None else ""
+            raise ValueError(f"{method}: inputs differ between CP ranks: they disagree on {name} ({listed}){extra}")
+    if cache:
+        if len(_AGREED) >= _MAX_AGREED:
+            _AGREED.clear()
+        _AGREED[key] = None
+
+
 def check_inputs(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None,
                  causal: bool, layout: str | None, scale: float, extra: ExtraCheck | None = None) -> None:
     """Raise the same ValueError on every rank of `group` when any rank's inputs are bad or ranks disagree.
 
-    Called before the method's first collective; it always reaches the metadata exchange (when enabled),
-    whatever the local inputs, so no rank waits for one that raised.
+    Called before the method's first collective; the agreement exchange happens once per signature (see the
+    module docstring), whatever the local inputs, so no rank waits for one that raised.
     """
     cp = comm.group_size(group)
     problem = _local_problem(q, k, v, cp, layout, extra)
-    if cp == 1 or os.environ.get("LCTRAIN_SP_CHECK_RANKS", "1") == "0":
-        if problem:
-            raise ValueError(f"{method}: {problem}")
-        return
-    meta = (problem, tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), str(k.dtype), str(v.dtype),
-            bool(causal), layout, float(scale))
-    metas = comm.all_gather_object(meta, group)
-    for r, m in enumerate(metas):
-        if m[0]:
-            raise ValueError(f"{method}: rank {r} of the CP group: {m[0]}")
-    names = ("q shape", "k shape", "v shape", "q dtype", "k dtype", "v dtype", "causal", "layout", "softmax_scale")
-    for i, name in enumerate(names, start=1):
-        values = [m[i] for m in metas]
-        if any(x != values[0] for x in values):
-            per_rank = ", ".join(f"rank {r}: {x}" for r, x in enumerate(values))
-            raise ValueError(f"{method}: ranks of the CP group disagree on {name} ({per_rank})")
+    fields = (("q shape", tuple(q.shape)), ("k shape", tuple(k.shape)), ("v shape", tuple(v.shape)),
+              ("q dtype", str(q.dtype)), ("k dtype", str(k.dtype)), ("v dtype", str(v.dtype)),
+              ("device", q.device.type), ("causal", bool(causal)),
+              ("layout", layout), ("softmax_scale", float(scale)))
+    agree_once(method, group, problem, fields, (q, k, v))
 
 
 def rank_major_to_global(x: torch.Tensor, cp: int, dim: int, layout: str) -> torch.Tensor:

@@ -9,7 +9,8 @@ exit when their parent disappears: nothing is left behind.
     results = run_distributed(my_test_fn, world_size=4, arg1, kw=...)   # list indexed by rank
 
 `fn` must be a module-level function (it is sent by module and name); its args must pickle.
-Each task starts with no mesh (`lctrain.parallel.destroy_mesh()`); `fn` builds the one it needs.
+Each task starts with no mesh (`lctrain.parallel.destroy_mesh()`) and no agreed SP call signatures
+(`lctrain.sp.utils.clear_agreement_cache()`); `fn` builds the mesh it needs.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-#: Seconds a collective may wait inside test ranks before it raises (keeps a broken test from hanging).
+#: Seconds a collective may wait inside test ranks before it raises (keeps a broken test from hanging): the
+#: timeout of the ranks' process group, which gloo enforces on every collective.
 TEST_COMM_TIMEOUT_S = float(os.environ.get("LCTRAIN_TEST_COMM_TIMEOUT", "60"))
 
 
@@ -72,7 +74,6 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
-        LCTRAIN_COMM_TIMEOUT=str(TEST_COMM_TIMEOUT_S),
     )
     for p in sys_path:
         if p not in sys.path:
@@ -91,6 +92,7 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
     dist.init_process_group("gloo", rank=rank, world_size=world_size, store=store,
                             timeout=timedelta(seconds=TEST_COMM_TIMEOUT_S))
     from lctrain.parallel import destroy_mesh
+    from lctrain.sp.utils import clear_agreement_cache
 
     while True:
         try:
@@ -103,6 +105,7 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
             break
         try:
             destroy_mesh()
+            clear_agreement_cache()
             fn = _resolve(task.module, task.qualname, task.module_file)
             result = fn(*task.args, **task.kwargs)
             outbox.put((task.task_id, rank, True, result, False))

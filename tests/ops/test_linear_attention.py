@@ -3,6 +3,7 @@ and the backend dispatch picks, forces and registers backends as documented."""
 import pytest
 import torch
 
+from lctrain.ops.debug import check_log_decay, debug_checks
 import lctrain.ops.linear_attention as la
 from lctrain.ops.linear_attention import (default_log_decay, linear_attention, memory_state,
                                           register_linear_attention_backend, select_linear_attention_backend,
@@ -113,8 +114,12 @@ def test_dispatch_forces_and_registers(monkeypatch, request):
 
 def test_bad_inputs_are_clear_errors():
     q, k, v, ld, s0 = _inputs(2, 5, 3, 4, 2, True, True)
-    with pytest.raises(ValueError, match="log_decay must be <= 0"):
+    # Values are checked only under the debug switch (the check synchronises the device).
+    with debug_checks(), pytest.raises(ValueError, match="log_decay must be <= 0"):
         linear_attention(q, k, v, -ld)
+    linear_attention(q, k, v, -ld)
+    with pytest.raises(ValueError, match="log_decay must be <= 0"):
+        check_log_decay(-ld)
     with pytest.raises(ValueError, match=r"log_decay must be \[heads\]"):
         linear_attention(q, k, v, ld[:2])
     with pytest.raises(ValueError, match="q and k must be"):

@@ -1,0 +1,167 @@
+"""Watch the hot path: host syncs and the collectives issued on torch.distributed itself.
+
+Two context managers for tests and benchmarks (both patch process-wide and restore on exit; not thread-safe):
+
+    with count_host_syncs() as syncs:        # Tensor.item / __bool__ / tolist / __int__ / __float__ /
+        step()                               # __index__ / numpy, .cpu() of a device tensor,
+    assert syncs.count == 0, syncs.calls     # torch.cuda.synchronize, Work.wait(timeout=...)
+
+    with watch_collectives() as calls:       # every torch.distributed collective function, by name
+        step()
+    assert calls.counts == {"all_gather_single": 1}
+
+`watch_collectives` wraps the functions of the `torch.distributed` namespace (so it counts what lctrain or
+anyone else issues, independently of lctrain's own recorder) and the Work objects they return, so the order
+of issue and wait is visible in `calls.events`. Not wrapped: `isend`/`irecv` (torch's P2POp insists on the
+original functions; lctrain batches P2P through `batch_isend_irecv`, which is wrapped).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+#: Tensor methods that copy a device value to the host (and so wait for the device).
+HOST_SYNC_METHODS = ("item", "__bool__", "tolist", "__int__", "__float__", "__index__", "numpy")
+
+#: torch.distributed functions counted by `watch_collectives`.
+COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_gather_object", "all_reduce",
+               "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter", "all_to_all", "all_to_all_single",
+               "broadcast", "broadcast_object_list", "barrier", "batch_isend_irecv", "send", "recv", "reduce",
+               "gather", "scatter", "gather_object", "scatter_object_list")
+
+_MISSING = object()
+
+
+@dataclass
+class HostSyncs:
+    """What `count_host_syncs` saw: one name per sync, in order."""
+
+    calls: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+
+@dataclass
+class Collectives:
+    """What `watch_collectives` saw: calls per function name and the ordered ("issue"|"wait", name) events."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    events: list[tuple[str, str]] = field(default_factory=list)
+    timed_waits: int = 0
+
+    def clear(self) -> None:
+        self.counts.clear()
+        self.events.clear()
+        self.timed_waits = 0
+
+
+class _Patches:
+    def __init__(self) -> None:
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def set(self, owner: Any, name: str, value: Any) -> None:
+        self._saved.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type)
+                            else getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def restore(self) -> None:
+        for owner, name, old in reversed(self._saved):
+            if old is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, old)
+        self._saved.clear()
+
+
+class _WatchedWork:
+    """A Work that reports its waits (and whether they carry a host-blocking timeout)."""
+
+    def __init__(self, work: Any, name: str, watch: Collectives, syncs: HostSyncs | None):
+        self._work, self._name, self._watch, self._syncs = work, name, watch, syncs
+
+    def wait(self, timeout: Any = None) -> Any:
+        self._watch.events.append(("wait", self._name))
+        if timeout is not None:
+            self._watch.timed_waits += 1
+            if self._syncs is not None:
+                self._syncs.calls.append(f"Work.wait(timeout=...) of {self._name}")
+            return self._work.wait(timeout)
+        return self._work.wait()
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._work, attr)
+
+
+def _wrap_collective(fn: Callable, name: str, watch: Collectives, syncs: HostSyncs | None) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        watch.counts[name] = watch.counts.get(name, 0) + 1
+        watch.events.append(("issue", name))
+        out = fn(*args, **kwargs)
+        if isinstance(out, list):
+            return [_WatchedWork(w, name, watch, syncs) for w in out]
+        return None if out is None else _WatchedWork(out, name, watch, syncs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def watch_collectives(_syncs: HostSyncs | None = None) -> Iterator[Collectives]:
+    """Count every call of a torch.distributed collective function inside the block (see module docstring)."""
+    watch = Collectives()
+    patches = _Patches()
+    try:
+        for name in COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                patches.set(dist, name, _wrap_collective(fn, name, watch, _syncs))
+        yield watch
+    finally:
+        patches.restore()
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[HostSyncs]:
+    """Count host syncs inside the block: value reads of tensors, device synchronize, timed Work waits."""
+    syncs = HostSyncs()
+    patches = _Patches()
+
+    def counting(name: str, orig: Callable) -> Callable:
+        @functools.wraps(orig)
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            syncs.calls.append(f"Tensor.{name}")
+            return orig(self, *args, **kwargs)
+        return wrapper
+
+    def cpu_copy(orig: Callable) -> Callable:
+        @functools.wraps(orig)
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.device.type not in ("cpu", "meta"):
+                syncs.calls.append("Tensor.cpu")
+            return orig(self, *args, **kwargs)
+        return wrapper
+
+    def cuda_sync(orig: Callable) -> Callable:
+        @functools.wraps(orig)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            syncs.calls.append("torch.cuda.synchronize")
+            return orig(*args, **kwargs)
+        return wrapper
+
+    try:
+        for name in HOST_SYNC_METHODS:
+            orig = getattr(torch.Tensor, name, None)
+            if orig is not None:
+                patches.set(torch.Tensor, name, counting(name, orig))
+        patches.set(torch.Tensor, "cpu", cpu_copy(torch.Tensor.cpu))
+        patches.set(torch.cuda, "synchronize", cuda_sync(torch.cuda.synchronize))
+        with watch_collectives(syncs):
+            yield syncs
+    finally:
+        patches.restore()

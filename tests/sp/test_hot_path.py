@@ -1,0 +1,190 @@
+"""The SP hot path in steady state: only the algorithm's collectives (counted on torch.distributed itself), no
+host syncs, the agreement exchange once per signature, communication issued before the compute it overlaps,
+and every method runnable under FakeTensorMode with the fake backend (the planner's simulation)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lctrain.ops.linear_attention as la
+from lctrain.ops.linear_attention import default_log_decay, register_linear_attention_backend
+from lctrain.ops.linear_attention_ref import linear_attention_ref
+from lctrain.parallel import MeshConfig, comm, init_mesh, shard_sequence
+from lctrain.sp import (allgather_attention, lasp1_linear_attention, lasp2_linear_attention, ring_attention,
+                        ulysses_attention)
+from lctrain.sp.utils import clear_agreement_cache
+from lctrain.testing import run_distributed
+from lctrain.testing.hot_path import count_host_syncs, watch_collectives
+
+LINEAR = ("lasp2", "lasp2_noncausal", "lasp1")
+SOFTMAX = ("ring", "allgather", "ulysses")
+
+
+def _call(method, q, k, v, ld, layout):
+    if method == "lasp2":
+        return lasp2_linear_attention(q, k, v, ld, layout=layout)
+    if method == "lasp2_noncausal":
+        return lasp2_linear_attention(q, k, v, causal=False, layout=layout)
+    if method == "lasp1":
+        return lasp1_linear_attention(q, k, v, ld)
+    fn = {"ring": ring_attention, "allgather": allgather_attention, "ulysses": ulysses_attention}[method]
+    return fn(q, k, v, layout=layout)
+
+
+def expected_calls(method, rank, world):
+    """torch.distributed calls per (forward, backward) that the algorithm names, nothing else."""
+    if world == 1:
+        return {}, {}
+    if method.startswith("lasp2"):
+        return {"all_gather_single": 1}, {"all_gather_single": 1}
+    if method == "lasp1":
+        n = int(rank > 0) + int(rank < world - 1)  # receive from r-1, send to r+1 (reverse in backward)
+        return {"batch_isend_irecv": n}, {"batch_isend_irecv": n}
+    if method == "ring":
+        # K/V move P-1 times forward; backward K/V P-1 times and the dK/dV accumulators P times.
+        return {"batch_isend_irecv": world - 1}, {"batch_isend_irecv": 2 * world - 1}
+    if method == "allgather":
+        # Backward reduce-scatters dK/dV (gloo: an all-reduce).
+        return {"all_gather_single": 1}, {"all_reduce": 1}
+    return {"all_to_all": 3}, {"all_to_all": 3}  # ulysses: q, k/v, o forward; their gradients backward
+
+
+def _steady_state(methods, seed):
+    world, rank = dist.get_world_size(), dist.get_rank()
+    init_mesh(MeshConfig(cp=world))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for method in methods:
+        for layout in (("contiguous",) if method == "lasp1" else ("zigzag", "contiguous")):
+            full = [torch.randn(1, 8 * world, 4, 8, generator=g) for _ in range(4)]
+            q, k, v, do = (shard_sequence(x, layout=layout) for x in full)
+            q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+            ld = default_log_decay(4).requires_grad_(True) if method in ("lasp2", "lasp1") else None
+            _call(method, q, k, v, ld, layout).backward(do)  # warm-up: the signature's one agreement exchange
+            with count_host_syncs() as syncs:
+                with watch_collectives() as fwd:
+                    o = _call(method, q, k, v, ld, layout)
+                with watch_collectives() as bwd:
+                    o.backward(do)
+            out[(method, layout)] = (dict(fwd.counts), dict(bwd.counts), list(syncs.calls))
+    return rank, out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("methods", [LINEAR, SOFTMAX], ids=["linear", "softmax"])
+def test_steady_state_issues_only_the_algorithms_collectives_and_no_host_syncs(methods, world):
+    seed = int(torch.randint(0, 2**31, ()).item())
+    for rank, out in run_distributed(_steady_state, world, methods, seed):
+        for (method, layout), (fwd, bwd, syncs) in out.items():
+            where = (method, layout, f"rank {rank}/{world}")
+            assert (fwd, bwd) == expected_calls(method, rank, world), (where, fwd, bwd)
+            assert syncs == [], (where, syncs)
+
+
+def _agreement_once():
+    world = dist.get_world_size()
+    init_mesh(MeshConfig(cp=world))
+    q = torch.randn(1, 4, 2, 8)
+    counts = []
+    for _ in range(2):
+        with comm.record_comm() as rec, watch_collectives() as calls:
+            lasp2_linear_attention(q, q, q)
+            ring_attention(q, q, q)
+        counts.append((rec.calls("all_gather_object"), calls.counts.get("all_gather_object", 0)))
+    clear_agreement_cache()
+    os.environ["LCTRAIN_SP_CHECK_RANKS"] = "0"
+    try:
+        with watch_collectives() as calls:
+            lasp2_linear_attention(q, q, q)
+        counts.append((0, calls.counts.get("all_gather_object", 0)))
+    finally:
+        del os.environ["LCTRAIN_SP_CHECK_RANKS"]
+    return counts
+
+
+def test_agreement_exchange_once_per_signature_and_counted():
+    for counts in run_distributed(_agreement_once, 2):
+        # First call of each of the two signatures: one counted object all-gather each; then none.
+        assert counts == [(2, 2), (0, 0), (0, 0)], counts
+
+
+def _lasp2_order(seed):
+    """Event order with a logging local backend: the all-gather is issued before the intra-chunk compute."""
+    world = dist.get_world_size()
+    init_mesh(MeshConfig(cp=world))
+    log = []
+
+    class _Logged(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            log.append(("compute", "intra.fwd"))
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            log.append(("compute", "intra.bwd"))
+            return grad
+
+    def logging_backend(q, k, v, log_decay=None, initial_state=None, output_final_state=False):
+        o, s = linear_attention_ref(q, k, v, log_decay, initial_state, output_final_state)
+        return _Logged.apply(o), s
+
+    register_linear_attention_backend("logging", logging_backend)
+    orders = {}
+    try:
+        with la.use_linear_attention_backend("logging"):
+            for layout in ("zigzag", "contiguous"):
+                g = torch.Generator().manual_seed(seed)
+                q, k, v = (shard_sequence(torch.randn(1, 8 * world, 2, 4, generator=g), layout=layout)
+                           .requires_grad_(True) for _ in range(3))
+                ld = default_log_decay(2).requires_grad_(True)
+                lasp2_linear_attention(q, k, v, ld, layout=layout).sum().backward()  # warm-up
+                with watch_collectives() as calls:
+                    log.clear()
+                    calls.events = log  # one ordered log for collectives and compute
+                    o = lasp2_linear_attention(q, k, v, ld, layout=layout)
+                    o.sum().backward()
+                orders[layout] = list(log)
+    finally:
+        la.REGISTRY.unregister("logging")
+    return orders
+
+
+def test_lasp2_issues_its_all_gather_before_the_intra_chunk_compute():
+    seed = int(torch.randint(0, 2**31, ()).item())
+    for orders in run_distributed(_lasp2_order, 2, seed):
+        for layout, events in orders.items():
+            assert events == [("issue", "all_gather_single"), ("compute", "intra.fwd"), ("wait", "all_gather_single"),
+                              ("issue", "all_gather_single"), ("compute", "intra.bwd"),
+                              ("wait", "all_gather_single")], (layout, events)
+
+
+@pytest.fixture
+def fake_group():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_method_runs_under_fake_tensors_and_the_fake_backend(fake_group):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    clear_agreement_cache()
+    with FakeTensorMode(allow_non_fake_inputs=True), comm.record_comm() as rec:
+        for method in LINEAR + SOFTMAX:
+            for layout in (("contiguous",) if method == "lasp1" else ("zigzag", "contiguous")):
+                q, k, v = (torch.randn(1, 64, 4, 16, requires_grad=True) for _ in range(3))
+                ld = default_log_decay(4).requires_grad_(True) if method in ("lasp2", "lasp1") else None
+                o = _call(method, q, k, v, ld, layout)
+                o.sum().backward()
+                assert isinstance(o, FakeTensor) and o.shape == (1, 64, 4, 16), method
+                assert isinstance(q.grad, FakeTensor) and q.grad.shape == q.shape, method
+    # No agreement exchange on the fake backend (it has no object collectives).
+    assert rec.calls("all_gather_object") == 0, rec.summary()
