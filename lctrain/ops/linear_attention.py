@@ -171,6 +171,9 @@ class LinearAttentionBackend:
     """(q, k, v, log_decay) -> whether automatic dispatch may pick it for these inputs."""
     priority: int
     """Higher wins when several support a case ("chunk" is 10)."""
+    validated_on_gpu: bool = False
+    """Whether it has run and passed its tests on a GPU; on CUDA tensors automatic dispatch prefers validated
+    backends (lctrain.ops.registry)."""
 
     def available(self) -> bool:
         return True
@@ -182,7 +185,8 @@ REGISTRY: BackendRegistry[LinearAttentionBackend] = BackendRegistry(
 
 
 def register_linear_attention_backend(name: str, fn: LinearAttentionFn,
-                                      supports: Callable[..., bool] | None = None, priority: int = 0) -> None:
+                                      supports: Callable[..., bool] | None = None, priority: int = 0,
+                                      validated_on_gpu: bool = False) -> None:
     """Register (or replace) a local linear-attention backend.
 
     Args:
@@ -192,8 +196,10 @@ def register_linear_attention_backend(name: str, fn: LinearAttentionFn,
         supports: `supports(q, k, v, log_decay) -> bool`, whether automatic dispatch may pick it for these
             inputs (default: always). A forced backend is used without asking.
         priority: automatic dispatch takes the highest-priority supporting backend ("chunk" is 10).
+        validated_on_gpu: whether it has run and passed its tests on a GPU (on CUDA, automatic dispatch
+            prefers validated backends over higher-priority unvalidated ones).
     """
-    REGISTRY.register(LinearAttentionBackend(name, fn, supports or always, priority))
+    REGISTRY.register(LinearAttentionBackend(name, fn, supports or always, priority, validated_on_gpu))
 
 
 def linear_attention_backends() -> list[str]:
@@ -267,5 +273,6 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_deca
                               output_final_state=output_final_state)
 
 
-register_linear_attention_backend("reference", linear_attention_ref, priority=0)
-register_linear_attention_backend("chunk", _chunk_linear_attention, priority=10)
+# Plain PyTorch: the same code on every device.
+register_linear_attention_backend("reference", linear_attention_ref, priority=0, validated_on_gpu=True)
+register_linear_attention_backend("chunk", _chunk_linear_attention, priority=10, validated_on_gpu=True)
