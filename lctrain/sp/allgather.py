@@ -1,12 +1,19 @@
 """All-gather K/V attention (LASP-2H's choice for softmax layers, as in Llama 3's context parallelism).
 
-Forward: ONE all-gather of the packed K/V (cheap with GQA: kv_heads only), reordered into global sequence
-order; each local query chunk then attends to the keys up to its own end, causal with bottom-right
-alignment: zigzag rank r has chunks r and 2P-1-r (c = s_local/2 each), so its first chunk reads keys
-[0, (r+1)c) and its second [0, (2P-r)c); contiguous rank r reads [0, (r+1)s_local). Non-causal: all keys.
-Backward: dK/dV of the full sequence are accumulated locally and ONE reduce-scatter returns each rank its
-own slice (summed over every rank's queries). The gathered K/V are kept for the backward rather than
-gathered again.
+Forward: ONE all-gather of the packed K/V (cheap with GQA: kv_heads only), started asynchronously; while it is
+in flight each rank computes its queries against its OWN keys (the causal diagonal: zigzag chunks r and 2P-1-r
+each against itself, stacked in the batch; contiguous: the local block), which need no other rank. Then the
+remote keys each local query chunk sees are attended to (non-causal: every such key is in the past) and merged
+by log-sum-exp: zigzag rank r has chunks r and 2P-1-r (c = s_local/2 each), so its first chunk reads global
+keys [0, r c) and its second [0, (2P-1-r) c) besides its own chunk; contiguous rank r reads [0, r s_local).
+Non-causal: every other rank's keys.
+Backward: K/V are gathered AGAIN (as Llama 3's context parallelism does) rather than kept from forward, so a
+layer keeps only its own q, k, v, o and lse (O(S/P)); the re-gather is started first and overlapped with the
+diagonal blocks' gradients. dK/dV of the remote keys are accumulated into one full-sequence buffer and ONE
+reduce-scatter returns each rank its slice (summed over every rank's queries).
+
+The gathered K/V travel sequence-first (`[P*s_local, b, 2, h_kv, d]`, rank-major), so a contiguous run of
+keys is a view; zigzag keys are put in global order by one index_select (the only full-sequence copy, transient).
 """
 from __future__ import annotations
 
@@ -17,54 +24,127 @@ from lctrain.ops.attention import attention_backward, attention_forward
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import Layout
-from lctrain.sp.utils import (check_inputs, compute_dtype, global_to_rank_major, rank_major_to_global,
-                              resolve_scale)
+from lctrain.sp.utils import check_inputs, compute_dtype, merge_attention, resolve_scale
+
+#: (local query rows, first key, end key) of one remote block, in the coordinates of the gathered K/V.
+Block = tuple[slice, int, int]
 
 
-def _pieces(rank: int, size: int, s: int, causal: bool, layout: str) -> list[tuple[slice, int | None]]:
-    """(local query rows, number of leading global keys they attend to; None: all) per local chunk."""
+def _pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`[b, s, h_kv, d]` x 2 -> `[s, b, 2, h_kv, d]` (sequence first, so a rank-major gather is global order)."""
+    buf = torch.empty((k.shape[1], k.shape[0], 2) + tuple(k.shape[2:]), dtype=k.dtype, device=k.device)
+    buf[:, :, 0] = k.transpose(0, 1)
+    buf[:, :, 1] = v.transpose(0, 1)
+    return buf
+
+
+def _zigzag_order(size: int, device: torch.device) -> torch.Tensor:
+    """For global chunk g (of 2P): its position in a rank-major gather (rank r holds chunks r, 2P-1-r)."""
+    g = torch.arange(2 * size, device=device)
+    return torch.where(g < size, 2 * g, 2 * (2 * size - 1 - g) + 1)
+
+
+def _zigzag(size: int, causal: bool, layout: str) -> bool:
+    """Whether the causal zigzag split applies (two chunks per rank, global order matters)."""
+    return causal and layout == "zigzag" and size > 1
+
+
+def _remote_blocks(rank: int, size: int, s: int, causal: bool, layout: str) -> list[Block]:
+    """The non-causal blocks of other ranks' keys each local query chunk sees (global order when causal zigzag)."""
     if not causal:
-        return [(slice(None), None)]
-    if layout == "contiguous" or size == 1:
-        return [(slice(None), (rank + 1) * s)]
+        return [b for b in ((slice(None), 0, rank * s), (slice(None), (rank + 1) * s, size * s)) if b[2] > b[1]]
+    if not _zigzag(size, causal, layout):
+        return [(slice(None), 0, rank * s)] if rank > 0 else []
     c = s // 2
-    return [(slice(0, c), (rank + 1) * c), (slice(c, s), (2 * size - rank) * c)]
+    blocks = [(slice(0, c), 0, rank * c)] if rank > 0 else []
+    return blocks + [(slice(c, s), 0, (2 * size - 1 - rank) * c)]
+
+
+def _diag(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`[b, n*c, ...]` -> `[n*b, c, ...]`: a rank's chunks side by side in the batch (each attends to itself)."""
+    return torch.cat(x.chunk(n, dim=1), dim=0) if n > 1 else x
+
+
+def _undiag(x: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
+    return torch.cat(x.chunk(n, dim=0), dim=dim) if n > 1 else x
+
+
+def _gathered(pending: comm.Pending, size: int, zigzag: bool) -> torch.Tensor:
+    """Wait for the K/V gather; causal zigzag: put the chunks in global order (one copy)."""
+    kv = pending.wait()  # [P*s, b, 2, h_kv, d], rank-major
+    if not zigzag:
+        return kv
+    chunks = kv.view(2 * size, kv.shape[0] // (2 * size), *kv.shape[1:])
+    return chunks.index_select(0, _zigzag_order(size, kv.device)).flatten(0, 1)
+
+
+def _keys(kv: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views `[b, end-start, h_kv, d]` of the keys and values at gathered positions [start, end)."""
+    blk = kv[start:end]
+    return blk[:, :, 0].transpose(0, 1), blk[:, :, 1].transpose(0, 1)
 
 
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, scale, layout):
         size, rank = comm.group_size(group), comm.group_rank(group)
-        # Non-causal attention does not depend on key order, so the reordering is skipped.
-        order = layout if causal else "contiguous"
+        s = q.shape[1]
+        zigzag = _zigzag(size, causal, layout)
+        n = 2 if zigzag else 1
         with comm.comm_tag("allgather.fwd"):
-            kv = comm.all_gather(torch.stack([k, v]), group, dim=2)  # [2, b, P*s_local, h_kv, d], rank order
-        kv = rank_major_to_global(kv, size, 2, order)
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=compute_dtype(q.dtype), device=q.device)
-        pieces = _pieces(rank, size, q.shape[1], causal, layout)
-        for qs, end in pieces:
-            out[:, qs], lse[:, :, qs] = attention_forward(q[:, qs], kv[0][:, :end], kv[1][:, :end], causal, scale)
-        ctx.save_for_backward(q, kv, out, lse)
-        ctx.group, ctx.causal, ctx.scale, ctx.order, ctx.pieces = group, causal, scale, order, pieces
+            pending = comm.all_gather(_pack_kv(k, v), group, async_op=True) if size > 1 else None
+        # While K/V travel: the rank's own (diagonal) blocks.
+        o_d, lse_d = attention_forward(_diag(q, n), _diag(k, n), _diag(v, n), causal, scale)
+        out = _undiag(o_d, n).to(compute_dtype(q.dtype))  # [b, s, h, d]
+        lse = _undiag(lse_d, n, dim=2).to(out.dtype)  # [b, h, s]
+        if size > 1:
+            kv = _gathered(pending, size, zigzag)
+            for rows, start, end in _remote_blocks(rank, size, s, causal, layout):
+                kb, vb = _keys(kv, start, end)
+                merge_attention(out[:, rows], lse[:, :, rows], *attention_forward(q[:, rows], kb, vb, False, scale))
+            del kv
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, kv, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
+        group, causal, scale = ctx.group, ctx.causal, ctx.scale
+        size, rank = comm.group_size(group), comm.group_rank(group)
+        s = q.shape[1]
+        zigzag = _zigzag(size, causal, ctx.layout)
+        n = 2 if zigzag else 1
         do = do.contiguous()
-        size = comm.group_size(ctx.group)
-        dq = torch.empty_like(q)
-        dkv = torch.zeros(kv.shape, dtype=compute_dtype(kv.dtype), device=kv.device)  # [2, b, S, h_kv, d]
-        for qs, end in ctx.pieces:
-            dq[:, qs], dk, dv = attention_backward(do[:, qs], q[:, qs], kv[0][:, :end], kv[1][:, :end], out[:, qs],
-                                                   lse[:, :, qs], ctx.causal, ctx.scale)
-            dkv[0][:, :end] += dk
-            dkv[1][:, :end] += dv
-        dkv = global_to_rank_major(dkv, size, 2, ctx.order)
         with comm.comm_tag("allgather.bwd"):
-            dkv = comm.reduce_scatter(dkv, ctx.group, dim=2)  # [2, b, s_local, h_kv, d]
-        return dq, dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None
+            # Re-gather (nothing full-length is kept from forward).
+            pending = comm.all_gather(_pack_kv(k, v), group, async_op=True) if size > 1 else None
+        # While K/V travel: gradients of the diagonal blocks, with the final merged (out, lse).
+        dq_d, dk_d, dv_d = attention_backward(_diag(do, n), _diag(q, n), _diag(k, n), _diag(v, n), _diag(out, n),
+                                              _diag(lse.transpose(1, 2), n).transpose(1, 2), causal, scale)
+        acc = compute_dtype(q.dtype)
+        dq, dk, dv = (_undiag(x, n).to(acc) for x in (dq_d, dk_d, dv_d))
+        if size > 1:
+            kv = _gathered(pending, size, zigzag)
+            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # [S, b, 2, h_kv, d]
+            for rows, start, end in _remote_blocks(rank, size, s, causal, ctx.layout):
+                kb, vb = _keys(kv, start, end)
+                dq_b, dk_b, dv_b = attention_backward(do[:, rows], q[:, rows], kb, vb, out[:, rows],
+                                                      lse[:, :, rows], False, scale)
+                dq[:, rows] += dq_b
+                dkv[start:end, :, 0] += dk_b.transpose(0, 1)
+                dkv[start:end, :, 1] += dv_b.transpose(0, 1)
+            del kv
+            if zigzag:
+                # Back to rank-major order for the reduce-scatter (inverse of the forward's permutation).
+                chunks = dkv.view(2 * size, s // 2, *dkv.shape[1:])
+                dkv = torch.empty_like(chunks).index_copy_(0, _zigzag_order(size, dkv.device), chunks).flatten(0, 1)
+            with comm.comm_tag("allgather.bwd"):
+                dkv = comm.reduce_scatter(dkv, group)  # [s, b, 2, h_kv, d]: this rank's keys, summed over ranks
+            dk = dk + dkv[:, :, 0].transpose(0, 1)
+            dv = dv + dkv[:, :, 1].transpose(0, 1)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 @torch.compiler.disable
@@ -82,6 +162,9 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
         layout: how the sequence was sharded ("zigzag" or "contiguous").
     Returns:
         This rank's output `[b, s_local, h, d]`.
+
+    Communication: forward one all-gather of the packed K/V; backward one all-gather of them again and one
+    reduce-scatter of dK/dV. Saved for backward: q, k, v, o, lse of this rank (O(S/P)).
     """
     group = cp_group_or_default(group)
     scale = resolve_scale(softmax_scale, q.shape[-1])

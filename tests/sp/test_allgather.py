@@ -1,4 +1,5 @@
-"""All-gather K/V attention equals single-process attention; one all-gather forward, one reduce-scatter backward."""
+"""All-gather K/V attention equals single-process attention; one all-gather forward; backward re-gathers K/V
+(one all-gather) and returns dK/dV by one reduce-scatter."""
 import pytest
 import torch
 
@@ -17,7 +18,9 @@ def test_allgather_matches_reference_with_one_gather_and_one_reduce_scatter(worl
                 assert r["fwd"] == {} and r["bwd"] == {}, r["case"]
                 continue
             assert r["fwd"] == {"all_gather": {"calls": 1, "bytes": r["kv_bytes"]}}, (r["case"], r["fwd"])
-            assert set(r["bwd"]) == {"reduce_scatter"} and r["bwd"]["reduce_scatter"]["calls"] == 1, r["bwd"]
+            assert set(r["bwd"]) == {"all_gather", "reduce_scatter"}, r["bwd"]
+            assert r["bwd"]["all_gather"] == r["fwd"]["all_gather"], (r["case"], r["bwd"])  # the re-gather
+            assert r["bwd"]["reduce_scatter"]["calls"] == 1, r["bwd"]
             # dK/dV of the whole sequence (world x the local K/V) go into the one reduce-scatter.
             expect = world * r["kv_bytes"]
             assert r["bwd"]["reduce_scatter"]["bytes"] == expect, (r["case"], r["bwd"])

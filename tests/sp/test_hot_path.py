@@ -45,8 +45,8 @@ def expected_calls(method, rank, world):
         # K/V move P-1 times forward; backward K/V P-1 times and the dK/dV accumulators P times.
         return {"batch_isend_irecv": world - 1}, {"batch_isend_irecv": 2 * world - 1}
     if method == "allgather":
-        # Backward reduce-scatters dK/dV (gloo: an all-reduce).
-        return {"all_gather_single": 1}, {"all_reduce": 1}
+        # Backward re-gathers K/V and reduce-scatters dK/dV (gloo: an all-reduce).
+        return {"all_gather_single": 1}, {"all_gather_single": 1, "all_reduce": 1}
     return {"all_to_all": 3}, {"all_to_all": 3}  # ulysses: q, k/v, o forward; their gradients backward
 
 
