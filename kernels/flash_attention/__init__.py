@@ -1,8 +1,8 @@
 """Flash attention (softmax attention with log-sum-exp, GQA, bottom-right causal): Triton kernels and reference.
 
 Importing this package registers the kernels as the "triton" backend of `lctrain.ops.attention`: picked
-automatically for CUDA tensors (highest priority); forced by name, it also runs on CPU tensors under
-TRITON_INTERPRET=1.
+automatically for CUDA tensors once validated on a GPU (see lctrain.ops.registry); forced by name, it also
+runs on CPU tensors under TRITON_INTERPRET=1.
 """
 from lctrain.kernels.flash_attention.naive import naive_attention
 from lctrain.kernels.flash_attention.triton import flash_attention, flash_attention_backward, flash_attention_forward
@@ -14,6 +14,8 @@ def _supports(q, k, v, causal) -> bool:
     return q.is_cuda and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= 256
 
 
-register_attention_backend("triton", flash_attention_forward, flash_attention_backward, _supports, priority=30)
+# Not validated on a GPU yet: on CUDA it ranks below flash-attn and SDPA until a GPU benchmark says otherwise.
+register_attention_backend("triton", flash_attention_forward, flash_attention_backward, _supports, priority=30,
+                           validated_on_gpu=False)
 
 __all__ = ["flash_attention", "flash_attention_backward", "flash_attention_forward", "naive_attention"]

@@ -1,8 +1,8 @@
 """Lightning attention (causal linear attention with per-head decay): Triton kernels and their reference.
 
 Importing this package registers the kernels as the "triton" backend of `lctrain.ops.linear_attention`:
-picked automatically for CUDA tensors (highest priority); forced by name, it also runs on CPU tensors
-under TRITON_INTERPRET=1.
+picked automatically for CUDA tensors once validated on a GPU (see lctrain.ops.registry); forced by name, it
+also runs on CPU tensors under TRITON_INTERPRET=1.
 """
 from lctrain.kernels.lightning_attention.chunk import lightning_attention
 from lctrain.kernels.lightning_attention.naive import naive_lightning_attention
@@ -14,6 +14,8 @@ def _supports(q, k, v, log_decay) -> bool:
     return q.is_cuda and q.dtype in SUPPORTED_DTYPES and max(q.shape[-1], v.shape[-1]) <= 256
 
 
-register_linear_attention_backend("triton", lightning_attention, supports=_supports, priority=100)
+# Not validated on a GPU yet: on CUDA the PyTorch "chunk" backend ranks above it until a GPU run says otherwise.
+register_linear_attention_backend("triton", lightning_attention, supports=_supports, priority=100,
+                                  validated_on_gpu=False)
 
 __all__ = ["lightning_attention", "naive_lightning_attention"]

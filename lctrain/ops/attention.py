@@ -9,7 +9,9 @@ environment variable LCTRAIN_ATTN_BACKEND (in that order of precedence); a force
 asking `supports` (the rules are lctrain.ops.registry's, shared with linear attention).
 
 Built in: "flash_attn" (priority 20, if importable), "sdpa" (10), "reference" (0, always). The Triton
-kernel registers itself as "triton" from `lctrain.kernels.flash_attention`, loaded on first dispatch.
+kernel registers itself as "triton" (priority 30) from `lctrain.kernels.flash_attention`, loaded on first
+dispatch; it is not validated on a GPU yet, so on CUDA flash-attn (when installed) and SDPA rank above it
+until a GPU benchmark in docs/ shows it ahead (`validated_on_gpu`, see lctrain.ops.registry).
 
 Conventions (all backends): q `[b, sq, h, d]`, k and v `[b, sk, h_kv, d]` with `h % h_kv == 0`; o like q;
 lse `[b, h, sq]` natural log, float32 (float64 when the inputs are float64, so float64 runs stay exact);
@@ -49,6 +51,9 @@ class AttentionBackend:
     """Higher wins when several support a case."""
     available: Callable[[], bool]
     """Whether the backend can run at all in this process (its library imports, its device exists)."""
+    validated_on_gpu: bool = False
+    """Whether it has run and passed its tests (and a GPU benchmark in docs/) on a GPU; on CUDA tensors
+    automatic dispatch ranks unvalidated backends below every validated one (lctrain.ops.registry)."""
 
 
 #: The registered backends; the Triton kernel's package registers itself when loaded on first dispatch.
@@ -57,9 +62,11 @@ REGISTRY: BackendRegistry[AttentionBackend] = BackendRegistry(
 
 
 def register_attention_backend(name: str, forward: ForwardFn, backward: BackwardFn, supports: SupportsFn,
-                               priority: int, available: Callable[[], bool] | None = None) -> None:
-    """Register (or replace) a backend under `name`; see :class:`AttentionBackend` for the callables."""
-    REGISTRY.register(AttentionBackend(name, forward, backward, supports, priority, available or (lambda: True)))
+                               priority: int, available: Callable[[], bool] | None = None,
+                               validated_on_gpu: bool = False) -> None:
+    """Register (or replace) a backend under `name`; see :class:`AttentionBackend` for the fields."""
+    REGISTRY.register(AttentionBackend(name, forward, backward, supports, priority, available or (lambda: True),
+                                       validated_on_gpu))
 
 
 def attention_backends() -> dict[str, AttentionBackend]:
@@ -158,10 +165,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return _Attention.apply(q, k, v, causal, scale, backend)
 
 
+# PyTorch's kernels and flash-attn are validated on GPUs by their authors; the Triton kernel registers itself
+# unvalidated until a GPU run (make gpu-check) shows it correct and ahead in docs/.
 register_attention_backend("reference", attention_ref.reference_attention_forward,
-                           attention_ref.reference_attention_backward, lambda q, k, v, causal: True, priority=0)
+                           attention_ref.reference_attention_backward, lambda q, k, v, causal: True, priority=0,
+                           validated_on_gpu=True)
 register_attention_backend("sdpa", attention_sdpa.sdpa_attention_forward, attention_sdpa.sdpa_attention_backward,
-                           attention_sdpa.supports, priority=10)
+                           attention_sdpa.supports, priority=10, validated_on_gpu=True)
 register_attention_backend("flash_attn", attention_flash_attn.flash_attn_forward,
                            attention_flash_attn.flash_attn_backward, attention_flash_attn.supports, priority=20,
-                           available=attention_flash_attn.available)
+                           available=attention_flash_attn.available, validated_on_gpu=True)

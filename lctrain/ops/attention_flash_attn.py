@@ -4,21 +4,36 @@ flash-attn already uses lctrain's conventions: `[b, s, h, d]` tensors, native GQ
 bottom-right aligned causal masks, lse `[b, h, sq]` float32. Its private `_flash_attn_forward/_backward`
 are used because they return and accept the log-sum-exp; their keyword names changed across releases
 (window_size vs window_size_left/right, softcap, ...), so arguments are passed by the names the installed
-version declares. Absence of the library is never an error: the backend just reports unavailable.
+version declares.
+
+Absence of the library is never an error: the backend just reports unavailable. A library that is installed
+but fails to import (a wheel built for another torch or CUDA) is: on a machine with a GPU it raises, naming
+the cause, unless env LCTRAIN_ALLOW_KERNEL_FALLBACK=1 allows falling back (then, and on CPU, it warns and the
+backend is unavailable) -- a silent fallback would turn a broken image into a slow run.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
+import os
+import warnings
 
 import torch
 
 
 @functools.lru_cache(maxsize=1)
 def _interface():
+    if importlib.util.find_spec("flash_attn") is None:
+        return None  # not installed
     try:
         from flash_attn import flash_attn_interface
-    except Exception:  # noqa: BLE001 - missing or broken install: the backend is unavailable
+    except Exception as err:  # noqa: BLE001 - a broken install: loud on a GPU machine, see the module docstring
+        msg = f"flash-attn is installed but fails to import: {err!r}"
+        if torch.cuda.is_available() and os.environ.get("LCTRAIN_ALLOW_KERNEL_FALLBACK", "0") in ("", "0"):
+            raise RuntimeError(f"{msg}. Reinstall it for this torch/CUDA, uninstall it, or set "
+                               f"LCTRAIN_ALLOW_KERNEL_FALLBACK=1 to fall back to SDPA with a warning.") from err
+        warnings.warn(msg + " (the flash_attn backend is unavailable)")
         return None
     return flash_attn_interface
 

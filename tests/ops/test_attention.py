@@ -169,3 +169,75 @@ def test_attention_autograd_default_scale():
     _plain(*plain, True, 8 ** -0.5)[0].backward(do)
     for a, b in zip(leaves, plain):
         assert_close(a.grad, b.grad)
+
+
+def test_on_gpu_unvalidated_backends_rank_below_validated_ones(monkeypatch, request):
+    """A kernel never validated on a GPU does not outrank flash-attn / SDPA there (priority alone on CPU)."""
+    from lctrain.ops import registry
+
+    monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
+    monkeypatch.delenv("LCTRAIN_ALLOW_UNVALIDATED_GPU", raising=False)
+    request.addfinalizer(lambda: attn_mod.REGISTRY.unregister("new_kernel"))
+    ref = attention_backends()["reference"]
+    register_attention_backend("new_kernel", ref.forward, ref.backward, lambda *case: True, priority=1000)
+    q, k, v, _ = _inputs(4, 4, 2, 2, torch.float64)
+    assert select_backend(q, k, v, True).name == "new_kernel"  # CPU: priority decides
+    monkeypatch.setattr(registry, "_on_gpu", lambda case: True)  # as if q lived on a GPU
+    order = [be.name for be in attn_mod.REGISTRY.candidates(q, k, v, True)]
+    assert order[:3] == ["flash_attn", "sdpa", "reference"] and set(order[3:]) >= {"new_kernel"}, order
+    if "triton" in order:
+        assert order.index("triton") > order.index("reference"), order
+    assert select_backend(q, k, v, True).name == "sdpa"  # flash_attn is unavailable here
+    monkeypatch.setenv("LCTRAIN_ALLOW_UNVALIDATED_GPU", "1")
+    assert select_backend(q, k, v, True).name == "new_kernel"
+
+
+def test_track_records_the_backend_that_ran(monkeypatch):
+    monkeypatch.delenv(attn_mod.ENV_VAR, raising=False)
+    q, k, v, _ = _inputs(4, 4, 2, 2, torch.float64)
+    with attn_mod.REGISTRY.track() as names:
+        attention_forward(q, k, v, True, 1.0)
+        attention_forward(q, k, v, True, 1.0, backend="reference")
+    assert names == ["sdpa", "reference"]
+
+
+def test_broken_kernel_plugin_is_an_error_on_a_gpu_machine(tmp_path, monkeypatch):
+    from lctrain.ops.registry import BackendRegistry
+
+    (tmp_path / "lctrain_broken_plugin.py").write_text("raise ImportError('built for another CUDA')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("LCTRAIN_ALLOW_KERNEL_FALLBACK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reg = BackendRegistry("test op", "LCTRAIN_TEST_BACKEND", plugins=("lctrain_broken_plugin",))
+    for _ in range(2):  # every call, not only the first
+        with pytest.raises(RuntimeError, match="(?s)failed to import.*another CUDA.*LCTRAIN_ALLOW_KERNEL_FALLBACK"):
+            reg.backends()
+    monkeypatch.setenv("LCTRAIN_ALLOW_KERNEL_FALLBACK", "1")
+    with pytest.warns(UserWarning, match="failed to import"):
+        assert reg.backends() == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU: a warning, never an error
+    reg = BackendRegistry("test op", "LCTRAIN_TEST_BACKEND", plugins=("lctrain_broken_plugin",))
+    monkeypatch.delenv("LCTRAIN_ALLOW_KERNEL_FALLBACK")
+    with pytest.warns(UserWarning, match="failed to import"):
+        assert reg.backends() == {}
+
+
+def test_broken_flash_attn_install_is_not_swallowed_on_a_gpu_machine(monkeypatch, request):
+    import importlib.util
+    import sys
+
+    from lctrain.ops import attention_flash_attn as fa
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # installed but its import fails
+    monkeypatch.delenv("LCTRAIN_ALLOW_KERNEL_FALLBACK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fa._interface.cache_clear()
+    request.addfinalizer(fa._interface.cache_clear)
+    with pytest.raises(RuntimeError, match="flash-attn is installed but fails to import"):
+        fa.available()
+    monkeypatch.setenv("LCTRAIN_ALLOW_KERNEL_FALLBACK", "1")
+    with pytest.warns(UserWarning, match="fails to import"):
+        assert not fa.available()

@@ -128,3 +128,14 @@ def test_bad_inputs_are_clear_errors():
         linear_attention(q, k, v[:1])
     with pytest.raises(ValueError, match="initial_state must be"):
         linear_attention(q, k, v, ld, s0[:1])
+
+
+def test_on_gpu_the_unvalidated_kernel_ranks_below_the_pytorch_backends(monkeypatch):
+    from lctrain.ops import registry
+
+    monkeypatch.delenv("LCTRAIN_ALLOW_UNVALIDATED_GPU", raising=False)
+    monkeypatch.setattr(registry, "_on_gpu", lambda case: True)  # as if q lived on a GPU
+    q = torch.randn(1, 4, 2, 3)
+    order = [be.name for be in la.REGISTRY.candidates(q, q, q, None)]
+    assert order[:2] == ["chunk", "reference"], order
+    assert all(not be.validated_on_gpu for be in la.REGISTRY.candidates(q, q, q, None)[2:]), order
