@@ -20,27 +20,20 @@ Derivation, byte counts and alternatives: README_lasp2_gated.md.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
+from lctrain.ops.debug import debug_checks_enabled
 from lctrain.ops.gated_delta import gated_delta_chunk_map, gated_delta_rule
 from lctrain.ops.gla import check_gate_values, check_gated_inputs, gated_linear_attention, gla_chunk_map
 from lctrain.ops.linear_attention_ref import compute_dtype
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import LAYOUTS, chunk_ids
+from lctrain.sp.utils import agree_once
 
 #: The recurrences this module carries across ranks, by the shape of their chunk map's T.
 VARIANTS = ("scalar", "vector", "delta")
-
-_VALIDATED: set[tuple] = set()
-
-
-def debug_checks() -> bool:
-    """Check data values (log gates <= 0, beta in [0, 1]) on every call: env LCTRAIN_SP_DEBUG=1 (a host sync)."""
-    return os.environ.get("LCTRAIN_SP_DEBUG", "0") == "1"
 
 
 def check_chunk_map_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
@@ -49,11 +42,13 @@ def check_chunk_map_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
                            output_final_state: bool) -> tuple[int, int]:
     """Validate inputs before any collective; returns (rank, world).
 
-    Shapes are checked on every call (no host sync). Agreement between ranks is exchanged (one object
-    all-gather) once per call signature; data values only under `debug_checks()`.
+    Shapes are checked on every call (host metadata, no sync); the ranks' agreement is exchanged once per call
+    signature (`lctrain.sp.utils.agree_once`); data values (log gates finite and <= 0, beta in [0, 1]) only with
+    debug checks on (`lctrain.ops.debug`), and then the exchange runs on every call.
     """
     rank, world = comm.group_rank(group), comm.group_size(group)
-    error = None
+    problem = None
+    debug = debug_checks_enabled()
     try:
         if layout not in LAYOUTS:
             raise ValueError(f"unknown CP layout {layout!r}; expected one of {LAYOUTS}")
@@ -67,28 +62,23 @@ def check_chunk_map_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
         if layout == "zigzag" and q.shape[1] % 2:
             raise ValueError(f"sequence length {q.shape[1] * world} is not divisible by 2*CP = {2 * world} "
                              f"(zigzag layout: this rank's slice has odd length {q.shape[1]})")
-        if debug_checks():
+        if debug:
             check_gate_values(g, beta)
     except ValueError as err:
-        error = str(err)
-    sig = (name, tuple(q.shape), tuple(v.shape), str(q.dtype), None if g is None else tuple(g.shape),
-           initial_state is None, bool(output_final_state), layout, q.device.type)
-    key = (id(group), world, sig)
-    if world == 1 or (error is None and key in _VALIDATED and not debug_checks()):
-        if error is not None:
-            raise ValueError(f"{name}: {error}")
-        return rank, world
-    metas = comm.all_gather_object((error, sig), group)
-    errors = [(r, e) for r, (e, _) in enumerate(metas) if e is not None]
-    if errors:
-        raise ValueError(f"{name}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
-    sigs = [s for _, s in metas]
-    if any(s != sigs[0] for s in sigs):
-        detail = "; ".join(f"rank {r}: q {s[1]}, v {s[2]}, {s[3]}, gate {s[4]}, layout {s[7]}"
-                           for r, s in enumerate(sigs))
-        raise ValueError(f"{name}: inputs differ between CP ranks (the sequence must split evenly over "
-                         f"{'2*CP' if layout == 'zigzag' else 'CP'} chunks): {detail}")
-    _VALIDATED.add(key)
+        problem = str(err)
+    fields = (("q shape", tuple(q.shape)), ("v shape", tuple(v.shape)), ("dtype", str(q.dtype)),
+              ("device", q.device.type), ("layout", layout), ("variant", variant),
+              ("gate", None if g is None else (tuple(g.shape), str(g.dtype))),
+              ("initial state", initial_state is not None), ("final state", bool(output_final_state)))
+
+    def hint(values: list[tuple]) -> str:
+        lens = [val[0][1] if len(val[0]) > 1 else None for val in values]
+        if len(set(lens)) == 1:
+            return ""
+        return (f" (sequence lengths per rank {lens}: the full sequence must split evenly over "
+                f"{'2*CP' if layout == 'zigzag' else 'CP'} chunks)")
+
+    agree_once(name, group, problem, fields, (q, k, v), cache=not debug, hint=hint)
     return rank, world
 
 
@@ -128,13 +118,15 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
     return b if a is None else (a if b is None else a + b)
 
 
-def _gather_global(x: torch.Tensor, group, layout: str, world: int) -> torch.Tensor:
-    """All-gather `[n_loc, ...]` per rank and return `[G, ...]` in global chunk order."""
-    gathered = comm.all_gather(x, group=group)  # rank-major
-    order = [c for r in range(world) for c in chunk_ids(r, world, layout)]
-    out = torch.empty_like(gathered)
-    out[order] = gathered
-    return out
+def _to_global_order(x: torch.Tensor, world: int, layout: str) -> torch.Tensor:
+    """Rank-major gathered chunks `[world * n_loc, ...]` -> global chunk order (views and a flip: no index tensor).
+
+    zigzag: rank r's slots are chunks r and 2P-1-r, so the early chunks in rank order, then the late ones reversed.
+    """
+    if layout != "zigzag":
+        return x
+    per_rank = x.view(world, 2, *x.shape[1:])
+    return torch.cat([per_rank[:, 0], per_rank[:, 1].flip(0)], dim=0)
 
 
 class _LASP2ChunkMap(torch.autograd.Function):
@@ -151,7 +143,7 @@ class _LASP2ChunkMap(torch.autograd.Function):
         # One buffer per rank: [n_loc, b, h, |T| + dk*dv] (T and M side by side), one all-gather.
         buf = torch.cat([t_loc.reshape(n_loc, b, h, -1), m_loc.reshape(n_loc, b, h, -1)], dim=-1).to(sdt)
         with comm.comm_tag(f"{tag}.fwd"):
-            allbuf = _gather_global(buf, group, layout, world)  # [G, b, h, |T| + dk*dv]
+            allbuf = _to_global_order(comm.all_gather(buf, group=group), world, layout)  # [G, b, h, |T| + dk*dv]
         t_all = allbuf[..., : -dk * dv].reshape(num_chunks, b, h, *t_shape)
         m_all = allbuf[..., -dk * dv:].reshape(num_chunks, b, h, dk, dv)
         state = (initial_state.to(sdt) if initial_state is not None
@@ -193,10 +185,14 @@ class _LASP2ChunkMap(torch.autograd.Function):
         slots = len(parts[0]) + len(parts) - 1
         buf = torch.cat(parts, dim=0)
         with comm.comm_tag(f"{ctx.tag}.bwd"):
-            gathered = comm.all_gather(buf, group=group)  # [world * slots, b, h, dk, dv], rank-major
-        per_rank = gathered.view(world, slots, *buf.shape[1:])
-        d_all = torch.empty_like(per_rank[:, :n_loc].reshape(num_chunks, *buf.shape[1:]))
-        d_all[[c for r in range(world) for c in chunk_ids(r, world, layout)]] = per_rank[:, :n_loc].flatten(0, 1)
+            pending = comm.all_gather(buf, group=group, async_op=True)  # [world * slots, b, h, dk, dv]
+        with torch.enable_grad():
+            # While the all-gather is in flight: the rank's own chunk maps S_out = T S_in + M under autograd
+            # (S_in held fixed: its gradient is Lambda, formed below).
+            t_loc, m_loc = _chunk_map(variant, ks, vs, gs_loc, bs_loc)
+            leaving = _apply(t_loc, entering, variant) + m_loc
+        per_rank = pending.wait().view(world, slots, *buf.shape[1:])
+        d_all = _to_global_order(per_rank[:, :n_loc].flatten(0, 1), world, layout)  # [G, b, h, dk, dv]
         # Lambda_G = dL/dS_final: the sum of every rank's share (zero without output_final_state).
         lam = per_rank[:, n_loc].sum(0) if ctx.want_final else torch.zeros_like(d_all[0])
         after = [None] * num_chunks
@@ -204,12 +200,8 @@ class _LASP2ChunkMap(torch.autograd.Function):
             after[c] = lam
             lam = d_all[c] + _apply(t_all[c], lam, variant, transpose=True)
         lam_own = torch.cat([after[c] for c in ids], dim=0)  # dL/d(state leaving each own chunk)
-        with torch.enable_grad():
-            # Back through S_out = T S_in + M of the rank's own chunks (S_in fixed: its gradient is Lambda).
-            t_loc, m_loc = _chunk_map(variant, ks, vs, gs_loc, bs_loc)
-            leaving = _apply(t_loc, entering, variant) + m_loc
-            map_leaves = [ks, vs] + [x for x in (gs, bs) if x is not None and x.requires_grad]
-            map_grads = torch.autograd.grad(leaving, map_leaves, lam_own, allow_unused=True)
+        map_leaves = [ks, vs] + [x for x in (gs, bs) if x is not None and x.requires_grad]
+        map_grads = torch.autograd.grad(leaving, map_leaves, lam_own, allow_unused=True)
         dq = _unstack(grads[0], n_loc)
         dk = _unstack(grads[1] + map_grads[0], n_loc)
         dv = _unstack(grads[2] + map_grads[1], n_loc)

@@ -7,13 +7,13 @@ Every configuration of a world size runs inside one `run_distributed` call (spaw
 """
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from lctrain.ops.debug import debug_checks
 from lctrain.ops.gated_delta_ref import gated_delta_rule_recurrent
 from lctrain.ops.gla_ref import gla_recurrent
 from lctrain.parallel import MeshConfig, comm, init_mesh, shard_sequence
@@ -21,6 +21,7 @@ from lctrain.sp import lasp2_delta_attention
 from lctrain.sp.lasp1_delta import lasp1_chunk_map_attention
 from lctrain.sp.lasp2_delta import lasp2_chunk_map_attention
 from lctrain.testing import run_distributed
+from lctrain.testing.hot_path import count_host_syncs, watch_collectives
 from tests.ops.gated_cases import make_gate, make_qkv, per_head_close
 
 B, H, DK, DV, S_PER_RANK = 2, 2, 3, 4, 6
@@ -193,11 +194,8 @@ def _bad_inputs():
         g = -torch.rand(b, 6, h)
         if rank == 0:
             g[0, 1, 1] = 0.3
-        os.environ["LCTRAIN_SP_DEBUG"] = "1"
-        try:
+        with debug_checks():  # value checks are a host sync: only on request
             return lasp2_delta_attention(q, k, v, beta, log_decay=g)
-        finally:
-            del os.environ["LCTRAIN_SP_DEBUG"]
 
     cases = {
         "gate shape": lambda: lasp2_delta_attention(*inputs(), log_decay=torch.zeros(b, 4, h + 1)),
@@ -225,7 +223,7 @@ EXPECTED = {
     "beta shape": "beta must be",
     "uneven split": "differ between CP ranks",
     "odd zigzag": "not divisible by 2\\*CP",
-    "positive gate (debug)": "rank 0: log gates must be finite and <= 0",
+    "positive gate (debug)": "rank 0 of the CP group: log gates must be finite and <= 0",
     "initial state shape": "initial_state must be",
 }
 
@@ -234,3 +232,52 @@ def test_bad_inputs_fail_on_every_rank():
     for rank, errors in enumerate(run_distributed(_bad_inputs, 2)):
         for name, pattern in EXPECTED.items():
             assert errors[name] is not None and re.search(pattern, errors[name]), (rank, name, errors[name])
+
+
+def _steady_state(seed):
+    """After a warm-up call per signature: only the algorithm's collectives on torch.distributed, no host syncs."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    init_mesh(MeshConfig(cp=world))
+    gen = torch.Generator().manual_seed(seed)
+    n = 8 * world
+    q, k, v = make_qkv(gen, 1, n, 2, 3, 4, dtype=torch.float32, normalize_k=True)
+    gs = make_gate("scalar", gen, 1, n, 2, 3, dtype=torch.float32)
+    gv = make_gate("vector", gen, 1, n, 2, 3, dtype=torch.float32)
+    beta = torch.rand(1, n, 2, generator=gen)
+    s0 = torch.randn(1, 2, 3, 4, generator=gen)
+    out = {}
+    for name, layout in (("delta", "zigzag"), ("delta", "contiguous"), ("scalar", "zigzag"), ("vector", "zigzag"),
+                         ("lasp1-delta", "contiguous")):
+        g = gv if name == "vector" else gs
+        loc = [_sharded(x, layout).requires_grad_(True) for x in (q, k, v, g, beta)]
+        init = s0.clone().requires_grad_(True)
+
+        def call():
+            if name == "lasp1-delta":
+                return lasp1_chunk_map_attention(*loc, "delta", initial_state=init)
+            o, final = lasp2_chunk_map_attention(*loc[:4], loc[4] if name == "delta" else None, name, layout=layout,
+                                                 initial_state=init, output_final_state=True)
+            return o.sum() + final.sum()
+
+        call().sum().backward()  # warm-up: the signature's one agreement exchange
+        with count_host_syncs() as syncs:
+            with watch_collectives() as fwd:
+                loss = call().sum()
+            with watch_collectives() as bwd:
+                loss.backward()
+        out[(name, layout)] = (dict(fwd.counts), dict(bwd.counts), list(syncs.calls))
+    return rank, out
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_steady_state_only_the_algorithms_collectives_no_host_syncs(world):
+    seed = int(torch.randint(0, 2**31, ()).item())
+    for rank, out in run_distributed(_steady_state, world, seed):
+        for (name, layout), (fwd, bwd, syncs) in out.items():
+            where = (name, layout, f"rank {rank}/{world}")
+            assert syncs == [], where
+            if name.startswith("lasp1"):
+                n = int(rank > 0) + int(rank < world - 1)  # receive from r-1, send to r+1 (reverse in backward)
+                assert fwd == bwd == {"batch_isend_irecv": n}, (where, fwd, bwd)
+            else:
+                assert fwd == bwd == {"all_gather_single": 1}, (where, fwd, bwd)
