@@ -1,5 +1,7 @@
-"""Checkpoints: atomic sharded DCP saves (store) of a layout-independent training state (state)."""
+"""Checkpoints: atomic, checksummed DCP saves (store) of each rank's shard of the training state (state)."""
 from lctrain.checkpoint.config import CheckpointConfig
-from lctrain.checkpoint.store import CheckpointError, find_latest, load_tensors, read_meta, save_checkpoint
+from lctrain.checkpoint.store import (Checkpointer, CheckpointError, find_latest, load_state, load_tensors, read_meta,
+                                      save_checkpoint, scan_latest)
 
-__all__ = ["CheckpointConfig", "CheckpointError", "find_latest", "load_tensors", "read_meta", "save_checkpoint"]
+__all__ = ["CheckpointConfig", "CheckpointError", "Checkpointer", "find_latest", "load_state", "load_tensors",
+           "read_meta", "save_checkpoint", "scan_latest"]

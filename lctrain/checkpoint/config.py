@@ -14,6 +14,9 @@ class CheckpointConfig:
     """Keep the newest k complete checkpoints."""
     at_end: bool = True
     """Save when the run ends (at train.steps or train.exit_after)."""
+    async_save: bool = False
+    """Write checkpoints in the background (dcp.async_save) while training goes on; the next save (and the
+    end of the run) waits for the previous one. Costs a CPU copy of this rank's shard while it is written."""
 
     def validate(self) -> None:
         """Raise ValueError for a setting that can't work."""

@@ -2,7 +2,8 @@
 
 Runs in this process when started by a launcher (torchrun sets RANK/WORLD_SIZE) or without --nproc;
 with --nproc N it spawns N local ranks (gloo on CPU, nccl on GPU) on a free port and waits for them.
-If one rank fails the others are stopped and the exit code is non-zero.
+If one rank fails the others are stopped and the exit code is non-zero. SIGTERM to this process is passed on to
+the ranks, which save a checkpoint and exit 0 (train.preempt_grace_s).
 """
 from __future__ import annotations
 
@@ -98,12 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     if under_launcher or args.nproc is None:
         _run_here(cfg, resume)
         return 0
+    import signal
+
     import torch.multiprocessing as mp
 
     threads = max(1, (os.cpu_count() or 1) // args.nproc)
+    ctx = mp.start_processes(_rank_main, args=(args.nproc, free_port(), threads, cfg, resume), nprocs=args.nproc,
+                             join=False, start_method="spawn")
+
+    def forward_sigterm(signum, frame) -> None:
+        # A scheduler may signal only this process: pass SIGTERM on so the ranks save and exit together.
+        for proc in ctx.processes:
+            if proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, forward_sigterm)
     try:
-        mp.start_processes(_rank_main, args=(args.nproc, free_port(), threads, cfg, resume), nprocs=args.nproc,
-                           join=True, start_method="spawn")
+        while not ctx.join():
+            pass
     except mp.ProcessExitedException as err:
         print(f"lctrain train: rank {err.error_index} exited with code {err.exit_code}; stopped the others",
               file=sys.stderr)
@@ -111,4 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     except mp.ProcessRaisedException as err:
         print(f"lctrain train: rank {err.error_index} failed:\n{err}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

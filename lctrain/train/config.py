@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -47,6 +48,12 @@ class TrainConfig:
     """Show a progress bar on rank 0."""
     plot: bool = False
     """Write the run's loss/accuracy plot (plot.png) at the end."""
+    preempt_grace_s: float = 120.0
+    """On SIGTERM, finish the step, save a checkpoint and exit 0; give up (exit 1) after this many seconds.
+    0 leaves SIGTERM alone (the process dies at once)."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config merged over lctrain's (e.g. {zero_optimization: {overlap_comm: true,
+    reduce_bucket_size: 5e7, offload_optimizer: {device: cpu}}}); keys lctrain sets itself are refused."""
 
     def validate(self) -> None:
         """Raise ValueError for a setting that can't work (no communication)."""
@@ -66,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"train.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.preempt_grace_s < 0:
+            raise ValueError(f"train.preempt_grace_s must be >= 0, got {self.preempt_grace_s}")
 
     def grad_accum(self, dp: int) -> int:
         """Micro-batches per step on each DP rank; raises ValueError if the batch does not divide."""

@@ -11,19 +11,31 @@ micro-batch is its summed token loss divided by the token count of the WHOLE ste
 step's gradient is exactly that of the mean token loss of the global batch, whatever the layout.
 
 Resume: "auto" continues from the newest complete checkpoint in run.out_dir/checkpoints (if any),
-"none" starts fresh, a path resumes from that checkpoint (any layout; see lctrain.checkpoint.state).
+"none" starts fresh, a path resumes from that checkpoint (any layout; see lctrain.checkpoint.state). Rank 0
+chooses the checkpoint (verifying its sha256 manifest) and broadcasts the choice; newer checkpoints it had to
+skip are reported loudly (a warning, and a `resume_fallback` record in metrics.jsonl). Each rank reads only
+the pieces of the state it owns under the new layout and saves only the pieces it owns (sharded DCP).
+
+Preemption: with train.preempt_grace_s > 0, SIGTERM (what SLURM and Kubernetes send before killing) makes
+the ranks agree at the end of the current step (one 4-byte all-reduce per step), save a checkpoint and return
+normally (exit code 0); a watchdog ends the process with code 1 if that takes longer than the grace period.
+Liveness for a supervisor goes through lctrain.train.heartbeat (a beat per step; saves and evals are phases).
 """
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lctrain.checkpoint.state import full_state, load_engine_state, load_weights, state_names
-from lctrain.checkpoint.store import CheckpointError, find_latest, load_tensors, read_meta, save_checkpoint, stored_tensors
+from lctrain.checkpoint.state import finish_load, prepare_load, sharded_state
+from lctrain.checkpoint.store import (Checkpointer, CheckpointError, find_latest, load_state, load_tensors, read_meta,
+                                      scan_latest, stored_tensors)
 from lctrain.config import Config, save_config, to_dict
 from lctrain.models import build_model
 from lctrain.models.loss import global_token_mean
@@ -31,7 +43,8 @@ from lctrain.data.sampler import build_dataset, collate, data_vocab_size, micro_
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import Mesh, init_mesh
 from lctrain.parallel.sharding import check_shardable, position_ids, shard_sequence
-from lctrain.train.engine import build_engine, set_lr
+from lctrain.train import heartbeat
+from lctrain.train.engine import build_engine, deepspeed_config, set_lr
 from lctrain.train.metrics import MetricsLogger, peak_flops
 from lctrain.train.schedule import lr_at
 
@@ -55,6 +68,10 @@ class TrainResult:
     """Global index of the next training sample."""
     tokens_per_s: float = 0.0
     """Mean training throughput of this run (all ranks together)."""
+    preempted: bool = False
+    """The run ended early on SIGTERM, after saving a checkpoint."""
+    save_s: list[float] = field(default_factory=list)
+    """Seconds the training loop was blocked by each checkpoint save (an async save: the staging copy)."""
 
 
 @dataclass
@@ -76,6 +93,7 @@ def plan_run(cfg: Config, world_size: int) -> Plan:
     dp = cfg.parallel.validate(world_size)
     check_shardable(cfg.data.seq_len, cfg.parallel.cp, cfg.parallel.cp_layout)
     grad_accum = cfg.train.grad_accum(dp)
+    deepspeed_config(cfg.train, grad_accum)
     if hasattr(cfg.model, "validate_parallel"):
         cfg.model.validate_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.cp_layout)
     if data_vocab_size(cfg.data) > cfg.model.vocab_size:
@@ -88,16 +106,50 @@ def _world_size() -> int:
     return torch.distributed.get_world_size() if comm.is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
+def resolve_resume(resume: str, ckpt_root: Path, verify: bool = True) -> Path | None:
     """The checkpoint to start from: None for "none" or an empty run, the newest complete one for "auto",
-    else the given path (CheckpointError, naming it, if it is missing or damaged)."""
+    else the given path (CheckpointError, naming it, if it is missing or damaged). No communication."""
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest(ckpt_root)
+        return find_latest(ckpt_root, verify=verify)
     path = Path(resume)
-    read_meta(path)
+    read_meta(path, verify=verify)
     return path
+
+
+def choose_checkpoint(resume: str, ckpt_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """Rank 0 picks the checkpoint (checksums verified) and broadcasts it; every rank returns the same choice.
+
+    Returns:
+        (the checkpoint or None, the newer checkpoints rank 0 skipped with the reason; empty on other ranks).
+    Raises:
+        CheckpointError: an explicit `resume` path that rank 0 found missing or corrupt (on every rank).
+    """
+    skipped: list[tuple[Path, str]] = []
+    # [status, step]: status 0 = start fresh, 1 = auto-chosen step, 2 = the explicit path, 3 = rejected
+    choice = torch.zeros(2, dtype=torch.int64)
+    error = None
+    if not comm.is_distributed() or torch.distributed.get_rank() == 0:
+        if resume == "auto":
+            path, skipped = scan_latest(ckpt_root)
+            if path is not None:
+                choice[:] = torch.tensor([1, int(path.name.split("_")[-1])])
+        elif resume != "none":
+            try:
+                read_meta(resume)
+                choice[0] = 2
+            except CheckpointError as err:
+                choice[0], error = 3, err
+    if comm.is_distributed():
+        choice = comm.broadcast(choice, src=0)
+    status, step = int(choice[0]), int(choice[1])
+    if status == 3:
+        raise error if error is not None else CheckpointError(
+            f"checkpoint {resume!r} is missing or corrupt (rank 0 rejected it; see its error)")
+    if status == 0:
+        return None, skipped
+    return (ckpt_root / f"step_{step:08d}" if status == 1 else Path(resume)), skipped
 
 
 def _rng_names(rank: int) -> dict[str, torch.Tensor]:
@@ -149,14 +201,61 @@ def evaluate(engine, dataset, cfg: Config, mesh: Mesh, plan: Plan, device) -> di
     return {"eval_loss": totals[0].item() / n, "eval_acc": totals[1].item() / n}
 
 
-def _save(engine, mesh: Mesh, cfg: Config, plan: Plan, ckpt_root: Path, step: int, position: int) -> Path:
-    tensors = full_state(engine, mesh, step)
-    tensors.update(_rng_names(mesh.rank))
+def _save(ckpt: Checkpointer, engine, mesh: Mesh, cfg: Config, plan: Plan, step: int, position: int) -> Path:
+    state = sharded_state(engine, mesh, step)
+    state.update(_rng_names(mesh.rank))
     meta = {"position": position, "layout": {"world": plan.world, "tp": plan.tp, "cp": plan.cp, "dp": plan.dp},
             "zero_stage": cfg.train.zero_stage, "config": to_dict(cfg),
             "schedule": {"next_lr": lr_at(step, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup, cfg.train.steps),
                          "steps": cfg.train.steps, "warmup": cfg.train.warmup}}
-    return save_checkpoint(ckpt_root, step, tensors, meta, cfg.checkpoint.keep)
+    with heartbeat.phase("save"):
+        return ckpt.save(step, state, meta)
+
+
+def _model_dict(model_cfg) -> dict:
+    """The model config as compared on resume (activation checkpointing changes memory, not the model)."""
+    d = dict(model_cfg) if isinstance(model_cfg, dict) else to_dict(model_cfg)
+    d.pop("activation_checkpointing", None)
+    return d
+
+
+class _Preemption:
+    """SIGTERM -> a flag the ranks agree on at step ends; a watchdog bounds the time to exit by `grace_s`."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s, self.signalled, self._old = grace_s, False, None
+        # Only the main thread may set handlers (a Ray actor runs us elsewhere; Ray stops actors itself).
+        self.active = grace_s > 0 and threading.current_thread() is threading.main_thread()
+        if self.active:
+            self._old = signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum, frame) -> None:
+        if self.signalled:
+            return
+        self.signalled = True
+        print(f"SIGTERM: saving a checkpoint after this step, then exiting (grace {self.grace_s:g} s)", flush=True)
+        timer = threading.Timer(self.grace_s, self._overdue)
+        timer.daemon = True
+        timer.start()
+
+    def _overdue(self) -> None:
+        print(f"SIGTERM: no checkpoint within train.preempt_grace_s = {self.grace_s:g} s; exiting without one",
+              flush=True)
+        os._exit(1)
+
+    def agreed(self, group=None) -> bool:
+        """Whether any rank got SIGTERM (collective over `group` when handling is on)."""
+        if not self.active:
+            return False
+        flag = torch.tensor([int(self.signalled)], dtype=torch.int32)
+        if comm.is_distributed():
+            flag = comm.all_reduce(flag, group=group, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if self.active:
+            signal.signal(signal.SIGTERM, self._old)
+            self.active = False
 
 
 def run(cfg: Config, resume: str = "auto") -> TrainResult:
@@ -170,40 +269,51 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
     plan = plan_run(cfg, world)
     run_dir = Path(cfg.run.out_dir)
     ckpt_root = run_dir / "checkpoints"
-    resume_path = resolve_resume(resume, ckpt_root)
-    meta = read_meta(resume_path) if resume_path is not None else None
-    if meta is not None and meta["config"]["model"] != to_dict(cfg.model):
-        raise CheckpointError(f"checkpoint {str(resume_path)!r} was saved for a different model config "
-                              f"({meta['config']['model']} vs {to_dict(cfg.model)})")
+    # A missing explicit checkpoint is the user's mistake: say so before any communication.
+    if resume not in ("auto", "none"):
+        read_meta(resume, verify=False)
+    heartbeat.beat(0, "init")
 
     mesh = init_mesh(cfg.parallel)
+    resume_path, skipped = choose_checkpoint(resume, ckpt_root)
+    meta = read_meta(resume_path, verify=False) if resume_path is not None else None
+    if meta is not None and _model_dict(meta["config"]["model"]) != _model_dict(cfg.model):
+        raise CheckpointError(f"checkpoint {str(resume_path)!r} was saved for a different model config "
+                              f"({meta['config']['model']} vs {to_dict(cfg.model)})")
     if mesh.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, mesh, cfg.parallel.cp_layout)
-    state = None
-    if resume_path is not None:
-        state = load_tensors(resume_path, state_names(model))
-        load_weights(model, state, mesh)
-    model.to(device)
-    engine = build_engine(model, cfg.train, mesh, plan.grad_accum)
+    model, engine = build_engine(lambda: build_model(cfg.model, mesh, cfg.parallel.cp_layout), cfg.train, mesh,
+                                 plan.grad_accum, device)
     step, position = 0, 0
-    if state is not None:
-        load_engine_state(engine, state, mesh)
-        del state
-        step, position = int(meta["step"]), int(meta["position"])
-        _restore_rng(resume_path, meta, mesh.rank, world)
+    if resume_path is not None:
+        with heartbeat.phase("load"):
+            step, position = int(meta["step"]), int(meta["position"])
+            prepare_load(engine, step)
+            load_state(resume_path, sharded_state(engine, mesh, step, for_load=True))
+            finish_load(engine)
+            _restore_rng(resume_path, meta, mesh.rank, world)
 
     tc, seq, layout = cfg.train, cfg.data.seq_len, cfg.parallel.cp_layout
     end = tc.steps if tc.exit_after == 0 else min(tc.steps, step + tc.exit_after)
     train_data, eval_data = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "eval")
     pos = position_ids(seq, mesh.cp_group, layout, device=device)
     logger = MetricsLogger(run_dir, mesh.rank, step, tc.steps, tc.progress)
+    if skipped:
+        lines = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        used = str(resume_path) if resume_path is not None else "none (fresh start)"
+        msg = f"skipped {len(skipped)} damaged checkpoint(s) newer than the one used ({used}): {lines}"
+        warnings.warn(msg, stacklevel=2)
+        logger.write(f"WARNING: {msg}")
+        logger.log({"event": "resume_fallback", "step": step, "used": used,
+                    "skipped": [{"checkpoint": str(p), "reason": why} for p, why in skipped]})
     if resume_path is not None:
         logger.write(f"resumed from {resume_path} at step {step} (sample {position})")
+    ckpt = Checkpointer(ckpt_root, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    preempt = _Preemption(tc.preempt_grace_s)
     flops = getattr(engine.module, "flops_per_token", None)
     peak = peak_flops()
     result = TrainResult(final_step=step, run_dir=str(run_dir), resumed_from=str(resume_path) if resume_path else None,
@@ -212,9 +322,11 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
     if step >= end:
         logger.write(f"nothing to train: the checkpoint is at step {step} of {tc.steps} "
                      f"(use --resume none or another run.out_dir to start over)")
-        result.evals[step] = evaluate(engine, eval_data, cfg, mesh, plan, device)
+        with heartbeat.phase("eval"):
+            result.evals[step] = evaluate(engine, eval_data, cfg, mesh, plan, device)
 
     while step < end:
+        heartbeat.beat(step, None)
         t0 = time.perf_counter()
         lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup, tc.steps)
         set_lr(engine, lr)
@@ -241,18 +353,30 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None, "step_time_s": dt}
         if flops is not None and peak is not None:
             record["mfu"] = flops(seq) * tokens / dt / (peak * world)
-        if (tc.eval_every and step % tc.eval_every == 0) or step == end:
-            ev = evaluate(engine, eval_data, cfg, mesh, plan, device)
+        preempted = preempt.agreed()
+        if ((tc.eval_every and step % tc.eval_every == 0) or step == end) and not preempted:
+            with heartbeat.phase("eval"):
+                ev = evaluate(engine, eval_data, cfg, mesh, plan, device)
             result.evals[step] = ev
             record.update(ev)
         if step % tc.log_every == 0 or step == end or "eval_acc" in record:
             logger.log(record)
         # train.exit_after always ends with a checkpoint (the next run continues from it).
         at_end = step == end and (cfg.checkpoint.at_end or end < tc.steps)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end:
-            result.checkpoint = str(_save(engine, mesh, cfg, plan, ckpt_root, step, position))
-            logger.write(f"checkpoint: {result.checkpoint}")
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end or preempted:
+            t_save = time.perf_counter()
+            result.checkpoint = str(_save(ckpt, engine, mesh, cfg, plan, step, position))
+            result.save_s.append(time.perf_counter() - t_save)
+            logger.write(f"checkpoint: {result.checkpoint}" + (" (writing in the background)"
+                                                               if cfg.checkpoint.async_save else ""))
+        if preempted:
+            result.preempted = True
+            logger.write(f"preempted (SIGTERM): stopped after step {step} with a checkpoint")
+            break
 
+    with heartbeat.phase("save"):
+        ckpt.close()
+    preempt.close()
     result.final_step, result.position = step, position
     result.tokens_per_s = run_tokens / run_time if run_time else 0.0
     if result.evals:

@@ -1,11 +1,14 @@
-"""Atomic DCP checkpoints: round trip, keep-k, newest-first scan past damaged saves, clear errors, safe metadata."""
+"""Atomic DCP checkpoints: round trip, keep-k, newest-first scan past damaged saves (sizes AND sha256), async saves
+that snapshot the state, clear errors, safe metadata."""
 import pickle
 
 import pytest
 import torch
 
-from lctrain.checkpoint.store import (LATEST, CheckpointError, SafeFileSystemReader, find_latest, list_checkpoints,
-                                      load_tensors, read_meta, save_checkpoint, stored_tensors)
+from lctrain.checkpoint.state import Shards
+from lctrain.checkpoint.store import (LATEST, Checkpointer, CheckpointError, SafeFileSystemReader, find_latest,
+                                      list_checkpoints, load_state, load_tensors, read_meta, save_checkpoint,
+                                      scan_latest, stored_tensors)
 
 
 def _state():
@@ -23,6 +26,8 @@ def test_round_trip_and_keep(tmp_path):
     latest = find_latest(tmp_path)
     meta = read_meta(latest)
     assert meta["step"] == 6 and meta["position"] == 48 and set(meta["files"]) >= {".metadata"}
+    assert all(len(f["sha256"]) == 64 for f in meta["files"].values())
+    assert not list(latest.glob(".sha256-*")) and not list(tmp_path.glob(".tmp-*"))
     shapes = stored_tensors(latest)
     assert shapes["optim/w/exp_avg"] == (torch.Size([5, 7]), torch.float64)
     got = load_tensors(latest, list(states[6]))
@@ -38,6 +43,9 @@ def test_scan_skips_incomplete_and_corrupt(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1])  # truncated
     (tmp_path / "step_00000009").mkdir()  # an empty directory
     assert find_latest(tmp_path) == tmp_path / "step_00000001"
+    path, skipped = scan_latest(tmp_path)
+    assert path == tmp_path / "step_00000001" and [p.name for p, _ in skipped] == [
+        "step_00000009", "step_00000003", "step_00000002"]
     with pytest.raises(CheckpointError, match="step_00000003.*incomplete"):
         read_meta(tmp_path / "step_00000003")
     with pytest.raises(CheckpointError, match="step_00000002.*corrupt"):
@@ -67,3 +75,30 @@ def test_metadata_unpickler_refuses_foreign_objects(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(_Evil()))
     with pytest.raises(pickle.UnpicklingError, match="not allowed"):
         SafeFileSystemReader(str(tmp_path)).read_metadata()
+
+
+def test_same_size_corruption_is_caught_by_the_checksum(tmp_path):
+    save_checkpoint(tmp_path, 1, _state(), {}, keep=2)
+    save_checkpoint(tmp_path, 2, _state(), {}, keep=2)
+    shard = next((tmp_path / "step_00000002").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern, same size
+    shard.write_bytes(bytes(data))
+    read_meta(tmp_path / "step_00000002", verify=False)  # sizes alone cannot tell
+    with pytest.raises(CheckpointError, match="sha256 of __0_0.distcp does not match"):
+        read_meta(tmp_path / "step_00000002")
+    assert find_latest(tmp_path) == tmp_path / "step_00000001"
+
+
+def test_async_save_snapshots_the_state_and_round_trips_shards(tmp_path):
+    w = torch.randn(6, 4)
+    state = {"model/w": Shards((6, 4), torch.float32, [((0, 0), w[:2]), ((2, 0), w[2:])]), "optim/step": torch.tensor(5)}
+    expect = w.clone()
+    ckpt = Checkpointer(tmp_path, keep=1, async_save=True)
+    final = ckpt.save(5, state, {"position": 1})
+    w.add_(1.0)  # training goes on while the checkpoint is written
+    assert ckpt.wait() == final and read_meta(final)["step"] == 5
+    ckpt.close()
+    out = torch.zeros(6, 4)
+    load_state(final, {"model/w": Shards((6, 4), torch.float32, [((0, 0), out[:3]), ((3, 0), out[3:])])})
+    assert torch.equal(out, expect)
