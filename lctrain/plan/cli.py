@@ -30,6 +30,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="write tokens/s and memory vs sequence length per method (PNG)")
     p.add_argument("--top", type=int, default=15, help="rows to print with --search (all with --json)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the simulation cache")
+    p.add_argument("--tp", type=int, nargs="+", default=None, help="--search only these TP sizes")
+    p.add_argument("--cp", type=int, nargs="+", default=None, help="--search only these CP sizes")
+    p.add_argument("--softmax-sp", nargs="+", default=None, help="--search only these softmax SP methods")
+    p.add_argument("--linear-sp", nargs="+", default=None, help="--search only these linear SP methods")
+    p.add_argument("--checkpointing", nargs="+", default=None, help="--search only these: none selective full")
+    p.add_argument("--zero", type=int, nargs="+", default=None, help="--search only these ZeRO stages")
     return p.parse_args(argv)
 
 
@@ -71,7 +77,15 @@ def main(argv: list[str] | None = None) -> int:
              f"memory {hw.memory_gb:.0f} GB per GPU ('!' = does not fit)")
     if args.search:
         progress = None if args.json else (lambda msg: print(f"  simulating {msg}", file=sys.stderr, flush=True))
-        rows = search(model, args.gpus, args.gpus_per_node, seq, hw, micro_batch=mb, cache=cache, progress=progress)
+        try:
+            rows = search(model, args.gpus, args.gpus_per_node, seq, hw, micro_batch=mb, cache=cache,
+                          progress=progress, tps=args.tp, cps=args.cp, softmax_sps=args.softmax_sp,
+                          linear_sps=args.linear_sp,
+                          checkpointing=args.checkpointing or ("none", "selective", "full"),
+                          zero_stages=args.zero or (0, 1, 2, 3))
+        except ValueError as err:
+            print(f"lctrain plan: {err}", file=sys.stderr)
+            return 2
         best = recommend(rows)
         if args.json:
             print(json.dumps([_jsonable(r.to_dict()) for r in rows], indent=1))

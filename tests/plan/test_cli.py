@@ -1,0 +1,61 @@
+"""`lctrain plan`: clear errors for bad requests, JSON rows, the search never recommends an OOM layout."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from lctrain.plan.cli import main
+from lctrain.plan.hardware import get_hardware
+from lctrain.plan.search import recommend, search
+from lctrain.config import load_config
+
+ROW_KEYS = {"tp", "cp", "dp", "softmax_sp", "linear_sp", "zero_stage", "activation_checkpointing", "mem_gb", "oom",
+            "step_s", "tokens_per_s", "mfu", "comm_frac"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["configs/tiny.yaml", "parallel.cp=4", "--gpus", "6", "--seq", "64"], "not divisible by tp*cp"),
+    (["configs/tiny.yaml", "--gpus", "2", "--seq", "64", "--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'"),
+    (["configs/tiny.yaml", "parallel.cp=4", "--gpus", "4", "--seq", "36"], "not divisible by 2*CP = 8"),
+    (["configs/tiny.yaml", "--gpus", "0", "--seq", "64"], "--gpus must be an integer >= 1"),
+    (["configs/tiny.yaml", "--gpus", "4", "--seq", "34", "--search", "--cp", "4"], "no valid layout"),
+])
+def test_bad_input_is_a_clear_error(args, message, capsys):
+    assert main(args + ["--no-cache"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_json_rows_of_the_configured_layout(capsys):
+    assert main(["configs/tiny.yaml", "parallel.cp=2", "--gpus", "4", "--seq", "64", "--json", "--no-cache"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and ROW_KEYS <= set(rows[0])
+    assert (rows[0]["tp"], rows[0]["cp"], rows[0]["dp"]) == (1, 2, 2)
+
+
+def test_search_never_recommends_oom():
+    """A device so small that only the lightest layouts fit: the recommendation is one of them."""
+    from dataclasses import replace
+
+    cfg = load_config("configs/tiny.yaml").model
+    tiny_gpu = replace(get_hardware("h100"), memory_gb=0.004)
+    rows = search(cfg, 8, 8, 512, tiny_gpu, checkpointing=("none", "full"), zero_stages=(0, 3), cache=None)
+    assert any(r.oom for r in rows) and any(not r.oom for r in rows)
+    best = recommend(rows)
+    assert best is not None and not best.oom and best.mem_gb <= 0.004
+    assert best.tokens_per_s == max(r.tokens_per_s for r in rows if not r.oom)
+    nothing = replace(tiny_gpu, memory_gb=1e-6)
+    assert recommend(search(cfg, 8, 8, 512, nothing, checkpointing=("full",), zero_stages=(3,))) is None
+
+
+@pytest.mark.slow
+def test_8b_64_gpus_1m_tokens_plan_time(capsys):
+    """The issue's budget: a 64-GPU, 1M-token plan of an 8B model in under 2 minutes on this machine."""
+    t0 = time.perf_counter()
+    assert main(["configs/llama3-8b.yaml", "parallel.cp=64", "--gpus", "64", "--seq", str(1 << 20),
+                 "--hardware", "h100", "--json", "--no-cache"]) == 0
+    elapsed = time.perf_counter() - t0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["cp"] == 64 and row["mem_gb"] > 0
+    assert elapsed < 120, elapsed
