@@ -1,11 +1,14 @@
 """Ray Job Submission: send `lctrain launch` to a cluster's job server, and query or stop the job.
 
-The job's runtime environment is a staged copy of the project: the lctrain package assembled as it is
-installed (launch/ and kernels/ inside it), configs/, and the run's config as `job_config.yaml`; the job
-runs `python -m lctrain launch job_config.yaml ...` on the head node, and its rank actors inherit the
-same working directory. Ray's token authentication stays on: the token is looked up as Ray does
-(RAY_AUTH_TOKEN, then the file named by RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token) and sent as a Bearer
-header; a missing or rejected token is reported with where it was looked for.
+The job ships the lctrain package this process runs, built the way it was installed: a wheel install's package
+directory (which already holds lctrain.kernels and lctrain.launch) as it is; an editable install or a checkout as
+the `lctrain/` of a wheel built from that tree (`pip wheel --no-deps`, pyproject's one packaging path). It goes to
+Ray as a `py_modules` entry, so the job's driver and every rank actor import that package (ahead of any lctrain
+installed on the nodes). The working directory holds only the run's config as `job_config.yaml` and the
+`--include` paths; the job runs `python -m lctrain launch job_config.yaml ...` on the head node. Ray's token
+authentication stays on: the token is looked up as Ray does (RAY_AUTH_TOKEN, then the file named by
+RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token) and sent as a Bearer header; a missing or rejected token is reported
+with where it was looked for.
 """
 from __future__ import annotations
 
@@ -13,8 +16,11 @@ import importlib.util
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,42 +88,57 @@ def connect(address: str) -> JobSubmissionClient:
         raise JobError(f"cannot reach the Ray job server at {address}: {text}") from None
 
 
-def _package_dirs() -> dict[str, Path]:
-    """Where lctrain and its mapped subpackages live in this installation."""
-    dirs = {}
-    for name in ("lctrain", "lctrain.launch", "lctrain.kernels"):
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations:
-            dirs[name] = Path(list(spec.submodule_search_locations)[0])
-    return dirs
+def _copy_tree(src: Path, dest: Path) -> None:
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.egg-info"))
 
 
-def stage_bundle(config_path: str | Path, dest: str | Path, include: list[str] | None = None) -> Path:
-    """Assemble the job's working directory under `dest` (see the module docstring); returns it.
+def build_wheel(source: Path, dest: Path) -> Path:
+    """Build lctrain's wheel from a source tree (copied first, so the tree gets no build/ or egg-info); returns it.
 
-    Args:
-        config_path: the run config, copied to `job_config.yaml`.
-        dest: an empty or missing directory.
-        include: extra files or directories copied to the top of the bundle (importable by the job).
+    Uses this environment's setuptools without build isolation (offline); without setuptools here, pip builds
+    in an isolated environment instead (which needs the package index).
     """
+    src = dest / "src"
+    src.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(source / name, src / name)
+    for name in ("lctrain", "kernels", "launch"):
+        _copy_tree(source / name, src / name)
+    out = dest / "wheel"
+    base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(out)]
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    res = subprocess.run([*base, *isolation, str(src)], capture_output=True, text=True)
+    if res.returncode:
+        raise JobError(f"building lctrain's wheel from {source} failed:\n{(res.stdout + res.stderr).strip()[-3000:]}")
+    (wheel,) = out.glob("lctrain-*.whl")
+    return wheel
+
+
+def package_for_job(dest: str | Path) -> Path:
+    """The lctrain package this process imports, as one directory (named lctrain) to ship with a job."""
+    dest = Path(dest)
+    spec = importlib.util.find_spec("lctrain")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    if (pkg / "kernels" / "__init__.py").is_file() and (pkg / "launch" / "__init__.py").is_file():
+        return pkg                                    # a wheel install: the package as installed
+    source = pkg.parent
+    if not (source / "pyproject.toml").is_file():
+        raise JobError(f"lctrain at {pkg} is neither a wheel install nor a checkout with pyproject.toml")
+    wheel = build_wheel(source, dest / "build")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(dest / "wheel", [n for n in zf.namelist() if n.startswith("lctrain/")])
+    return dest / "wheel" / "lctrain"
+
+
+def stage_workdir(config_path: str | Path, dest: str | Path, include: list[str] | None = None) -> Path:
+    """The job's working directory under `dest`: the run config as job_config.yaml and the `include` paths."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.egg-info")
-    dirs = _package_dirs()
-    pkg = dest / "lctrain"
-    shutil.copytree(dirs["lctrain"], pkg, ignore=ignore)
-    for name, src in dirs.items():
-        sub = name.split(".", 1)[1] if "." in name else None
-        if sub and not (pkg / sub).exists():
-            shutil.copytree(src, pkg / sub, ignore=ignore)
-    configs = dirs["lctrain"].parent / "configs"
-    if configs.is_dir():
-        shutil.copytree(configs, dest / "configs", ignore=ignore)
     shutil.copyfile(config_path, dest / "job_config.yaml")
     for item in include or []:
         src = Path(item)
         if src.is_dir():
-            shutil.copytree(src, dest / src.name, ignore=ignore)
+            _copy_tree(src, dest / src.name)
         elif src.is_file():
             shutil.copyfile(src, dest / src.name)
         else:
@@ -145,12 +166,13 @@ def submit(client: JobSubmissionClient, config_path: str, overrides: list[str], 
     argv = ["python", "-m", "lctrain", "launch", "job_config.yaml", *overrides,
             "--nodes", str(nodes), "--procs-per-node", str(procs_per_node)]
     with tempfile.TemporaryDirectory(prefix="lctrain-job-") as tmp:
-        bundle = stage_bundle(config_path, Path(tmp) / "bundle", include)
+        workdir = stage_workdir(config_path, Path(tmp) / "workdir", include)
+        package = package_for_job(Path(tmp) / "package")
         deadline = time.monotonic() + agent_wait_s
         while True:
             try:
                 return client.submit_job(entrypoint=shlex.join(argv), submission_id=submission_id,
-                                         runtime_env={"working_dir": str(bundle)},
+                                         runtime_env={"working_dir": str(workdir), "py_modules": [str(package)]},
                                          metadata={"lctrain_config": Path(config_path).name})
             except Exception as err:
                 text = " ".join(str(err).split())

@@ -1,0 +1,211 @@
+"""Resolve the GPU image's Python install set against constraints.txt with pip, as the Dockerfile installs it.
+
+    python docker/resolve.py            # check: exit 0 if the lock holds, 1 with the reasons, 77 if PyPI is unreachable
+    python docker/resolve.py --write    # rewrite constraints.txt's pins from a fresh resolution (after a bump)
+
+The Dockerfile installs in three layers, and this script replays them with `pip install --dry-run --report` in an
+empty virtual environment of the image's Python (3.12, Ubuntu 24.04's):
+  1. the base: `torch`, at the version constraints.txt pins (with its CUDA wheels);
+  2. on top of that torch, with torch recorded as already installed (a stand-in dist-info carrying the real
+     wheel's metadata, so its CUDA/triton requirements are resolved too): flash-attn's build tools
+     (docker/requirements-build.txt) and lctrain's dependencies (pyproject.toml). pip must keep the installed
+     torch; if anything would replace it, the lock is broken;
+  3. flash-attn itself is built `--no-deps --no-build-isolation` against that torch, so it is pinned but not
+     resolved here (its sdist imports torch to build metadata); its own requirements are in layer 2.
+Every package pip picks must be pinned in constraints.txt at the version it picks, and every pin must be used.
+Only the standard library is needed; pip runs from this interpreter (`pip --python` targets the empty venv).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import tomllib
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSTRAINTS = ROOT / "constraints.txt"
+BUILD_REQUIREMENTS = ROOT / "docker/requirements-build.txt"
+IMAGE_PYTHON = "3.12"
+"""The image's Python (Ubuntu 24.04's python3); the Dockerfile's FROM line must stay on ubuntu24.04."""
+NOT_RESOLVED = {"flash-attn"}
+"""Pinned, built against the installed torch without dependency resolution (layer 3)."""
+OFFLINE = 77
+# Machine-specific pip settings (local wheel folders, caps) must not leak into the image's resolution.
+_DROP_ENV = ("PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_REQUIREMENT", "PIP_NO_INDEX", "PIP_EXTRA_INDEX_URL",
+             "PIP_CONFIG_FILE", "PIP_USER", "PIP_TARGET", "PIP_PREFIX")
+
+
+def norm(name: str) -> str:
+    """PEP 503 normalised project name."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_pins(path: Path = CONSTRAINTS) -> dict[str, str]:
+    """`name==version` lines of a constraints file (comments and blank lines skipped)."""
+    pins = {}
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line)
+        if not m:
+            raise ValueError(f"{path.name}: {raw!r} is not an exact name==version pin")
+        pins[norm(m.group(1))] = m.group(2)
+    return pins
+
+
+def image_requirements() -> list[str]:
+    """Layer 2's requirements: flash-attn's build tools, then lctrain's dependencies from pyproject.toml."""
+    build = [ln.split("#", 1)[0].strip() for ln in BUILD_REQUIREMENTS.read_text().splitlines()]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [r for r in build if r] + list(project["dependencies"])
+
+
+def _pip_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV}
+    env["PIP_CONFIG_FILE"] = os.devnull          # no global / user pip.conf
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def index_reachable(timeout_s: float = 15.0) -> str | None:
+    """None if the package index answers, else the reason."""
+    url = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/") + "/pip/"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            resp.read(1)
+    except Exception as err:  # noqa: BLE001 - any failure means: cannot check here
+        return f"{url} unreachable: {err}"
+    return None
+
+
+def _dry_run(python: str, args: list[str], report: Path) -> dict:
+    cmd = [sys.executable, "-m", "pip", "--python", python, "install", "--dry-run", "--quiet",
+           "--report", str(report), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_pip_env(), timeout=900)
+    if res.returncode:
+        text = res.stdout + res.stderr
+        if re.search(r"NewConnectionError|Max retries exceeded|Temporary failure in name resolution|timed out",
+                     text):
+            raise ConnectionError(text.strip()[-2000:])
+        raise RuntimeError(f"pip could not resolve {' '.join(args)}:\n{text.strip()[-4000:]}")
+    return json.loads(report.read_text())
+
+
+def _interpreter() -> str:
+    """A working python of the image's version (PATH, then pyenv's versions), else this interpreter."""
+    want = tuple(int(x) for x in IMAGE_PYTHON.split("."))
+    candidates = [shutil.which(f"python{IMAGE_PYTHON}"), f"/usr/bin/python{IMAGE_PYTHON}"]
+    candidates += sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{IMAGE_PYTHON}.*/bin/python{IMAGE_PYTHON}"))
+    for cand in filter(None, candidates):
+        try:
+            out = subprocess.run([cand, "-c", "import sys, venv; print(*sys.version_info[:2])"], capture_output=True,
+                                 text=True, timeout=30)
+        except OSError:
+            continue
+        if out.returncode == 0 and tuple(map(int, out.stdout.split())) == want:
+            return cand
+    print(f"note: no working python{IMAGE_PYTHON} here; resolving for "
+          f"{sys.version_info.major}.{sys.version_info.minor} instead", file=sys.stderr)
+    return sys.executable
+
+
+def _fake_installed_torch(venv_python: str, metadata: dict) -> None:
+    """Record torch as installed in the venv (layer 1 done) with the real wheel's name, version and requirements."""
+    purelib = subprocess.run([venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    info = Path(purelib) / f"torch-{metadata['version']}.dist-info"
+    info.mkdir(parents=True)
+    lines = ["Metadata-Version: 2.1", "Name: torch", f"Version: {metadata['version']}"]
+    lines += [f"Requires-Dist: {r}" for r in metadata.get("requires_dist") or []]
+    (info / "METADATA").write_text("\n".join(lines) + "\n")
+    (info / "INSTALLER").write_text("pip\n")
+    (info / "RECORD").write_text("")
+
+
+def resolve(python: str | None = None, constraints: Path = CONSTRAINTS) -> tuple[dict[str, str], list[str]]:
+    """Replay the image's layers; returns ({package: version} that pip would install, problems found)."""
+    pins = read_pins(constraints)
+    if "torch" not in pins:
+        return {}, ["constraints.txt does not pin torch (the base layer)"]
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="lctrain-resolve-") as tmp:
+        tmp = Path(tmp)
+        venv = tmp / "venv"
+        subprocess.run([python or _interpreter(), "-m", "venv", "--without-pip", str(venv)], check=True)
+        vpy = str(venv / "bin" / "python")
+        # torch's own metadata only (its requirements are resolved in layer 2, as an installed package's are)
+        base = _dry_run(vpy, ["--no-deps", f"torch=={pins['torch']}"], tmp / "base.json")
+        (torch_meta,) = [i["metadata"] for i in base["install"]]
+        got = {"torch": torch_meta["version"]}
+        _fake_installed_torch(vpy, torch_meta)
+        rest = _dry_run(vpy, ["-c", str(constraints), *image_requirements()], tmp / "rest.json")
+        for item in rest["install"]:
+            name, version = norm(item["metadata"]["name"]), item["metadata"]["version"]
+            if name == "torch":
+                problems.append(f"installing lctrain would replace the base image's torch {pins['torch']} "
+                                f"with {version}")
+            got[name] = version
+    for name, version in sorted(got.items()):
+        if name not in pins:
+            problems.append(f"{name}=={version} is installed but not pinned in {constraints.name}")
+        elif pins[name] != version:
+            problems.append(f"{name}: pip picks {version}, {constraints.name} pins {pins[name]}")
+    for name in sorted(set(pins) - set(got) - NOT_RESOLVED):
+        problems.append(f"{name}=={pins[name]} is pinned in {constraints.name} but nothing installs it")
+    return got, problems
+
+
+def write(got: dict[str, str]) -> None:
+    """Rewrite the pins of constraints.txt (its leading comment block is kept)."""
+    pins = read_pins()
+    header = []
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            header.append(line)
+        else:
+            break
+    keep = {n: pins[n] for n in NOT_RESOLVED if n in pins}
+    body = [f"{n}=={v}" for n, v in sorted({**got, **keep}.items())]
+    CONSTRAINTS.write_text("\n".join(header + body) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--write", action="store_true", help="rewrite constraints.txt's pins from this resolution")
+    p.add_argument("--constraints", type=Path, default=CONSTRAINTS, help="the lock to check (default: constraints.txt)")
+    p.add_argument("--python", default=None, help=f"interpreter of the image's Python (default: python{IMAGE_PYTHON})")
+    args = p.parse_args(argv)
+    reason = index_reachable()
+    if reason:
+        print(f"SKIP: {reason}")
+        return OFFLINE
+    try:
+        got, problems = resolve(args.python, args.constraints)
+    except ConnectionError as err:
+        print(f"SKIP: the package index failed during resolution: {err}")
+        return OFFLINE
+    except RuntimeError as err:
+        print(err)
+        return 1
+    print(f"resolved {len(got)} packages for Python {IMAGE_PYTHON} on top of "
+          f"torch=={read_pins(args.constraints)['torch']}")
+    if args.write:
+        write(got)
+        print(f"wrote {CONSTRAINTS}")
+        return 0
+    for line in problems:
+        print(f"problem: {line}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
