@@ -20,6 +20,7 @@ from lctrain.ops.linear_attention import linear_attention, memory_state
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
 from lctrain.parallel.mesh import cp_group_or_default
+from lctrain.sp.lasp1_delta import lasp1_chunk_map_attention
 from lctrain.sp.lasp2 import check_linear_sp_inputs
 
 
@@ -130,7 +131,9 @@ def lasp1_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
         q, k: `[b, s_local, h, dk]`, this rank's contiguous chunk (`shard_sequence(x, layout="contiguous")`).
         v: `[b, s_local, h, dv]`.
         log_decay: `[h]`, log(lambda) <= 0 per head, or None. When it requires grad, each rank returns its own
-            contribution to the gradient (the sum over the CP group is the full gradient).
+            contribution to the gradient (the sum over the CP group is the full gradient). Data-dependent gates
+            `[b, s_local, h]` or `[b, s_local, h, dk]` (sharded like q; causal only) pass each chunk's state
+            map along the same ring (`lctrain.sp.lasp1_delta`).
         group: the CP group (default: the mesh's).
         causal: causal (optionally decayed) or full non-causal linear attention (no decay).
     Returns:
@@ -140,5 +143,11 @@ def lasp1_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     Non-causal: every rank sends P-1 states each way.
     """
     group = cp_group_or_default(group)
+    if log_decay is not None and log_decay.dim() > 1:
+        if not causal:
+            raise ValueError("lasp1_linear_attention: a decay (log_decay) is only defined for causal linear "
+                             "attention; pass causal=True or log_decay=None")
+        return lasp1_chunk_map_attention(q, k, v, log_decay, None, "vector" if log_decay.dim() == 4 else "scalar",
+                                         group, name="lasp1_linear_attention", tag="lasp1")
     rank, world = check_linear_sp_inputs("lasp1_linear_attention", q, k, v, log_decay, group, causal, "contiguous")
     return _LASP1.apply(q, k, v, log_decay, group, causal, rank, world)

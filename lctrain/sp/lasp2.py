@@ -30,6 +30,7 @@ from lctrain.ops.linear_attention_ref import compute_dtype
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import LAYOUTS
+from lctrain.sp.lasp2_delta import lasp2_chunk_map_attention
 from lctrain.sp.utils import agree_once
 
 
@@ -164,8 +165,9 @@ class _LASP2(torch.autograd.Function):
         if q_dec is not None:
             q_in = q_in * q_dec[:, :, None]
         o = o_intra.detach().to(sdt) + torch.einsum("bshk,bhkv->bshv", q_in, entering)
-        ctx.save_for_backward(q, log_decay, entering, mem_all if decay_grad else None)
-        ctx.graph = (o_intra, mem, leaves, ld) if track else None
+        # The graph's roots and leaves go through save_for_backward too, so saved-tensor hooks see what is kept.
+        graph = (o_intra, mem, *leaves, ld) if track else ()
+        ctx.save_for_backward(q, log_decay, entering, mem_all if decay_grad else None, *graph)
         return _unstack_chunks(o, n_loc).to(v.dtype)
 
     @staticmethod
@@ -183,9 +185,7 @@ class _LASP2(torch.autograd.Function):
             dv = torch.einsum("bshk,bhkv->bshv", k.to(sdt), d_mem)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
-        q, log_decay, entering, mem_all = ctx.saved_tensors
-        o_intra, mem, leaves, ld = ctx.graph
-        ctx.graph = None
+        q, log_decay, entering, mem_all, o_intra, mem, *leaves, ld = ctx.saved_tensors
         decay_grad = ld is not None and ld.requires_grad
         b, s, h, _ = q.shape
         chunk_len = s // n_loc
@@ -243,6 +243,10 @@ def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
             requires grad, each rank returns its own contribution to the gradient; the sum over the CP group
             (which the DP x CP gradient reduction forms) is the gradient of the whole sequence's loss. Its
             values are not checked per call (that would synchronise the device): see `lctrain.ops.debug`.
+            Data-dependent gates, sharded like q: `[b, s_local, h]` (a scalar per head and token: Mamba2 /
+            simple GLA) or `[b, s_local, h, dk]` (GLA's vector gate), S_t = diag(exp(g_t)) S_(t-1) + k_t^T v_t;
+            each chunk's cumulative decay then travels with its state in the same single all-gather
+            (`lctrain.sp.lasp2_delta`, README_lasp2_gated.md; causal only).
         group: the CP group (default: the mesh's).
         causal: causal (with optional decay) or full non-causal linear attention (no decay).
         layout: "contiguous" (rank r holds chunk r of P) or "zigzag" (chunks r and 2P-1-r of 2P).
@@ -255,5 +259,11 @@ def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     else goes on the wire and nothing synchronises the host.
     """
     group = cp_group_or_default(group)
+    if log_decay is not None and log_decay.dim() > 1:
+        if not causal:
+            raise ValueError("lasp2_linear_attention: a decay (log_decay) is only defined for causal linear "
+                             "attention; pass causal=True or log_decay=None")
+        return lasp2_chunk_map_attention(q, k, v, log_decay, None, "vector" if log_decay.dim() == 4 else "scalar",
+                                         group, layout, name="lasp2_linear_attention", tag="lasp2")
     rank, world = check_linear_sp_inputs("lasp2_linear_attention", q, k, v, log_decay, group, causal, layout)
     return _LASP2.apply(q, k, v, log_decay, group, causal, layout, rank, world)

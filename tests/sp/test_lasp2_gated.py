@@ -17,7 +17,7 @@ from lctrain.ops.debug import debug_checks
 from lctrain.ops.gated_delta_ref import gated_delta_rule_recurrent
 from lctrain.ops.gla_ref import gla_recurrent
 from lctrain.parallel import MeshConfig, comm, init_mesh, shard_sequence
-from lctrain.sp import lasp2_delta_attention
+from lctrain.sp import lasp1_linear_attention, lasp2_delta_attention, lasp2_linear_attention
 from lctrain.sp.lasp1_delta import lasp1_chunk_map_attention
 from lctrain.sp.lasp2_delta import lasp2_chunk_map_attention
 from lctrain.testing import run_distributed
@@ -82,8 +82,13 @@ def _check(cfg, seed, method="lasp2"):
     loc = [_sharded(x, layout) if (x is not None and x.dim() >= 3) else x for x in full[:5]] + [s0]
     loc = [x.to(dtype).detach().requires_grad_(True) if x is not None else None for x in loc]
     with comm.record_comm() as rec:
-        if method == "lasp1":
+        public = variant != "delta" and not with_init and not with_final  # through lasp{1,2}_linear_attention
+        if method == "lasp1" and public:
+            out = lasp1_linear_attention(*loc[:4])
+        elif method == "lasp1":
             out = lasp1_chunk_map_attention(*loc[:5], variant, initial_state=loc[5])
+        elif public:
+            out = lasp2_linear_attention(*loc[:4], layout=layout)
         elif variant == "delta":
             out = lasp2_delta_attention(loc[0], loc[1], loc[2], loc[4], log_decay=loc[3], layout=layout,
                                         initial_state=loc[5], output_final_state=with_final)
