@@ -165,3 +165,23 @@ def test_rope_batched_tables_match_per_row():
 def test_bad_cu_seqlens(cu, match):
     with pytest.raises(ValueError, match=match):
         check_cu_seqlens(torch.tensor(cu, dtype=torch.int32), 2, 16)
+
+
+def _syncs_per_forward(num_layers: int) -> int:
+    from lctrain.testing.hot_path import count_host_syncs
+
+    init_mesh(MeshConfig(tp=1, cp=1))
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(BASE, layer_pattern="LA", num_layers=num_layers))
+    ids, labels, cu, _ = _packed_batch(3, 2, BASE.vocab_size)
+    pos = torch.arange(SEQ)
+    model(ids, pos, labels, cu_seqlens=cu)  # first call: per-signature checks
+    with count_host_syncs() as syncs:
+        model(ids, pos, labels, cu_seqlens=cu)
+    return syncs.count
+
+
+def test_document_tables_are_built_once_per_batch_not_per_layer():
+    """The host reads of cu_seqlens happen once per forward: 2 and 6 layers sync the same number of times."""
+    results = run_distributed(_syncs_per_forward, 1, 2), run_distributed(_syncs_per_forward, 1, 6)
+    assert results[0] == results[1], results
