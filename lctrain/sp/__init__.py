@@ -7,10 +7,12 @@
 from lctrain.parallel.sharding import shard_sequence, unshard_sequence
 from lctrain.sp.allgather import allgather_attention
 from lctrain.sp.lasp1 import lasp1_linear_attention
+from lctrain.sp.lasp1_delta import lasp1_delta_attention
 from lctrain.sp.lasp2 import lasp2_linear_attention
 from lctrain.sp.lasp2_delta import lasp2_delta_attention
 from lctrain.sp.ring import ring_attention
 from lctrain.sp.ulysses import ulysses_attention
 
 __all__ = ["shard_sequence", "unshard_sequence", "ring_attention", "allgather_attention", "ulysses_attention",
-           "lasp1_linear_attention", "lasp2_linear_attention", "lasp2_delta_attention"]
+           "lasp1_linear_attention", "lasp2_linear_attention", "lasp2_delta_attention",
+           "lasp1_delta_attention"]
