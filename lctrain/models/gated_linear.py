@@ -12,7 +12,8 @@ as in the GatedDeltaNet paper / Qwen3-Next and GLA (whose low-rank gate projecti
 weight splits cleanly over TP). The QKV projection is the GQA-grouped one of the other mixers; k and v are
 repeated to the query heads after the convolution. The sequence crosses CP ranks twice: the convolution's
 halo (K-1 tokens from the neighbouring chunk(s), counted P2P, short_conv.py) and the recurrence's state
-(LASP-2 over chunk maps, `lctrain.sp.lasp2_delta`: one all-gather forward, one backward).
+(LASP-2 over chunk maps, `lctrain.sp.lasp2_delta`: one all-gather forward, one backward; or the LASP-1 ring
+with linear_sp="lasp1", contiguous layout).
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from lctrain import sp
 from lctrain.models.config import ModelConfig
 from lctrain.models.norm import rms_norm
 from lctrain.models.qkv import GroupedQKV
 from lctrain.models.short_conv import causal_conv_cp
 from lctrain.models.tensor_parallel import mark_tp_split, normal_init, scaled_init
 from lctrain.parallel.mesh import Mesh
-from lctrain.sp.lasp2_delta import lasp2_chunk_map_attention, lasp2_delta_attention
 
 #: Mixer letters of the layer pattern handled here.
 GATED_MIXERS = ("D", "G")
@@ -50,9 +51,8 @@ class GatedLinearMixer(torch.nn.Module):
         super().__init__()
         if kind not in GATED_MIXERS:
             raise ValueError(f"unknown gated mixer {kind!r}; expected one of {GATED_MIXERS}")
-        if cfg.linear_sp != "lasp2":
-            raise ValueError(f"the gated mixers {GATED_MIXERS} run on LASP-2 (linear_sp='lasp2'), got "
-                             f"{cfg.linear_sp!r}")
+        if cfg.linear_sp == "lasp1" and mesh.cp > 1 and cp_layout != "contiguous":
+            raise ValueError("linear_sp='lasp1' needs cp_layout='contiguous' (its state ring follows rank order)")
         self.kind, self.mesh, self.cp_layout, self.method = kind, mesh, cp_layout, cfg.linear_sp
         self.packed_mode = None  # packed documents would need the convolution and the state reset per document
         self.eps, self.head_dim = cfg.norm_eps, cfg.head_dim
@@ -112,12 +112,17 @@ class GatedLinearMixer(torch.nn.Module):
             beta = torch.sigmoid(self.beta_proj(x)[0])  # [b, s, h/tp]
             a, _ = self.decay_proj(x)
             g = -torch.exp(self.A_log.to(gdt)) * F.softplus(a.to(gdt) + self.dt_bias.to(gdt))  # [b, s, h/tp]
-            o = lasp2_delta_attention(q, k, v, beta.to(q.dtype), log_decay=g, group=group, layout=layout)
+            if self.method == "lasp1":
+                o = sp.lasp1_delta_attention(q, k, v, beta.to(q.dtype), log_decay=g, group=group)
+            else:
+                o = sp.lasp2_delta_attention(q, k, v, beta.to(q.dtype), log_decay=g, group=group, layout=layout)
         else:
             gk, _ = self.gk_proj(x)
             g = F.logsigmoid(gk.to(gdt)).view(b, s, self.local_heads, self.head_dim) / GLA_GATE_NORMALIZER
-            o = lasp2_chunk_map_attention(q * scale, k, v, g, None, "vector", group=group, layout=layout,
-                                          name="lasp2_linear_attention")
+            if self.method == "lasp1":
+                o = sp.lasp1_linear_attention(q * scale, k, v, log_decay=g, group=group)
+            else:
+                o = sp.lasp2_linear_attention(q * scale, k, v, log_decay=g, group=group, layout=layout)
         o = rms_norm(o, self.norm_weight.view(self.local_heads, self.head_dim), self.eps)
         gate, _ = self.gate(x)  # [b, s, h d / tp]
         o = o * F.silu(gate).view(b, s, self.local_heads, self.head_dim)

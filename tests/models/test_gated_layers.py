@@ -23,6 +23,7 @@ VARIANTS = [
     ("G-contig", dict(layer_pattern="G", short_conv_size=2), "contiguous"),
     ("DDDA-zigzag", dict(layer_pattern="DDDA", num_layers=4, short_conv_size=3), "zigzag"),
     ("GDLA-contig", dict(layer_pattern="GDLA", num_layers=4, short_conv_size=3, softmax_sp="ring"), "contiguous"),
+    ("GD-lasp1-contig", dict(layer_pattern="GD", num_layers=2, short_conv_size=3, linear_sp="lasp1"), "contiguous"),
 ]
 
 
