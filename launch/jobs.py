@@ -146,6 +146,15 @@ def stage_workdir(config_path: str | Path, dest: str | Path, include: list[str] 
     return dest
 
 
+#: lctrain's run-time switches (lctrain.ops): set where `lctrain submit` runs, they reach the job and its ranks.
+FORWARDED_ENV = ("LCTRAIN_ALLOW_KERNEL_FALLBACK", "LCTRAIN_ALLOW_UNVALIDATED_GPU")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The FORWARDED_ENV variables set in this process."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
 def submit(client: JobSubmissionClient, config_path: str, overrides: list[str], nodes: int,
            procs_per_node: int, include: list[str] | None = None, submission_id: str | None = None,
            agent_wait_s: float = 60.0) -> str:
@@ -172,7 +181,8 @@ def submit(client: JobSubmissionClient, config_path: str, overrides: list[str], 
         while True:
             try:
                 return client.submit_job(entrypoint=shlex.join(argv), submission_id=submission_id,
-                                         runtime_env={"working_dir": str(workdir), "py_modules": [str(package)]},
+                                         runtime_env={"working_dir": str(workdir), "py_modules": [str(package)],
+                                                      "env_vars": forwarded_env()},
                                          metadata={"lctrain_config": Path(config_path).name})
             except Exception as err:
                 text = " ".join(str(err).split())

@@ -14,7 +14,7 @@ for contiguous), model split (heads, kv heads, vocab, FFN divisible by TP; Ulyss
 contiguous layout), batch (global batch divisible by micro-batch x DP), data (vocabulary fits the model), node
 shape (ranks per node divisible by TP, so TP groups stay inside a node) and run directory (absolute on multi-node
 runs and Ray jobs; whether that path is really shared cannot be seen from here: a simulated cluster on one machine
-legitimately uses /tmp). The predicted-memory check (issue 12) joins `CHECKS` as one more
+legitimately uses /tmp) and, on a machine with a GPU, a flash-attn install that fails to import. The predicted-memory check (issue 12) joins `CHECKS` as one more
 function.
 """
 from __future__ import annotations
@@ -181,10 +181,26 @@ def check_run_dir(cfg: Config, target: Target) -> list[str]:
     return []
 
 
+def check_gpu_kernels(cfg: Config, target: Target) -> list[str]:
+    """On a machine with a GPU (e.g. `lctrain train --dry-run` on a node): an installed flash-attn that fails to
+    import is a problem unless LCTRAIN_ALLOW_KERNEL_FALLBACK=1 (lctrain.ops.attention_flash_attn's rule)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    from lctrain.ops import attention_flash_attn
+
+    try:
+        attention_flash_attn._interface()
+    except RuntimeError as err:
+        return [str(err)]
+    return []
+
+
 #: The checks, in the order their problems are listed. Issue 12's predicted-memory check is appended here.
 CHECKS: list[Callable[[Config, Target], list[str]]] = [
     check_target, check_settings, check_layout, check_sequence, check_model_split, check_batch, check_data,
-    check_node_shape, check_run_dir,
+    check_node_shape, check_run_dir, check_gpu_kernels,
 ]
 
 

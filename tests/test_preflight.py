@@ -117,3 +117,18 @@ def test_train_dry_run_takes_the_target_world(capsys):
     assert main([str(ROOT / "configs/cluster-demo.yaml"), "--dry-run", "--world-size", "32", "--procs-per-node", "8"]) == 0
     assert "world=32 tp=1 cp=8 dp=4" in capsys.readouterr().out
     assert main([str(ROOT / "configs/demo.yaml"), "--world-size", "16"]) == 2
+
+
+def test_broken_flash_attn_is_a_problem_on_a_gpu_machine(monkeypatch):
+    import torch
+
+    from lctrain.ops import attention_flash_attn
+
+    def broken():
+        raise RuntimeError("flash-attn is installed but fails to import: undefined symbol (test)")
+
+    monkeypatch.setattr(attention_flash_attn, "_interface", broken)
+    assert preflight(_cfg(), 1) == []                     # no GPU: the CPU run never uses flash-attn
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (problem,) = preflight(_cfg(), 1)
+    assert "fails to import: undefined symbol" in problem

@@ -76,6 +76,9 @@ from fake_trainer import run as _run
 
 
 def run(cfg, resume="auto"):
+    import os
+
+    print("fallback", os.environ.get("LCTRAIN_ALLOW_KERNEL_FALLBACK"), flush=True)
     print("lctrain from", lctrain.__file__, "kernels from", lctrain.kernels.__file__, flush=True)
     return _run(cfg, resume)
 """
@@ -163,6 +166,7 @@ def test_submit_runs_a_job_to_completion(head, tmp_path, monkeypatch, capsys):
     assert "rejected the token" in capsys.readouterr().err
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    monkeypatch.setenv("LCTRAIN_ALLOW_KERNEL_FALLBACK", "1")     # lctrain's switches reach the ranks
     assert submit_main(args + ["--wait", "--timeout", "240"]) == 0
     out = capsys.readouterr().out
     job_id = out.split()[0]
@@ -174,6 +178,7 @@ def test_submit_runs_a_job_to_completion(head, tmp_path, monkeypatch, capsys):
     assert job_main(["logs", job_id, "--address", url]) == 0
     logs = capsys.readouterr().out
     assert "gang of 1 ranks on 1 node(s)" in logs
+    assert "fallback 1" in logs
     # the rank imported the shipped package (Ray's copy of the built wheel), not the checkout
     (line,) = [ln for ln in logs.splitlines() if "lctrain from" in ln]
     shipped, kernels = line.split("lctrain from ", 1)[1].split(" kernels from ")
