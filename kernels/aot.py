@@ -77,7 +77,7 @@ def kernel_specs() -> list[KernelSpec]:
         KernelSpec("flash_bwd", flash._backward_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA", "DQ"),
                    flash_consts),
     ]
-    specs += lightning.aot_specs(KernelSpec) if hasattr(lightning, "aot_specs") else []
+    specs += lightning.aot_specs(KernelSpec)
     return specs
 
 
@@ -149,10 +149,12 @@ def _base(name: str) -> str:
 def int32_offset_products(ttir: str) -> list[str]:
     """The 32-bit products that can overflow a pointer offset: lines of `ttir` (Triton IR, text).
 
-    A product is reported when it is a 32-bit `arith.muli` (scalar or tensor), one factor derives from
-    `tt.get_program_id` or an `scf.for` induction variable (a block, row or head index), the other is
-    not a constant, and the product flows into the offset of a `tt.addptr`. Products by constants (block
-    sizes) and additions are allowed: they stay below the sequence length. Loop bounds are not followed
+    A product is reported when it is a 32-bit `arith.muli` (scalar or tensor) that flows into the offset of
+    a `tt.addptr`, one factor derives from `tt.get_program_id` or an `scf.for` induction variable (a block,
+    row or head index), and the other is a `stride*` argument, or either factor is itself computed from a
+    32-bit product by a non-constant (a stride formed in the kernel, `t * H * D`). Allowed: products by
+    constants (block sizes), an index times one length argument (segment x segment length, kv head x
+    group size: both below the sequence length or head count), additions. Loop bounds are not followed
     (an induction variable counts as an index whatever bounds it has).
     """
     defs: dict[str, tuple[str, list[str], str]] = {}  # name -> (op, operand names, line)
@@ -194,13 +196,30 @@ def int32_offset_products(ttir: str) -> list[str]:
             continue
         reaching.add(name)
         stack.extend(defs.get(name, ("", [], ""))[1])
+    def is_i32_product(name: str) -> bool:
+        op, operands, line = defs.get(name, ("", [], ""))
+        return (op == "arith.muli" and bool(re.search(r":\s*(tensor<[^>]*x)?i32\b", line))
+                and not any(defs.get(o, ("",))[0] == "arith.constant" for o in operands))
+
+    def has_product(name: str, seen: set[str]) -> bool:
+        # an i32 product by a non-constant among the values `name` is computed from
+        if name in seen:
+            return False
+        seen.add(name)
+        return is_i32_product(name) or any(has_product(o, seen) for o in defs.get(name, ("", []))[1])
+
     found = []
     for name in sorted(reaching):
-        op, operands, line = defs.get(name, ("", [], ""))
-        if op != "arith.muli" or not re.search(r":\s*(tensor<[^>]*x)?i32\b", line):
+        if not is_i32_product(name):
             continue
-        constant = [defs.get(o, ("",))[0] == "arith.constant" for o in operands]
-        if any(o in tainted for o in operands) and not any(constant):
+        operands, line = defs[name][1], defs[name][2]
+        index = [o for o in operands if o in tainted]
+        other = [o for o in operands if o not in tainted]
+        if not index:
+            continue
+        # index x stride, or index x length x length (a stride formed in the kernel, e.g. t * H * D):
+        # an index times one length (segment * segment length, kv head * group size) stays below 2^31
+        if any(o.startswith("%stride") for o in other) or any(has_product(o, set()) for o in index + other):
             found.append(line.strip())
     return found
 

@@ -5,10 +5,11 @@ registers: inside a block, ordinary masked attention with the decay matrix lambd
 blocks, the kernel trick (the state S = sum lambda^(.) k^T v), so the cost is linear in the sequence
 length and there is no cumsum. Long sequences with few batch x heads are cut into segments run in
 parallel from a zero state; the state at each segment boundary is then a decayed sum of the segments'
-own last states, added to the rows by one more pass. The backward is hand-written: dq is the forward
-recurrence on (do, v, k) with the transposed initial state; dk and dv run the same recurrence
-backwards in time on the state gradient, which ends as d initial_state. The gradient of log_decay
-follows from dq and dk in closed form. Derivations: README.md beside this file.
+own last states, added to the rows by one more pass. The backward is hand-written, two recurrences:
+dq is the forward recurrence on (do, v, k) with the transposed initial state; one reverse pass carries
+the state gradient backwards in time and gives dk, dv, d initial_state and d log_decay, the last as a sum
+over query-key pairs with non-negative position weights (no cancellation, float32-accurate at any
+length). Derivations: README.md beside this file.
 """
 from __future__ import annotations
 
@@ -16,204 +17,265 @@ import torch
 import triton
 import triton.language as tl
 
-from lctrain.kernels.utils import (check_dtype, check_runnable, dot_precision, interpreting, new_output, pow2,
-                                  triton_kernel)
+from lctrain.kernels.utils import (check_dtype, check_row_stride, check_runnable, dot_precision, head_ptr,
+                                  interpreting, load_rows, new_output, pow2, store_rows, triton_helper, triton_kernel)
 
-# Hopper-oriented candidates: 64-token blocks (the decay matrix and scores stay in registers), value
-# tiles of 64 or 128 columns.
-_CONFIGS = [triton.Config({"BLOCK": 64, "BLOCK_C": block_c}, num_warps=warps, num_stages=stages)
-            for block_c in (64, 128) for warps in (4, 8) for stages in (2, 3)]
+# Hopper candidates, kept only if they compile for sm_90 without register spills at head dims 64 and 128
+# (docs/kernels.md has the table): 64-token blocks and 64 value columns, 8 warps. The reverse pass holds
+# two float32 states and more tiles: 32-token blocks (it still spills at head dim 128, see docs/kernels.md).
+_CONFIGS = [triton.Config({"BLOCK": 64, "BLOCK_C": 64}, num_warps=8, num_stages=stages) for stages in (2, 3)]
+_REVERSE_CONFIGS = [triton.Config({"BLOCK": 32, "BLOCK_C": 64}, num_warps=8, num_stages=stages) for stages in (2, 3)]
 _INTERPRET = {"BLOCK": 16, "BLOCK_C": 16}
+
+
+@triton_helper
+def _program(H, T, SEG_LEN, BLOCK_C: tl.constexpr):
+    """This program's (column tile, batch x head, batch, head, segment, segment start, segment end, columns)."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    seg = tl.program_id(2)
+    seg_start = seg * SEG_LEN
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid_c, pid_bh, pid_bh // H, pid_bh % H, seg, seg_start, tl.minimum(T, seg_start + SEG_LEN), offs_c
+
+
+@triton_helper
+def _decay_matrix(gamma, offs_t, REVERSE: tl.constexpr):
+    """lambda^(i-j) [i >= j] for rows i, columns j (REVERSE: lambda^(j-i) [j >= i]), lambda = exp(gamma)."""
+    if REVERSE:
+        diff = offs_t[None, :] - offs_t[:, None]
+    else:
+        diff = offs_t[:, None] - offs_t[None, :]
+    return tl.where(diff >= 0, tl.exp(gamma * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+
+
+@triton_helper
+def _load_state(X, i_b, i_h, offs_a, offs_c, DA, DC, stride_xb, stride_xh, stride_xa, stride_xc,
+                HAS_X: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The [BLOCK_A, BLOCK_C] float32 tile of a [B, H, DA, DC] state (zeros without one)."""
+    if HAS_X:
+        cols = tl.cast(offs_c, tl.int64)  # int64: a transposed state's column stride is DA
+        ptrs = head_ptr(X, i_b, i_h, stride_xb, stride_xh) + (offs_a[:, None] * stride_xa + cols[None, :] * stride_xc)
+        x = tl.load(ptrs, mask=(offs_a < DA)[:, None] & (offs_c < DC)[None, :], other=0.0).to(tl.float32)
+    else:
+        x = tl.full([BLOCK_A, BLOCK_C], 0.0, dtype=tl.float32)
+    return x
+
+
+@triton_helper
+def _segment_state_ptrs(X, seg, pid_bh, offs_a, offs_c, DA, DC):
+    """Pointers to the tile of a per-segment state buffer [segments, B * H, DA, DC] (contiguous, float32)."""
+    base = X + (tl.cast(seg, tl.int64) * tl.num_programs(1) + pid_bh) * DA * DC
+    return base + (offs_a[:, None] * DC + offs_c[None, :])
+
+
+@triton_helper
+def _sum_all(x):
+    """Sum of every element of a 2-D block (a float32 scalar)."""
+    return tl.reduce(tl.reduce(x, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
 
 
 @triton_kernel(configs=_CONFIGS, key=["DA", "DC"], interpret=_INTERPRET)
 def _forward_kernel(A, B, C, LOG_DECAY, X0, OUT, XN, T, H, DA, DC, SEG_LEN,
+                    stride_ab, stride_at, stride_ah, stride_cb, stride_ct, stride_ch,
                     stride_xb, stride_xh, stride_xa, stride_xc,
                     HAS_X0: tl.constexpr, STORE_XN: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     # Over the rows of one segment [seg_start, seg_end), block by block:
     # out_i = sum_{j<=i} lambda^(i-j) (a_i . b_j) c_j + lambda^(i+1) a_i X  (X: state before the block)
     # X    <- lambda^n X + sum_j lambda^(n-1-j) b_j^T c_j                   (n: valid rows of the block)
-    # a, b: [B, T, H, DA], c and out: [B, T, H, DC] (contiguous); X0: [B, H, DA, DC] float32;
+    # a, b: [B, T, H, DA], c and out: [B, T, H, DC]; X0: [B, H, DA, DC] float32;
     # XN: [segments, B, H, DA, DC], each segment's last X.
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seg = tl.program_id(2)
-    seg_start = seg * SEG_LEN
-    seg_end = tl.minimum(T, seg_start + SEG_LEN)
-    i_b = pid_bh // H
-    i_h = pid_bh % H
+    pid_c, pid_bh, i_b, i_h, seg, seg_start, seg_end, offs_c = _program(H, T, SEG_LEN, BLOCK_C)
     gamma = tl.load(LOG_DECAY + i_h).to(tl.float32)
-
     offs_t = tl.arange(0, BLOCK)
     offs_a = tl.arange(0, BLOCK_A)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_a = offs_a < DA
-    mask_c = offs_c < DC
-    diff = offs_t[:, None] - offs_t[None, :]
-    intra_decay = tl.where(diff >= 0, tl.exp(gamma * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+    intra_decay = _decay_matrix(gamma, offs_t, False)
     row_decay = tl.exp(gamma * (offs_t + 1).to(tl.float32))
+    x = _load_state(X0, i_b, i_h, offs_a, offs_c, DA, DC, stride_xb, stride_xh, stride_xa, stride_xc,
+                    HAS_X0, BLOCK_A, BLOCK_C)
 
-    x_offs = i_b * stride_xb + i_h * stride_xh + offs_a[:, None] * stride_xa + offs_c[None, :] * stride_xc
-    x_mask = mask_a[:, None] & mask_c[None, :]
-    if HAS_X0:
-        x = tl.load(X0 + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-    else:
-        x = tl.full([BLOCK_A, BLOCK_C], 0.0, dtype=tl.float32)
-
-    a_base = A + i_b * T * H * DA + i_h * DA
-    b_base = B + i_b * T * H * DA + i_h * DA
-    c_base = C + i_b * T * H * DC + i_h * DC
-    o_base = OUT + i_b * T * H * DC + i_h * DC
+    a_base = head_ptr(A, i_b, i_h, stride_ab, stride_ah)
+    b_base = head_ptr(B, i_b, i_h, stride_ab, stride_ah)
+    c_base = head_ptr(C, i_b, i_h, stride_cb, stride_ch)
+    o_base = head_ptr(OUT, i_b, i_h, stride_cb, stride_ch)
     for start in range(seg_start, seg_end, BLOCK):
-        rows = start + offs_t
-        mask_t = rows < seg_end
         n_valid = tl.minimum(seg_end - start, BLOCK)
-        a_ptrs = rows[:, None] * H * DA + offs_a[None, :]
-        c_ptrs = rows[:, None] * H * DC + offs_c[None, :]
-        a = tl.load(a_base + a_ptrs, mask=mask_t[:, None] & mask_a[None, :], other=0.0)  # [BLOCK, BLOCK_A]
-        b = tl.load(b_base + a_ptrs, mask=mask_t[:, None] & mask_a[None, :], other=0.0)  # [BLOCK, BLOCK_A]
-        c = tl.load(c_base + c_ptrs, mask=mask_t[:, None] & mask_c[None, :], other=0.0)  # [BLOCK, BLOCK_C]
+        a = load_rows(a_base, start, offs_t, offs_a, stride_at, seg_end, DA)  # [BLOCK, BLOCK_A]
+        b = load_rows(b_base, start, offs_t, offs_a, stride_at, seg_end, DA)
+        c = load_rows(c_base, start, offs_t, offs_c, stride_ct, seg_end, DC)  # [BLOCK, BLOCK_C]
 
         scores = tl.dot(a, tl.trans(b), input_precision=PRECISION) * intra_decay  # [BLOCK, BLOCK]
         out = tl.dot(scores.to(c.dtype), c, input_precision=PRECISION)
         out += tl.dot(a, x.to(a.dtype), input_precision=PRECISION) * row_decay[:, None]  # [BLOCK, BLOCK_C]
-        tl.store(o_base + c_ptrs, out.to(OUT.dtype.element_ty), mask=mask_t[:, None] & mask_c[None, :])
+        store_rows(o_base, start, offs_t, offs_c, stride_ct, seg_end, DC, out)
 
-        b_decay = tl.where(mask_t, tl.exp(gamma * tl.maximum(n_valid - 1 - offs_t, 0).to(tl.float32)), 0.0)
+        b_decay = tl.where(offs_t < n_valid, tl.exp(gamma * tl.maximum(n_valid - 1 - offs_t, 0).to(tl.float32)), 0.0)
         b_decayed = (b * b_decay[:, None]).to(b.dtype)
         x = x * tl.exp(gamma * n_valid.to(tl.float32))
         x += tl.dot(tl.trans(b_decayed), c, input_precision=PRECISION)  # [BLOCK_A, BLOCK_C]
 
     if STORE_XN:
-        xn_offs = (seg * tl.num_programs(1) + pid_bh) * DA * DC + offs_a[:, None] * DC + offs_c[None, :]
-        tl.store(XN + xn_offs, x, mask=x_mask)
+        tl.store(_segment_state_ptrs(XN, seg, pid_bh, offs_a, offs_c, DA, DC), x,
+                 mask=(offs_a < DA)[:, None] & (offs_c < DC)[None, :])
 
 
-@triton_kernel(configs=_CONFIGS, key=["DA", "DC"], interpret=_INTERPRET)
-def _reverse_kernel(A, B, C, LOG_DECAY, X0, OUT, XN, T, H, DA, DC, SEG_LEN,
+@triton_kernel(configs=_REVERSE_CONFIGS, key=["DA", "DC", "NEED_DGAMMA"], interpret=_INTERPRET,
+               restore_value=["DKP", "DGAMMA"])
+def _reverse_kernel(Q, K, V, DO, LOG_DECAY, G, DV, DKP, LOCAL, LOCALW, DGAMMA, T, H, DA, DC, SEG_LEN,
+                    stride_ab, stride_at, stride_ah, stride_cb, stride_ct, stride_ch, stride_p,
                     stride_xb, stride_xh, stride_xa, stride_xc,
-                    HAS_X0: tl.constexpr, STORE_XN: tl.constexpr, PRECISION: tl.constexpr,
+                    HAS_G: tl.constexpr, NEED_DGAMMA: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    # The same recurrence backwards in time over one segment (blocks from last to first; only the
-    # segment's last block may be partial):
-    # out_j = sum_{i>=j} lambda^(i-j) (a_j . b_i) c_i + lambda^(n-1-j) a_j X  (X: state after the block)
-    # X    <- lambda^n X + sum_i lambda^(i+1) b_i^T c_i
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seg = tl.program_id(2)
-    seg_start = seg * SEG_LEN
-    seg_end = tl.minimum(T, seg_start + SEG_LEN)
-    i_b = pid_bh // H
-    i_h = pid_bh % H
+    # One pass backwards in time over a segment, the state gradient Y = dS (float32) carried from its end:
+    #   dv_j = sum_{i>=j} lambda^(i-j) (k_j . q_i) do_i + lambda^(m-1-j) k_j Y
+    #   dk_j = sum_{i>=j} lambda^(i-j) (v_j . do_i) q_i + lambda^(m-1-j) v_j Y^T   (this column tile's part)
+    #   Y   <- lambda^m Y + sum_i lambda^(i+1) q_i^T do_i
+    # and, with NEED_DGAMMA, d log_decay as a sum over (query, key) pairs of (t - s) lambda^(t-s)
+    # (q_t . k_s)(do_t . v_s): inside the block from the two score matrices, across the block end from
+    # Y and the position-weighted Yw <- lambda^m (Yw + m Y) + sum_i (i+1) lambda^(i+1) q_i^T do_i.
+    # LOCAL/LOCALW: Y and Yw at the segment start; DGAMMA: [column tiles, segments, B * H] partial sums.
+    pid_c, pid_bh, i_b, i_h, seg, seg_start, seg_end, offs_c = _program(H, T, SEG_LEN, BLOCK_C)
     gamma = tl.load(LOG_DECAY + i_h).to(tl.float32)
-
     offs_t = tl.arange(0, BLOCK)
     offs_a = tl.arange(0, BLOCK_A)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_a = offs_a < DA
-    mask_c = offs_c < DC
-    diff = offs_t[None, :] - offs_t[:, None]
-    intra_decay = tl.where(diff >= 0, tl.exp(gamma * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+    intra_decay = _decay_matrix(gamma, offs_t, True)  # [j, i]: lambda^(i-j) [i >= j]
+    pair_weight = tl.maximum(offs_t[None, :] - offs_t[:, None], 0).to(tl.float32)  # [j, i]: i - j
     col_decay = tl.exp(gamma * (offs_t + 1).to(tl.float32))
+    y = _load_state(G, i_b, i_h, offs_a, offs_c, DA, DC, stride_xb, stride_xh, stride_xa, stride_xc,
+                    HAS_G, BLOCK_A, BLOCK_C)
+    yw = tl.full([BLOCK_A, BLOCK_C], 0.0, dtype=tl.float32)
+    d_gamma = tl.cast(0.0, tl.float32)
 
-    x_offs = i_b * stride_xb + i_h * stride_xh + offs_a[:, None] * stride_xa + offs_c[None, :] * stride_xc
-    x_mask = mask_a[:, None] & mask_c[None, :]
-    if HAS_X0:
-        x = tl.load(X0 + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-    else:
-        x = tl.full([BLOCK_A, BLOCK_C], 0.0, dtype=tl.float32)
-
-    a_base = A + i_b * T * H * DA + i_h * DA
-    b_base = B + i_b * T * H * DA + i_h * DA
-    c_base = C + i_b * T * H * DC + i_h * DC
-    o_base = OUT + i_b * T * H * DC + i_h * DC
+    q_base = head_ptr(Q, i_b, i_h, stride_ab, stride_ah)
+    k_base = head_ptr(K, i_b, i_h, stride_ab, stride_ah)
+    v_base = head_ptr(V, i_b, i_h, stride_cb, stride_ch)
+    do_base = head_ptr(DO, i_b, i_h, stride_cb, stride_ch)
+    dv_base = head_ptr(DV, i_b, i_h, stride_cb, stride_ch)
+    dk_base = head_ptr(DKP + tl.cast(pid_c, tl.int64) * stride_p, i_b, i_h, stride_ab, stride_ah)
     num_blocks = (seg_end - seg_start + BLOCK - 1) // BLOCK
     for r in range(0, num_blocks):
         start = seg_start + (num_blocks - 1 - r) * BLOCK
-        rows = start + offs_t
-        mask_t = rows < seg_end
         n_valid = tl.minimum(seg_end - start, BLOCK)
-        a_ptrs = rows[:, None] * H * DA + offs_a[None, :]
-        c_ptrs = rows[:, None] * H * DC + offs_c[None, :]
-        a = tl.load(a_base + a_ptrs, mask=mask_t[:, None] & mask_a[None, :], other=0.0)  # [BLOCK, BLOCK_A]
-        b = tl.load(b_base + a_ptrs, mask=mask_t[:, None] & mask_a[None, :], other=0.0)  # [BLOCK, BLOCK_A]
-        c = tl.load(c_base + c_ptrs, mask=mask_t[:, None] & mask_c[None, :], other=0.0)  # [BLOCK, BLOCK_C]
+        q = load_rows(q_base, start, offs_t, offs_a, stride_at, seg_end, DA)  # [BLOCK, BLOCK_A]
+        k = load_rows(k_base, start, offs_t, offs_a, stride_at, seg_end, DA)
+        v = load_rows(v_base, start, offs_t, offs_c, stride_ct, seg_end, DC)  # [BLOCK, BLOCK_C]
+        do = load_rows(do_base, start, offs_t, offs_c, stride_ct, seg_end, DC)
 
-        a_decay = tl.where(mask_t, tl.exp(gamma * tl.maximum(n_valid - 1 - offs_t, 0).to(tl.float32)), 0.0)
-        scores = tl.dot(a, tl.trans(b), input_precision=PRECISION) * intra_decay  # [BLOCK, BLOCK]
-        out = tl.dot(scores.to(c.dtype), c, input_precision=PRECISION)
-        out += tl.dot(a, x.to(a.dtype), input_precision=PRECISION) * a_decay[:, None]  # [BLOCK, BLOCK_C]
-        tl.store(o_base + c_ptrs, out.to(OUT.dtype.element_ty), mask=mask_t[:, None] & mask_c[None, :])
+        a_decay = tl.where(offs_t < n_valid, tl.exp(gamma * tl.maximum(n_valid - 1 - offs_t, 0).to(tl.float32)), 0.0)
+        kq = tl.dot(k, tl.trans(q), input_precision=PRECISION) * intra_decay  # [BLOCK, BLOCK]: [j, i]
+        vdo = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK, BLOCK], this column tile's part
+        ky = tl.dot(k, y.to(k.dtype), input_precision=PRECISION) * a_decay[:, None]  # [BLOCK, BLOCK_C]
+        dv = tl.dot(kq.to(do.dtype), do, input_precision=PRECISION) + ky
+        store_rows(dv_base, start, offs_t, offs_c, stride_ct, seg_end, DC, dv)
+        dk = tl.dot((vdo * intra_decay).to(q.dtype), q, input_precision=PRECISION)
+        dk += tl.dot(v, tl.trans(y).to(v.dtype), input_precision=PRECISION) * a_decay[:, None]  # [BLOCK, BLOCK_A]
+        store_rows(dk_base, start, offs_t, offs_a, stride_at, seg_end, DA, dk)
 
-        b_decayed = (b * col_decay[:, None]).to(b.dtype)
-        x = x * tl.exp(gamma * n_valid.to(tl.float32))
-        x += tl.dot(tl.trans(b_decayed), c, input_precision=PRECISION)  # [BLOCK_A, BLOCK_C]
+        block_decay = tl.exp(gamma * n_valid.to(tl.float32))
+        q_decayed = q * col_decay[:, None]
+        if NEED_DGAMMA:
+            kyw = tl.dot(k, yw.to(k.dtype), input_precision=PRECISION)  # [BLOCK, BLOCK_C]
+            steps = tl.maximum(n_valid - 1 - offs_t, 0).to(tl.float32)
+            cross = v.to(tl.float32) * (kyw * a_decay[:, None] + ky * steps[:, None])
+            d_gamma += _sum_all(kq * vdo * pair_weight) + _sum_all(cross)
+            q_weighted = (q_decayed * (offs_t + 1).to(tl.float32)[:, None]).to(q.dtype)
+            yw = block_decay * (yw + n_valid.to(tl.float32) * y)
+            yw += tl.dot(tl.trans(q_weighted), do, input_precision=PRECISION)
+        y = y * block_decay
+        y += tl.dot(tl.trans(q_decayed.to(q.dtype)), do, input_precision=PRECISION)  # [BLOCK_A, BLOCK_C]
 
-    if STORE_XN:
-        xn_offs = (seg * tl.num_programs(1) + pid_bh) * DA * DC + offs_a[:, None] * DC + offs_c[None, :]
-        tl.store(XN + xn_offs, x, mask=x_mask)
+    x_mask = (offs_a < DA)[:, None] & (offs_c < DC)[None, :]
+    tl.store(_segment_state_ptrs(LOCAL, seg, pid_bh, offs_a, offs_c, DA, DC), y, mask=x_mask)
+    if NEED_DGAMMA:
+        tl.store(_segment_state_ptrs(LOCALW, seg, pid_bh, offs_a, offs_c, DA, DC), yw, mask=x_mask)
+        tl.store(DGAMMA + (tl.cast(pid_c, tl.int64) * tl.num_programs(2) + seg) * tl.num_programs(1) + pid_bh,
+                 d_gamma)
 
 
 @triton_kernel(configs=_CONFIGS, key=["DA", "DC"], interpret=_INTERPRET, restore_value=["OUT"])
 def _boundary_kernel(A, LOCAL, X0, LOG_DECAY, OUT, T, H, DA, DC, SEG_LEN, NSEG,
+                     stride_ab, stride_at, stride_ah, stride_cb, stride_ct, stride_ch,
                      stride_xb, stride_xh, stride_xa, stride_xc,
-                     HAS_X0: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+                     HAS_X0: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Adds to one segment, run from a zero state, what comes from outside it: the state at its boundary
-    # X = lambda^(distance) X0 + sum over the segments before it (REVERSE: after it) of lambda^(gap) LOCAL_r
-    # enters row i as lambda^(i - seg_start + 1) a_i X (REVERSE: lambda^(seg_end - 1 - i) a_i X).
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seg = tl.program_id(2)
-    seg_start = seg * SEG_LEN
-    seg_end = tl.minimum(T, seg_start + SEG_LEN)
-    i_b = pid_bh // H
-    i_h = pid_bh % H
+    # Adds to one segment of the forward recurrence, run from a zero state, what comes from before it:
+    # the state X = lambda^(seg_start) X0 + sum_{r < seg} lambda^(seg_start - r_end) LOCAL_r enters
+    # row i as lambda^(i - seg_start + 1) a_i X.
+    pid_c, pid_bh, i_b, i_h, seg, seg_start, seg_end, offs_c = _program(H, T, SEG_LEN, BLOCK_C)
     gamma = tl.load(LOG_DECAY + i_h).to(tl.float32)
-
     offs_t = tl.arange(0, BLOCK)
     offs_a = tl.arange(0, BLOCK_A)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_a = offs_a < DA
-    mask_c = offs_c < DC
-    x_mask = mask_a[:, None] & mask_c[None, :]
-    x = tl.full([BLOCK_A, BLOCK_C], 0.0, dtype=tl.float32)
-    if HAS_X0:
-        x0_offs = i_b * stride_xb + i_h * stride_xh + offs_a[:, None] * stride_xa + offs_c[None, :] * stride_xc
-        if REVERSE:
-            distance = T - seg_end
-        else:
-            distance = seg_start
-        x = tl.load(X0 + x0_offs, mask=x_mask, other=0.0).to(tl.float32) * tl.exp(gamma * distance.to(tl.float32))
-    local_offs = offs_a[:, None] * DC + offs_c[None, :]
+    x_mask = (offs_a < DA)[:, None] & (offs_c < DC)[None, :]
+    x = _load_state(X0, i_b, i_h, offs_a, offs_c, DA, DC, stride_xb, stride_xh, stride_xa, stride_xc,
+                    HAS_X0, BLOCK_A, BLOCK_C) * tl.exp(gamma * seg_start.to(tl.float32))
     for r in range(0, NSEG):
-        r_start = r * SEG_LEN
-        r_end = tl.minimum(T, r_start + SEG_LEN)
-        if REVERSE:
-            weight = tl.where(r > seg, tl.exp(gamma * tl.maximum(r_start - seg_end, 0).to(tl.float32)), 0.0)
-        else:
-            weight = tl.where(r < seg, tl.exp(gamma * tl.maximum(seg_start - r_end, 0).to(tl.float32)), 0.0)
-        local = tl.load(LOCAL + (r * tl.num_programs(1) + pid_bh) * DA * DC + local_offs, mask=x_mask, other=0.0)
-        x += weight * local
+        r_end = tl.minimum(T, r * SEG_LEN + SEG_LEN)
+        weight = tl.where(r < seg, tl.exp(gamma * tl.maximum(seg_start - r_end, 0).to(tl.float32)), 0.0)
+        x += weight * tl.load(_segment_state_ptrs(LOCAL, r, pid_bh, offs_a, offs_c, DA, DC), mask=x_mask, other=0.0)
 
-    a_base = A + i_b * T * H * DA + i_h * DA
-    o_base = OUT + i_b * T * H * DC + i_h * DC
+    a_base = head_ptr(A, i_b, i_h, stride_ab, stride_ah)
+    o_base = head_ptr(OUT, i_b, i_h, stride_cb, stride_ch)
     for start in range(seg_start, seg_end, BLOCK):
-        rows = start + offs_t
-        mask_t = rows < seg_end
-        if REVERSE:
-            steps = tl.maximum(seg_end - 1 - rows, 0)
-        else:
-            steps = rows - seg_start + 1
-        row_decay = tl.exp(gamma * steps.to(tl.float32))
-        a = tl.load(a_base + rows[:, None] * H * DA + offs_a[None, :], mask=mask_t[:, None] & mask_a[None, :],
-                    other=0.0)  # [BLOCK, BLOCK_A]
-        o_ptrs = o_base + rows[:, None] * H * DC + offs_c[None, :]
-        o_mask = mask_t[:, None] & mask_c[None, :]
-        out = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+        row_decay = tl.exp(gamma * (start - seg_start + offs_t + 1).to(tl.float32))
+        a = load_rows(a_base, start, offs_t, offs_a, stride_at, seg_end, DA)  # [BLOCK, BLOCK_A]
+        out = load_rows(o_base, start, offs_t, offs_c, stride_ct, seg_end, DC).to(tl.float32)
         out += tl.dot(a, x.to(a.dtype), input_precision=PRECISION) * row_decay[:, None]  # [BLOCK, BLOCK_C]
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+        store_rows(o_base, start, offs_t, offs_c, stride_ct, seg_end, DC, out)
+
+
+@triton_kernel(configs=_REVERSE_CONFIGS, key=["DA", "DC", "NEED_DGAMMA"], interpret=_INTERPRET,
+               restore_value=["DV", "DKP", "DGAMMA"])
+def _reverse_boundary_kernel(K, V, LOG_DECAY, G, LOCAL, LOCALW, DV, DKP, DGAMMA, T, H, DA, DC, SEG_LEN, NSEG,
+                             stride_ab, stride_at, stride_ah, stride_cb, stride_ct, stride_ch, stride_p,
+                             stride_xb, stride_xh, stride_xa, stride_xc,
+                             HAS_G: tl.constexpr, NEED_DGAMMA: tl.constexpr, PRECISION: tl.constexpr,
+                             BLOCK_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Adds to one segment of the reverse pass, run from a zero state, what comes from after it: at its
+    # end e, Y = lambda^(T-e) G + sum_{p > seg} lambda^(a_p - e) LOCAL_p and
+    # Yw = (T-e) lambda^(T-e) G + sum_{p > seg} lambda^(a_p - e) (LOCALW_p + (a_p - e) LOCAL_p); row j gets
+    # lambda^(e-1-j) k_j Y (dv), lambda^(e-1-j) v_j Y^T (dk) and the pairs across e (d log_decay).
+    pid_c, pid_bh, i_b, i_h, seg, seg_start, seg_end, offs_c = _program(H, T, SEG_LEN, BLOCK_C)
+    gamma = tl.load(LOG_DECAY + i_h).to(tl.float32)
+    offs_t = tl.arange(0, BLOCK)
+    offs_a = tl.arange(0, BLOCK_A)
+    x_mask = (offs_a < DA)[:, None] & (offs_c < DC)[None, :]
+    g = _load_state(G, i_b, i_h, offs_a, offs_c, DA, DC, stride_xb, stride_xh, stride_xa, stride_xc,
+                    HAS_G, BLOCK_A, BLOCK_C)
+    tail = (T - seg_end).to(tl.float32)
+    y = g * tl.exp(gamma * tail)
+    yw = y * tail
+    for p in range(0, NSEG):
+        gap = tl.maximum(p * SEG_LEN - seg_end, 0).to(tl.float32)
+        weight = tl.where(p > seg, tl.exp(gamma * gap), 0.0)
+        local = tl.load(_segment_state_ptrs(LOCAL, p, pid_bh, offs_a, offs_c, DA, DC), mask=x_mask, other=0.0)
+        y += weight * local
+        if NEED_DGAMMA:
+            local_w = tl.load(_segment_state_ptrs(LOCALW, p, pid_bh, offs_a, offs_c, DA, DC), mask=x_mask, other=0.0)
+            yw += weight * (local_w + gap * local)
+    d_gamma = tl.cast(0.0, tl.float32)
+
+    k_base = head_ptr(K, i_b, i_h, stride_ab, stride_ah)
+    v_base = head_ptr(V, i_b, i_h, stride_cb, stride_ch)
+    dv_base = head_ptr(DV, i_b, i_h, stride_cb, stride_ch)
+    dk_base = head_ptr(DKP + tl.cast(pid_c, tl.int64) * stride_p, i_b, i_h, stride_ab, stride_ah)
+    for start in range(seg_start, seg_end, BLOCK):
+        steps = tl.maximum(seg_end - 1 - (start + offs_t), 0).to(tl.float32)
+        row_decay = tl.where(start + offs_t < seg_end, tl.exp(gamma * steps), 0.0)
+        k = load_rows(k_base, start, offs_t, offs_a, stride_at, seg_end, DA)  # [BLOCK, BLOCK_A]
+        v = load_rows(v_base, start, offs_t, offs_c, stride_ct, seg_end, DC)  # [BLOCK, BLOCK_C]
+        ky = tl.dot(k, y.to(k.dtype), input_precision=PRECISION) * row_decay[:, None]
+        dv = load_rows(dv_base, start, offs_t, offs_c, stride_ct, seg_end, DC).to(tl.float32) + ky
+        store_rows(dv_base, start, offs_t, offs_c, stride_ct, seg_end, DC, dv)
+        dk = load_rows(dk_base, start, offs_t, offs_a, stride_at, seg_end, DA)
+        dk += tl.dot(v, tl.trans(y).to(v.dtype), input_precision=PRECISION) * row_decay[:, None]
+        store_rows(dk_base, start, offs_t, offs_a, stride_at, seg_end, DA, dk)
+        if NEED_DGAMMA:
+            kyw = tl.dot(k, yw.to(k.dtype), input_precision=PRECISION) * row_decay[:, None]
+            d_gamma += _sum_all(v.to(tl.float32) * (kyw + ky * steps[:, None]))
+    if NEED_DGAMMA:
+        ptr = DGAMMA + (tl.cast(pid_c, tl.int64) * tl.num_programs(2) + seg) * tl.num_programs(1) + pid_bh
+        tl.store(ptr, tl.load(ptr) + d_gamma)
 
 
 def _segments(batch_heads: int, seq: int, dc: int, sm_count: int | None) -> tuple[int, int]:
@@ -234,45 +296,101 @@ def _segments(batch_heads: int, seq: int, dc: int, sm_count: int | None) -> tupl
     return max(1, triton.cdiv(seq, seg_len)), seg_len
 
 
-def _launch(forward: bool, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, log_decay: torch.Tensor,
-            x0: torch.Tensor | None, out_dtype: torch.dtype, store_xn: bool
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run one recurrence, forward or backward in time: out [B, T, H, DC] in out_dtype, and the last
-    state [B, H, DA, DC] float32 if asked.
+def _sm_count(device: torch.device) -> int | None:
+    return None if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a [B, T, H, D] tensor."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _forward(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, log_decay: torch.Tensor, x0: torch.Tensor | None,
+             out_dtype: torch.dtype, store_xn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward recurrence: out [B, T, H, DC] in out_dtype, and the last state [B, H, DA, DC] float32 if asked.
 
     Segments of the sequence run in parallel from a zero state; the states at their boundaries follow
     in closed form from each segment's own last state, and `_boundary_kernel` adds them to every row.
     """
     batch, seq, heads, da = a.shape
     dc = c.shape[-1]
-    kernel = _forward_kernel if forward else _reverse_kernel
-    sm_count = None if interpreting() else torch.cuda.get_device_properties(a.device).multi_processor_count
-    nseg, seg_len = _segments(batch * heads, seq, dc, sm_count)
+    nseg, seg_len = _segments(batch * heads, seq, dc, _sm_count(a.device))
     out = new_output((batch, seq, heads, dc), out_dtype, a.device)
     grid = lambda meta: (triton.cdiv(dc, meta["BLOCK_C"]), batch * heads, nseg)  # noqa: E731
     common = dict(PRECISION=dot_precision(a.dtype), BLOCK_A=pow2(da))
     x0_arg = x0 if x0 is not None else out
     x_strides = x0.stride() if x0 is not None else (0, 0, 0, 0)
+    strides = (*_rows(a), *_rows(c))
     if nseg == 1:
         xn = new_output((batch, heads, da, dc), torch.float32, a.device) if store_xn else None
-        kernel[grid](a, b, c, log_decay, x0_arg, out, xn if xn is not None else out, seq, heads, da, dc, seg_len,
-                     *x_strides, HAS_X0=x0 is not None, STORE_XN=store_xn, **common)
+        _forward_kernel[grid](a, b, c, log_decay, x0_arg, out, xn if xn is not None else out, seq, heads, da, dc,
+                              seg_len, *strides, *x_strides, HAS_X0=x0 is not None, STORE_XN=store_xn, **common)
         return out, xn
     local = new_output((nseg, batch, heads, da, dc), torch.float32, a.device)  # each segment's own last state
-    kernel[grid](a, b, c, log_decay, out, out, local, seq, heads, da, dc, seg_len, 0, 0, 0, 0,
-                 HAS_X0=False, STORE_XN=True, **common)
-    _boundary_kernel[grid](a, local, x0_arg, log_decay, out, seq, heads, da, dc, seg_len, nseg, *x_strides,
-                           HAS_X0=x0 is not None, REVERSE=not forward, **common)
+    _forward_kernel[grid](a, b, c, log_decay, out, out, local, seq, heads, da, dc, seg_len, *strides, 0, 0, 0, 0,
+                          HAS_X0=False, STORE_XN=True, **common)
+    _boundary_kernel[grid](a, local, x0_arg, log_decay, out, seq, heads, da, dc, seg_len, nseg, *strides,
+                           *x_strides, HAS_X0=x0 is not None, **common)
     if not store_xn:
         return out, None
-    # last state = lambda^T X0 + sum_r lambda^(gap) LOCAL_r, gap = T - r_end (forward) or r_start (backward)
-    starts = torch.arange(nseg, device=a.device) * seg_len
-    gaps = seq - (starts + seg_len).clamp(max=seq) if forward else starts
-    weights = torch.exp(log_decay[None, :] * gaps[:, None].float())  # [nseg, h]
+    # last state = lambda^T X0 + sum_r lambda^(T - r_end) LOCAL_r
+    ends = (torch.arange(1, nseg + 1, device=a.device) * seg_len).clamp(max=seq)
+    weights = torch.exp(log_decay[None, :] * (seq - ends)[:, None].float())  # [nseg, h]
     xn = (local * weights[:, None, :, None, None]).sum(0)  # [b, h, da, dc]
     if x0 is not None:
         xn = xn + torch.exp(log_decay * seq)[None, :, None, None] * x0.float()
     return out, xn
+
+
+def _reverse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, log_decay: torch.Tensor,
+             d_final: torch.Tensor | None, initial_state: torch.Tensor | None, need_decay: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One reverse pass: dk, dv, d initial_state [B, H, DK, DV] float32 and d log_decay [H] (or None).
+
+    Column tiles of v each give a part of dk (summed here, float32); segments run in parallel from a
+    zero state and `_reverse_boundary_kernel` adds what enters each one from the segments after it.
+    """
+    batch, seq, heads, da = q.shape
+    dc = v.shape[-1]
+    nseg, seg_len = _segments(batch * heads, seq, dc, _sm_count(q.device))
+    # dk parts, one per column tile of the smallest BLOCK_C a launch may pick (unused ones stay 0)
+    tiles = triton.cdiv(dc, _INTERPRET["BLOCK_C"] if interpreting() else min(c.kwargs["BLOCK_C"] for c in _REVERSE_CONFIGS))
+    dk_parts = torch.zeros((tiles, batch, seq, heads, da), dtype=torch.float32, device=q.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    local = new_output((nseg, batch, heads, da, dc), torch.float32, q.device)
+    local_w = new_output((nseg, batch, heads, da, dc), torch.float32, q.device) if need_decay else local
+    d_gamma = torch.zeros((tiles, nseg, batch * heads), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(dc, meta["BLOCK_C"]), batch * heads, nseg)  # noqa: E731
+    g_arg = d_final if d_final is not None else dv
+    g_strides = d_final.stride() if d_final is not None else (0, 0, 0, 0)
+    strides = (*_rows(q), *_rows(v), dk_parts.stride(0))
+    common = dict(NEED_DGAMMA=need_decay, PRECISION=dot_precision(q.dtype), BLOCK_A=pow2(da))
+    _reverse_kernel[grid](q, k, v, do, log_decay, g_arg, dv, dk_parts, local, local_w, d_gamma, seq, heads, da, dc,
+                          seg_len, *strides, *g_strides, HAS_G=d_final is not None and nseg == 1, **common)
+    if nseg == 1:
+        y0, y0_w = local[0], local_w[0]  # the state gradient at position 0 and its position-weighted twin
+    else:
+        _reverse_boundary_kernel[grid](k, v, log_decay, g_arg, local, local_w, dv, dk_parts, d_gamma, seq, heads,
+                                       da, dc, seg_len, nseg, *strides, *g_strides, HAS_G=d_final is not None,
+                                       **common)
+        # at position 0: Y = lambda^T G + sum_p lambda^(a_p) LOCAL_p,
+        # Yw = T lambda^T G + sum_p lambda^(a_p) (LOCALW_p + a_p LOCAL_p)
+        starts = (torch.arange(nseg, device=q.device) * seg_len).float()
+        weights = torch.exp(log_decay[None, :] * starts[:, None])[:, None, :, None, None]  # [nseg, 1, h, 1, 1]
+        y0 = (local * weights).sum(0)
+        y0_w = ((local_w + starts[:, None, None, None, None] * local) * weights).sum(0) if need_decay else None
+        if d_final is not None:
+            tail = torch.exp(log_decay * seq)[None, :, None, None] * d_final.float()
+            y0 = y0 + tail
+            y0_w = y0_w + seq * tail if need_decay else None
+    dk = dk_parts.sum(0) if tiles > 1 else dk_parts[0]
+    grad_decay = None
+    if need_decay:
+        # pairs of the initial state (a key at position -1) with every query: <S0, Yw(0)>
+        grad_decay = d_gamma.sum((0, 1)).view(batch, heads).sum(0)
+        if initial_state is not None:
+            grad_decay = grad_decay + (initial_state.float() * y0_w).sum((0, 2, 3))
+    return dk.to(k.dtype), dv, y0, grad_decay
 
 
 class LightningAttentionFunction(torch.autograd.Function):
@@ -280,47 +398,24 @@ class LightningAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, output_final_state):
-        o, final = _launch(True, q, k, v, log_decay, initial_state, v.dtype, output_final_state)
-        ctx.save_for_backward(q, k, v, log_decay, initial_state, final)
+        o, final = _forward(q, k, v, log_decay, initial_state, v.dtype, output_final_state)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state)
         return o, final
 
     @staticmethod
     def backward(ctx, do, d_final):
-        q, k, v, log_decay, initial_state, final = ctx.saved_tensors
-        do = do.contiguous()
+        q, k, v, log_decay, initial_state = ctx.saved_tensors
+        do = do.contiguous() if do is not None else torch.zeros_like(v)
         d_final = d_final.contiguous() if d_final is not None else None
         need_q, need_k, need_v, need_decay, need_s0 = ctx.needs_input_grad[:5]
-        dq = dk = dv = d_s0 = None
-        # d log_decay sums (t+1)-weighted products of dq and dk over all tokens: keep them float32 for it
-        grad_dtype = torch.float32 if need_decay else None
-        if need_q or need_decay:
+        dq = dk = dv = d_s0 = d_log_decay = None
+        if need_q:
             # dq_i = sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j + lambda^(i+1) do_i S0^T: the forward on (do, v, k)
             s0_t = initial_state.transpose(-1, -2) if initial_state is not None else None  # [b, h, dv, dk]
-            dq, _ = _launch(True, do, v, k, log_decay, s0_t, grad_dtype or q.dtype, False)
-        # dv_j = k_j D_j, dk_j = D_j v_j^T with D_j = sum_{i>=j} lambda^(i-j) q_i^T do_i + lambda^(n-1-j) dFinal
-        if need_v or need_s0:
-            dv, d_s0 = _launch(False, k, q, do, log_decay, d_final, v.dtype,
-                               initial_state is not None and need_s0)
-        if need_k or need_decay:
-            d_final_t = d_final.transpose(-1, -2) if d_final is not None else None
-            dk, _ = _launch(False, v, do, q, log_decay, d_final_t, grad_dtype or k.dtype, False)
-        d_log_decay = None
-        if need_decay:
-            d_log_decay = _log_decay_grad(q, k, dq, dk, final, d_final)
-            dq, dk = dq.to(q.dtype), dk.to(k.dtype)
-        return dq, dk, dv, d_log_decay, d_s0, None
-
-
-def _log_decay_grad(q: torch.Tensor, k: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
-                    final: torch.Tensor | None, d_final: torch.Tensor | None) -> torch.Tensor:
-    """d log_decay [h]: sum_t (t+1) (q_t . dq_t - k_t . dk_t) + n <dFinal, final>, summed over the batch."""
-    seq = q.shape[1]
-    weight = torch.arange(1, seq + 1, device=q.device, dtype=torch.float32)  # [s]
-    per_token = (q.float() * dq.float()).sum(-1) - (k.float() * dk.float()).sum(-1)  # [b, s, h]
-    grad = (per_token * weight[None, :, None]).sum((0, 1))  # [h]
-    if d_final is not None and final is not None:
-        grad = grad + seq * (d_final.float() * final).sum((0, 2, 3))
-    return grad
+            dq, _ = _forward(do, v, k, log_decay, s0_t, q.dtype, False)
+        if need_k or need_v or need_decay or need_s0:
+            dk, dv, d_s0, d_log_decay = _reverse(q, k, v, do, log_decay, d_final, initial_state, need_decay)
+        return dq, dk, dv, d_log_decay, d_s0 if need_s0 else None, None
 
 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
@@ -355,6 +450,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
         log_decay = torch.zeros(heads, dtype=torch.float32, device=q.device)
     elif log_decay.shape != (heads,):
         raise ValueError(f"log_decay must have shape [h] = [{heads}]; got {tuple(log_decay.shape)}")
+    check_row_stride(q, k, v)
     if initial_state is not None and initial_state.shape != (batch, heads, dk, dv):
         raise ValueError(f"initial_state must have shape [b, h, dk, dv] = {[batch, heads, dk, dv]}; "
                          f"got {tuple(initial_state.shape)}")
@@ -366,3 +462,14 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
         initial_state = initial_state.float()
     return LightningAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(),
                                             log_decay.float().contiguous(), initial_state, output_final_state)
+
+
+def aot_specs(spec_type):
+    """The kernels for `lctrain.kernels.aot` (ahead-of-time sm_90 compile), as `spec_type` (its KernelSpec)."""
+    consts = lambda d: dict(HAS_X0=True, STORE_XN=True, HAS_G=True, NEED_DGAMMA=True, PRECISION="tf32",  # noqa: E731
+                            BLOCK_A=d)
+    state = ("LOG_DECAY", "X0", "XN", "LOCAL", "LOCALW", "G", "DKP", "DGAMMA")
+    return [spec_type("lightning_fwd", _forward_kernel, ("A", "B", "C", "OUT"), state, consts),
+            spec_type("lightning_fwd_boundary", _boundary_kernel, ("A", "OUT"), state, consts),
+            spec_type("lightning_bwd", _reverse_kernel, ("Q", "K", "V", "DO", "DV"), state, consts),
+            spec_type("lightning_bwd_boundary", _reverse_boundary_kernel, ("K", "V", "DV"), state, consts)]
