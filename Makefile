@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.lctrain-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -28,6 +28,19 @@ test-fast: install
 
 bench: install
 	$(VENV)/bin/lctrain bench sp
+
+# On a GPU machine: install the carried wheels (.whl/, made by gpu-wheels), run the GPU tests and the kernel and
+# SP benchmarks, write docs/gpu_check.md. On CPU it prints what it would run. Uses the machine's python3 there.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py
+
+# Wheels the GPU image lacks (cp312, manylinux x86_64), downloaded here for a device call to carry as .whl/
+gpu-wheels:
+	mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl flash-linear-attention fla-core megatron-core
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build *.egg-info
