@@ -286,3 +286,40 @@ def test_steady_state_only_the_algorithms_collectives_no_host_syncs(world):
                 assert fwd == bwd == {"batch_isend_irecv": n}, (where, fwd, bwd)
             else:
                 assert fwd == bwd == {"all_gather_single": 1}, (where, fwd, bwd)
+
+
+@pytest.fixture
+def fake_group():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_runs_under_fake_tensors_and_the_fake_backend(fake_group):
+    """The planner simulates the real code on FakeTensors with a fake process group: the gated methods must run
+    there (no data-dependent host reads, no object collectives)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from lctrain.sp.utils import clear_agreement_cache
+
+    clear_agreement_cache()
+    with FakeTensorMode(allow_non_fake_inputs=True), comm.record_comm() as rec:
+        for name, layout in (("delta", "zigzag"), ("scalar", "contiguous"), ("vector", "zigzag"),
+                             ("lasp1", "contiguous")):
+            q, k, v = (torch.randn(1, 64, 2, 8, requires_grad=True) for _ in range(3))
+            g = (-torch.rand(1, 64, 2, *((8,) if name == "vector" else ()))).requires_grad_(True)
+            beta = torch.rand(1, 64, 2, requires_grad=True)
+            if name == "lasp1":
+                o = lasp1_chunk_map_attention(q, k, v, g, beta, "delta")
+            else:
+                o = lasp2_chunk_map_attention(q, k, v, g, beta if name == "delta" else None, name, layout=layout)
+            o.sum().backward()
+            assert isinstance(o, FakeTensor) and o.shape == (1, 64, 2, 8), name
+            assert isinstance(q.grad, FakeTensor) and isinstance(g.grad, FakeTensor), name
+    assert rec.calls("all_gather_object") == 0, rec.summary()
