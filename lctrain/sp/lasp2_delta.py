@@ -138,6 +138,16 @@ class _LASP2ChunkMap(torch.autograd.Function):
         dv = v.shape[-1]
         sdt = compute_dtype(q.dtype)
         qs, ks, vs, gs, bs = (_stack(x, n_loc) for x in (q, k, v, g, beta))  # [n_loc*b, C, h, ...]
+        state = (initial_state.to(sdt) if initial_state is not None
+                 else torch.zeros(b, h, dk, dv, dtype=sdt, device=q.device))
+        ctx.variant, ctx.group, ctx.layout, ctx.rank, ctx.world, ctx.tag = variant, group, layout, rank, world, tag
+        ctx.has_initial, ctx.want_final = initial_state is not None, want_final
+        # One chunk in all and no final state asked for: no chunk map is needed (one GPU / cp=1 runs).
+        ctx.single = num_chunks == 1 and not want_final
+        if ctx.single:
+            o = _local(variant, qs, ks, vs, gs, bs, state)
+            ctx.save_for_backward(q, k, v, g, beta, state, None)
+            return o, o.new_zeros(0)
         t_loc, m_loc = _chunk_map(variant, ks, vs, gs, bs)  # T [n_loc*b, h, ...], M [n_loc*b, h, dk, dv]
         t_shape = t_loc.shape[2:]
         # One buffer per rank: [n_loc, b, h, |T| + dk*dv] (T and M side by side), one all-gather.
@@ -146,8 +156,6 @@ class _LASP2ChunkMap(torch.autograd.Function):
             allbuf = _to_global_order(comm.all_gather(buf, group=group), world, layout)  # [G, b, h, |T| + dk*dv]
         t_all = allbuf[..., : -dk * dv].reshape(num_chunks, b, h, *t_shape)
         m_all = allbuf[..., -dk * dv:].reshape(num_chunks, b, h, dk, dv)
-        state = (initial_state.to(sdt) if initial_state is not None
-                 else torch.zeros(b, h, dk, dv, dtype=sdt, device=q.device))
         states = []
         for c in range(num_chunks):  # prefix fold: S_(c+1) = T_c S_c + M_c
             states.append(state)
@@ -155,8 +163,6 @@ class _LASP2ChunkMap(torch.autograd.Function):
         entering = torch.cat([states[c] for c in ids], dim=0)  # [n_loc*b, h, dk, dv]
         o = _local(variant, qs, ks, vs, gs, bs, entering)
         ctx.save_for_backward(q, k, v, g, beta, entering, t_all)
-        ctx.variant, ctx.group, ctx.layout, ctx.rank, ctx.world, ctx.tag = variant, group, layout, rank, world, tag
-        ctx.has_initial, ctx.want_final = initial_state is not None, want_final
         return _unstack(o, n_loc), state
 
     @staticmethod
@@ -178,6 +184,13 @@ class _LASP2ChunkMap(torch.autograd.Function):
             leaves = [qs, ks, vs, s_in] + [x for x in (gs, bs) if x is not None and x.requires_grad]
             grads = list(torch.autograd.grad(o, leaves, _stack(do, n_loc), allow_unused=True))
         d_in = grads[3]  # [n_loc*b, h, dk, dv], D_g of this rank's chunks
+        if ctx.single:
+            # One chunk, no final state: nothing flows through a chunk map; dL/dS_init = D_0.
+            dg = grads[4].to(g.dtype) if gs is not None and gs.requires_grad else None
+            dbeta = grads[-1].to(beta.dtype) if bs is not None and bs.requires_grad else None
+            d_init = d_in if ctx.has_initial and need[5] else None
+            return (grads[0].to(q.dtype), grads[1].to(k.dtype), grads[2].to(v.dtype), dg, dbeta, d_init,
+                    None, None, None, None, None, None, None)
         # One all-gather: the rank's D_g and (with output_final_state) its share of dL/dS_final.
         parts = [d_in.reshape(n_loc, b, *d_in.shape[1:])]
         if ctx.want_final:

@@ -30,6 +30,8 @@ B, H, DK, DV, S_PER_RANK = 2, 2, 3, 4, 6
 CONFIGS = [
     ("delta", "scalar", "contiguous", torch.float64, True, True),
     ("delta", "scalar", "zigzag", torch.float64, True, True),
+    ("delta", "scalar", "contiguous", torch.float64, True, False),  # one rank: the map-free path
+    ("scalar", "scalar", "contiguous", torch.float64, False, False),
     ("delta", "head", "zigzag", torch.float64, False, False),
     ("delta", "none", "contiguous", torch.float64, False, True),
     ("scalar", "scalar", "contiguous", torch.float64, True, True),
