@@ -47,6 +47,9 @@ class Target:
     """The run is a Ray job: its working directory is a per-node temporary copy, so out_dir must be absolute."""
     one_machine: bool = False
     """Every "node" is this machine (a private local Ray cluster): a relative out_dir is then shared anyway."""
+    hardware: str | None = None
+    """The GPU the job will run on (a `lctrain.plan` device table: h100, h200, a100-80g); None: env
+    LCTRAIN_HARDWARE, else the predicted-memory check is skipped."""
 
     @property
     def multi_node(self) -> bool:
@@ -54,12 +57,12 @@ class Target:
 
     @classmethod
     def of(cls, world_size: int, procs_per_node: int | None = None, multi_node: bool = False,
-           ray_job: bool = False) -> Target:
+           ray_job: bool = False, hardware: str | None = None) -> Target:
         """A target from the world size and, optionally, the ranks per node."""
         nodes = world_size // procs_per_node if procs_per_node and world_size % procs_per_node == 0 else 1
         if multi_node and nodes < 2:
             nodes = 2
-        return cls(world_size, procs_per_node, nodes, ray_job)
+        return cls(world_size, procs_per_node, nodes, ray_job, hardware=hardware)
 
 
 def _error(fn: Callable[[], object]) -> list[str]:
@@ -197,10 +200,23 @@ def check_gpu_kernels(cfg: Config, target: Target) -> list[str]:
     return []
 
 
+def check_memory(cfg: Config, target: Target) -> list[str]:
+    """Predicted memory per GPU (ZeRO states + activations, lctrain.plan.check) fits the device, when the device
+    is known (Target.hardware or env LCTRAIN_HARDWARE)."""
+    import os
+
+    hardware = target.hardware or os.environ.get("LCTRAIN_HARDWARE") or None
+    if not hardware or _dp(cfg, target) is None:
+        return []
+    from lctrain.plan.check import memory_problems
+
+    return memory_problems(cfg, target.world_size, hardware)
+
+
 #: The checks, in the order their problems are listed. Issue 12's predicted-memory check is appended here.
 CHECKS: list[Callable[[Config, Target], list[str]]] = [
     check_target, check_settings, check_layout, check_sequence, check_model_split, check_batch, check_data,
-    check_node_shape, check_run_dir, check_gpu_kernels,
+    check_node_shape, check_run_dir, check_gpu_kernels, check_memory,
 ]
 
 
