@@ -17,14 +17,18 @@ import torch
 import triton
 import triton.language as tl
 
-from lctrain.kernels.utils import (check_dtype, check_row_stride, check_runnable, dot_precision, head_ptr,
-                                  interpreting, load_rows, new_output, pow2, store_rows, triton_helper, triton_kernel)
+from lctrain.kernels.utils import (TritonKernel, check_dtype, check_row_stride, check_runnable, dot_precision,
+                                  head_ptr, interpreting, load_rows, new_output, pow2, store_rows, triton_helper,
+                                  triton_kernel)
 
-# Hopper candidates, kept only if they compile for sm_90 without register spills at head dims 64 and 128
-# (docs/kernels.md has the table): 64-token blocks and 64 value columns, 8 warps. The reverse pass holds
-# two float32 states and more tiles: 32-token blocks (it still spills at head dim 128, see docs/kernels.md).
+# Hopper candidates, kept only if they compile for sm_90 without register spills in bf16/fp16 at head dims 64
+# and 128 (docs/kernels.md has the table): 64-token blocks and 64 value columns, 8 warps, forward. The reverse
+# pass holds more tiles: 32-token blocks, and 16 when it also carries the position-weighted state for
+# d log_decay (the same kernel, compiled with NEED_DGAMMA, under its own autotuner).
 _CONFIGS = [triton.Config({"BLOCK": 64, "BLOCK_C": 64}, num_warps=8, num_stages=stages) for stages in (2, 3)]
 _REVERSE_CONFIGS = [triton.Config({"BLOCK": 32, "BLOCK_C": 64}, num_warps=8, num_stages=stages) for stages in (2, 3)]
+_REVERSE_DGAMMA_CONFIGS = [triton.Config({"BLOCK": 16, "BLOCK_C": 64}, num_warps=8, num_stages=stages)
+                           for stages in (2, 3)]
 _INTERPRET = {"BLOCK": 16, "BLOCK_C": 16}
 
 
@@ -193,6 +197,10 @@ def _reverse_kernel(Q, K, V, DO, LOG_DECAY, G, DV, DKP, LOCAL, LOCALW, DGAMMA, T
                  d_gamma)
 
 
+_reverse_dgamma_kernel = TritonKernel(_reverse_kernel.fn, _REVERSE_DGAMMA_CONFIGS, ["DA", "DC", "NEED_DGAMMA"],
+                                      _INTERPRET, ["DKP", "DGAMMA"])
+
+
 @triton_kernel(configs=_CONFIGS, key=["DA", "DC"], interpret=_INTERPRET, restore_value=["OUT"])
 def _boundary_kernel(A, LOCAL, X0, LOG_DECAY, OUT, T, H, DA, DC, SEG_LEN, NSEG,
                      stride_ab, stride_at, stride_ah, stride_cb, stride_ct, stride_ch,
@@ -354,7 +362,7 @@ def _reverse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     dc = v.shape[-1]
     nseg, seg_len = _segments(batch * heads, seq, dc, _sm_count(q.device))
     # dk parts, one per column tile of the smallest BLOCK_C a launch may pick (unused ones stay 0)
-    tiles = triton.cdiv(dc, _INTERPRET["BLOCK_C"] if interpreting() else min(c.kwargs["BLOCK_C"] for c in _REVERSE_CONFIGS))
+    tiles = triton.cdiv(dc, _INTERPRET["BLOCK_C"] if interpreting() else min(c.kwargs["BLOCK_C"] for c in _REVERSE_CONFIGS + _REVERSE_DGAMMA_CONFIGS))
     dk_parts = torch.zeros((tiles, batch, seq, heads, da), dtype=torch.float32, device=q.device)
     dv = new_output(v.shape, v.dtype, v.device)
     local = new_output((nseg, batch, heads, da, dc), torch.float32, q.device)
@@ -365,8 +373,9 @@ def _reverse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     g_strides = d_final.stride() if d_final is not None else (0, 0, 0, 0)
     strides = (*_rows(q), *_rows(v), dk_parts.stride(0))
     common = dict(NEED_DGAMMA=need_decay, PRECISION=dot_precision(q.dtype), BLOCK_A=pow2(da))
-    _reverse_kernel[grid](q, k, v, do, log_decay, g_arg, dv, dk_parts, local, local_w, d_gamma, seq, heads, da, dc,
-                          seg_len, *strides, *g_strides, HAS_G=d_final is not None and nseg == 1, **common)
+    kernel = _reverse_dgamma_kernel if need_decay else _reverse_kernel
+    kernel[grid](q, k, v, do, log_decay, g_arg, dv, dk_parts, local, local_w, d_gamma, seq, heads, da, dc,
+                 seg_len, *strides, *g_strides, HAS_G=d_final is not None and nseg == 1, **common)
     if nseg == 1:
         y0, y0_w = local[0], local_w[0]  # the state gradient at position 0 and its position-weighted twin
     else:
@@ -471,5 +480,7 @@ def aot_specs(spec_type):
     state = ("LOG_DECAY", "X0", "XN", "LOCAL", "LOCALW", "G", "DKP", "DGAMMA")
     return [spec_type("lightning_fwd", _forward_kernel, ("A", "B", "C", "OUT"), state, consts),
             spec_type("lightning_fwd_boundary", _boundary_kernel, ("A", "OUT"), state, consts),
-            spec_type("lightning_bwd", _reverse_kernel, ("Q", "K", "V", "DO", "DV"), state, consts),
+            spec_type("lightning_bwd", _reverse_kernel, ("Q", "K", "V", "DO", "DV"), state,
+                      lambda d: {**consts(d), "NEED_DGAMMA": False}),
+            spec_type("lightning_bwd_dgamma", _reverse_dgamma_kernel, ("Q", "K", "V", "DO", "DV"), state, consts),
             spec_type("lightning_bwd_boundary", _reverse_boundary_kernel, ("K", "V", "DV"), state, consts)]

@@ -42,9 +42,23 @@ def test_lightning_flops(bench):
 
 
 def test_format_row_reports_throughput_and_ratio(bench):
-    row = dict(op="flash", d=64, heads=2, batch=1, seq=1024, mode="fwd", flops=2e12, tokens=1024, ours=10.0, peer=12.0)
+    row = dict(op="flash", d=64, heads=2, batch=1, seq=1024, mode="fwd", flops=2e12, tokens=1024, ours=10.0, peer=12.0,
+               peer_name="sdpa-flash")
     cells = [c.strip() for c in bench.format_row(row).strip("|").split("|")]
-    assert cells[4:] == ["10.000", "200.0", "1.02e+05", "12.000", "166.7", "1.20"]
+    assert cells[4:] == ["10.000", "200.0", "1.02e+05", "sdpa-flash", "12.000", "166.7", "1.20"]
+
+
+def test_goals_report_ratios_against_the_strongest_peer(bench):
+    def row(op, seq, mode, ours, peer, d=128):
+        return dict(op=op, d=d, heads=16, batch=1, seq=seq, mode=mode, flops=1.0, tokens=seq, ours=ours, peer=peer,
+                    peer_name="fla-chunk" if op == "lightning" else "flash-attn")
+    rows = [row("flash", 4096, "fwd", 1.0, 0.9), row("flash", 4096, "fwd+bwd", 4.0, 3.3),
+            row("lightning", 4096, "fwd+bwd", 2.0, 2.2), row("lightning", 8192, "fwd+bwd", 4.0, 4.0)]
+    lines = bench.goals(rows)
+    assert "flash d=128 seq=4096: fwd 0.90x flash-attn (goal >= 0.9)" in lines
+    assert "flash d=128 seq=4096: bwd 0.80x flash-attn (goal >= 0.8)" in lines  # (3.3 - 0.9) / (4 - 1)
+    assert "lightning d=128: fwd+bwd tokens/s min/max over seq 1.00 (goal: flat, ~1)" in lines
+    assert "lightning d=128 seq=4096: fwd+bwd 1.10x fla-chunk (goal >= 1)" in lines
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -170,7 +170,7 @@ def test_dispatch_forced_triton_matches_reference(device):
     assert select_linear_attention_backend(*inputs[:4]) == expected
 
 
-@pytest.mark.parametrize("seq", [256, 300])
+@pytest.mark.parametrize("seq", [300])
 def test_log_decay_gradient_keeps_float32_accuracy_per_head(seq, device):
     # d log_decay is a sum over query-key pairs of (t - s) lambda^(t-s) (q_t . k_s)(do_t . v_s) (+ the initial
     # and final state pairs); the kernel sums it in that form, every weight >= 0, so its error stays at
