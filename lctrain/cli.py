@@ -17,7 +17,7 @@ COMMANDS = {
     "launch": ("lctrain.launch.cli:launch_main", "run a training job on a Ray cluster"),
     "submit": ("lctrain.launch.cli:submit_main", "submit a training job through Ray's Job Submission API"),
     "job": ("lctrain.launch.cli:job_main", "status, logs or stop of a submitted job"),
-    "data": ("lctrain.data.cli:main", "prepare tokenized text shards"),
+    "data": ("lctrain.data.cli:main", "prepare (text/JSONL/Parquet -> token shards) and pack corpora"),
     "plot": ("lctrain.train.plot:main", "plot a run's loss/accuracy curves to PNG"),
     "bench": ("lctrain.bench:main", "benchmarks (sequence-parallel attention)"),
     "plan": ("lctrain.plan.cli:main", "predict memory, step time and tokens/s of a job at 8-1024 GPUs"),
