@@ -28,6 +28,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--search", action="store_true", help="every valid layout instead of the config's")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--plot", default=None, help="write tokens/s and memory vs sequence length per method (PNG)")
+    p.add_argument("--plot-points", type=int, default=6, help="sequence lengths in the plot: seq / 2^k, k < this")
     p.add_argument("--top", type=int, default=15, help="rows to print with --search (all with --json)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the simulation cache")
     p.add_argument("--tp", type=int, nargs="+", default=None, help="--search only these TP sizes")
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
         out = plot_methods(model, args.gpus, args.gpus_per_node, seq, hw, args.plot, tp=tp, cp=cp, micro_batch=mb,
                            zero_stage=cfg.train.zero_stage,
-                           activation_checkpointing=model.activation_checkpointing, cache=cache)
+                           activation_checkpointing=model.activation_checkpointing, points=args.plot_points,
+                           cache=cache)
         print(f"plot: {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -187,8 +187,7 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, gpus_per_node: int, seq: int,
         for cp in (cps or [c for c in range(1, gpus // tp + 1) if (gpus // tp) % c == 0]):
             if gpus % (tp * cp):
                 continue
-            for lsp in lsps:
-                layout = "contiguous" if lsp == "lasp1" and "L" in mixers else "zigzag"
+            for lsp, layout in _layouts(lsps, mixers):
                 parts = 2 * cp if layout == "zigzag" else cp
                 if seq % parts:
                     continue
@@ -199,6 +198,20 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, gpus_per_node: int, seq: int,
                     except ValueError:
                         continue
                     out.append((tp, cp, layout, ssp, lsp))
+    return out
+
+
+def _layouts(lsps: list[str], mixers: set[str]) -> list[tuple[str, str]]:
+    """(linear_sp, cp_layout) pairs: LASP-1 needs contiguous; softmax layers want zigzag (causal balance); a
+    pure linear model runs LASP-2 on either (contiguous: one state per rank instead of two)."""
+    out = []
+    for lsp in lsps:
+        if "L" in mixers and lsp == "lasp1":
+            out.append((lsp, "contiguous"))
+        elif "A" not in mixers:
+            out += [(lsp, "zigzag"), (lsp, "contiguous")]
+        else:
+            out.append((lsp, "zigzag"))
     return out
 
 

@@ -59,3 +59,11 @@ def test_8b_64_gpus_1m_tokens_plan_time(capsys):
     row = json.loads(capsys.readouterr().out)[0]
     assert row["cp"] == 64 and row["mem_gb"] > 0
     assert elapsed < 120, elapsed
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "plan.png"
+    assert main(["configs/tiny.yaml", "parallel.cp=2", "model.layer_pattern=L", "--gpus", "2", "--seq", "256",
+                 "--hardware", "a100-80g", "--plot", str(out), "--plot-points", "2", "--no-cache"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {out}" in capsys.readouterr().out
