@@ -56,6 +56,7 @@ def test_wheel_holds_the_mapped_packages_and_recipes(wheel):
     assert tops == {"lctrain", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}, tops
 
 
+@pytest.mark.slow
 def test_wheel_install_imports_from_anywhere(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
