@@ -1,6 +1,7 @@
-"""Watch the hot path: host syncs and the collectives issued on torch.distributed itself.
+"""Watch the hot path: host syncs, the collectives issued on torch.distributed itself, saved activations.
 
-Two context managers for tests and benchmarks (both patch process-wide and restore on exit; not thread-safe):
+Context managers for tests and benchmarks (the first two patch process-wide and restore on exit; not
+thread-safe):
 
     with count_host_syncs() as syncs:        # Tensor.item / __bool__ / tolist / __int__ / __float__ /
         step()                               # __index__ / numpy, .cpu() of a device tensor,
@@ -9,6 +10,10 @@ Two context managers for tests and benchmarks (both patch process-wide and resto
     with watch_collectives() as calls:       # every torch.distributed collective function, by name
         step()
     assert calls.counts == {"all_gather_single": 1}
+
+    with track_saved_tensors(exclude=(q, k, v)) as saved:   # autograd's saved tensors, by storage
+        o = layer(q, k, v)
+    saved.bytes                              # what the layer keeps for backward
 
 `watch_collectives` wraps the functions of the `torch.distributed` namespace (so it counts what lctrain or
 anyone else issues, independently of lctrain's own recorder) and the Work objects they return, so the order
@@ -165,3 +170,43 @@ def count_host_syncs() -> Iterator[HostSyncs]:
             yield syncs
     finally:
         patches.restore()
+
+
+@dataclass
+class SavedTensors:
+    """What `track_saved_tensors` saw: bytes of every distinct storage autograd saved for backward."""
+
+    storages: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    try:
+        st = t.untyped_storage()
+        return st.data_ptr(), st.nbytes()
+    except (RuntimeError, NotImplementedError):  # fake / meta tensors have no data pointer
+        return id(t), t.numel() * t.element_size()
+
+
+@contextlib.contextmanager
+def track_saved_tensors(exclude: tuple[torch.Tensor, ...] = ()) -> Iterator[SavedTensors]:
+    """Record the tensors autograd saves for backward inside the block (`torch.autograd.graph.saved_tensors_hooks`).
+
+    Each storage counts once, in full (a saved view keeps its whole storage alive); storages of `exclude`
+    (e.g. the layer's own inputs, which are alive anyway) do not count. What a forward leaves behind for its
+    backward, i.e. the activation memory of one layer.
+    """
+    rec = SavedTensors()
+    skip = {_storage(t)[0] for t in exclude}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key, nbytes = _storage(t)
+        if key not in skip:
+            rec.storages[key] = nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield rec

@@ -15,7 +15,7 @@ from lctrain.sp import (allgather_attention, lasp1_linear_attention, lasp2_linea
                         ulysses_attention)
 from lctrain.sp.utils import clear_agreement_cache
 from lctrain.testing import run_distributed
-from lctrain.testing.hot_path import count_host_syncs, watch_collectives
+from lctrain.testing.hot_path import count_host_syncs, track_saved_tensors, watch_collectives
 
 LINEAR = ("lasp2", "lasp2_noncausal", "lasp1")
 SOFTMAX = ("ring", "allgather", "ulysses")
@@ -188,3 +188,88 @@ def test_every_method_runs_under_fake_tensors_and_the_fake_backend(fake_group):
                 assert isinstance(q.grad, FakeTensor) and q.grad.shape == q.shape, method
     # No agreement exchange on the fake backend (it has no object collectives).
     assert rec.calls("all_gather_object") == 0, rec.summary()
+
+
+def _saved_bytes(seqs):
+    world = dist.get_world_size()
+    init_mesh(MeshConfig(cp=world))
+    out = {}
+    for method in LINEAR + SOFTMAX:
+        for layout in (("contiguous",) if method == "lasp1" else ("zigzag", "contiguous")):
+            for seq in seqs:
+                q, k, v = (shard_sequence(torch.randn(1, seq, 4, 4), layout=layout).clone().requires_grad_(True)
+                           for _ in range(3))
+                ld = default_log_decay(4).requires_grad_(True) if method in ("lasp2", "lasp1") else None
+                with track_saved_tensors() as saved:  # the layer's inputs included: its graph holds them
+                    o = _call(method, q, k, v, ld, layout)
+                del o
+                out[(method, layout, seq)] = saved.bytes
+    return out
+
+
+def test_saved_activations_scale_with_the_local_sequence():
+    """What a layer keeps for backward is O(S/P): bytes(S, P) = a S/P + c with a small constant c, so doubling S
+    at fixed P doubles it and doubling P at fixed S halves it, up to c."""
+    two = run_distributed(_saved_bytes, 2, (1024, 2048))  # S/P = 512, 1024
+    four = run_distributed(_saved_bytes, 4, (2048,))  # S/P = 512
+    for (method, layout, seq) in two[0]:
+        if seq != 1024:
+            continue
+        small = max(r[(method, layout, 1024)] for r in two)
+        large = max(r[(method, layout, 2048)] for r in two)
+        wider = max(r[(method, layout, 2048)] for r in four)
+        const = 2 * small - large  # c of the linear model
+        where = (method, layout, small, large, wider)
+        assert 0 <= const <= 0.15 * small, where
+        # The same S/P on twice the ranks keeps the same bytes (up to per-rank states that grow with P: 1%).
+        assert abs(wider - small) <= 0.01 * small, where
+
+
+def _allgather_order(seed):
+    """Event order with a logging local backend: the K/V gather is issued before the diagonal blocks."""
+    from lctrain.ops import attention as attn
+
+    world = dist.get_world_size()
+    init_mesh(MeshConfig(cp=world))
+    ref = attn.attention_backends()["reference"]
+    log = []
+
+    def fwd(q, k, v, causal, scale):
+        log.append(("compute", "fwd.causal" if causal else "fwd"))
+        return ref.forward(q, k, v, causal, scale)
+
+    def bwd(do, q, k, v, o, lse, causal, scale):
+        log.append(("compute", "bwd.causal" if causal else "bwd"))
+        return ref.backward(do, q, k, v, o, lse, causal, scale)
+
+    attn.register_attention_backend("logging", fwd, bwd, lambda *case: True, priority=0)
+    orders = {}
+    try:
+        with attn.use_attention_backend("logging"):
+            for layout in ("zigzag", "contiguous"):
+                g = torch.Generator().manual_seed(seed)
+                q, k, v = (shard_sequence(torch.randn(1, 8 * world, 2, 4, generator=g), layout=layout)
+                           .requires_grad_(True) for _ in range(3))
+                allgather_attention(q, k, v, layout=layout).sum().backward()  # warm-up
+                with watch_collectives() as calls:
+                    log.clear()
+                    calls.events = log
+                    allgather_attention(q, k, v, layout=layout).sum().backward()
+                orders[layout] = list(log)
+    finally:
+        attn.REGISTRY.unregister("logging")
+    return dist.get_rank(), orders
+
+
+def test_allgather_issues_its_gather_before_the_diagonal_blocks():
+    seed = int(torch.randint(0, 2**31, ()).item())
+    for rank, orders in run_distributed(_allgather_order, 2, seed):
+        for layout, events in orders.items():
+            fwd = events[:events.index(("wait", "all_gather_single")) + 1]
+            assert fwd == [("issue", "all_gather_single"), ("compute", "fwd.causal"), ("wait", "all_gather_single")], \
+                (rank, layout, events)
+            rest = events[len(fwd):]
+            start = rest.index(("issue", "all_gather_single"))  # the backward's re-gather
+            assert rest[start:start + 3] == [("issue", "all_gather_single"), ("compute", "bwd.causal"),
+                                             ("wait", "all_gather_single")], (rank, layout, events)
+            assert rest[-2:] == [("issue", "all_reduce"), ("wait", "all_reduce")], (rank, layout, events)
