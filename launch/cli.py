@@ -9,7 +9,8 @@ a config that cannot run there fails in seconds, with every reason, before any c
 `--dry-run` stops after that check (no Ray, no job server needed).
 
 Without --address (and without RAY_ADDRESS), `launch` starts a private local Ray cluster without a
-dashboard (no HTTP server) and with Ray's token authentication (on by default). Exit codes: 0 success, 1 the job or the cluster failed, 2 a usage or config error.
+dashboard (no HTTP server) and with Ray's token authentication (on by default). Exit codes: 0 success, 1 the job
+or the cluster failed, 2 a usage or config error.
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ for contiguous), model split (heads, kv heads, vocab, FFN divisible by TP; Ulyss
 contiguous layout), batch (global batch divisible by micro-batch x DP), data (vocabulary fits the model), node
 shape (ranks per node divisible by TP, so TP groups stay inside a node) and run directory (absolute on multi-node
 runs and Ray jobs; whether that path is really shared cannot be seen from here: a simulated cluster on one machine
-legitimately uses /tmp) and, on a machine with a GPU, a flash-attn install that fails to import. The predicted-memory check (issue 12) joins `CHECKS` as one more
-function.
+legitimately uses /tmp) and, on a machine with a GPU, a flash-attn install that fails to import. The
+predicted-memory check (issue 12) joins `CHECKS` as one more function.
 """
 from __future__ import annotations
 

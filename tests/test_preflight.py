@@ -12,6 +12,7 @@ from lctrain.launch.cli import launch_main, submit_main
 from lctrain.preflight import CHECKS, PreflightError, Target, preflight, require_preflight
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO, CLUSTER, TINY = (str(ROOT / "configs" / n) for n in ("demo.yaml", "cluster-demo.yaml", "tiny.yaml"))
 
 
 def _cfg(name: str = "tiny.yaml", *overrides: str):
@@ -88,20 +89,20 @@ def test_checks_are_a_list_of_functions():
 def test_launch_and_submit_dry_run_fail_in_seconds_without_ray(capsys):
     ray.shutdown()
     t0 = time.monotonic()
-    assert launch_main([str(ROOT / "configs/demo.yaml"), "--nodes", "2", "--procs-per-node", "8", "--address", "127.0.0.1:9",
+    assert launch_main([DEMO, "--nodes", "2", "--procs-per-node", "8", "--address", "127.0.0.1:9",
                         "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "configs/demo.yaml cannot run on 2 node(s) x 8 rank(s)" in err and "16 x 8 = 128" in err
     assert "run.out_dir='runs/demo' is relative" in err
     # not even --dry-run is needed to stop it before Ray: the unreachable address is never dialled
-    assert launch_main([str(ROOT / "configs/demo.yaml"), "--nodes", "2", "--procs-per-node", "8", "--address", "127.0.0.1:9"]) == 2
+    assert launch_main([DEMO, "--nodes", "2", "--procs-per-node", "8", "--address", "127.0.0.1:9"]) == 2
     assert "cannot reach" not in capsys.readouterr().err
-    assert submit_main([str(ROOT / "configs/demo.yaml"), "--address", "http://127.0.0.1:9", "--nodes", "2",
+    assert submit_main([DEMO, "--address", "http://127.0.0.1:9", "--nodes", "2",
                         "--procs-per-node", "8"]) == 2
     assert "16 x 8 = 128" in capsys.readouterr().err
-    assert launch_main([str(ROOT / "configs/cluster-demo.yaml"), "--nodes", "2", "--procs-per-node", "8", "--dry-run"]) == 0
+    assert launch_main([CLUSTER, "--nodes", "2", "--procs-per-node", "8", "--dry-run"]) == 0
     assert "preflight OK: world=16 (2 node(s) x 8) tp=1 cp=8 dp=2 grad_accum=32" in capsys.readouterr().out
-    assert submit_main([str(ROOT / "configs/tiny.yaml"), "run.out_dir=/shared/runs/t", "--address", "http://127.0.0.1:9",
+    assert submit_main([TINY, "run.out_dir=/shared/runs/t", "--address", "http://127.0.0.1:9",
                         "--dry-run"]) == 0
     assert time.monotonic() - t0 < 20 and not ray.is_initialized()
 
@@ -109,14 +110,14 @@ def test_launch_and_submit_dry_run_fail_in_seconds_without_ray(capsys):
 def test_train_dry_run_takes_the_target_world(capsys):
     from lctrain.train.cli import main
 
-    assert main([str(ROOT / "configs/demo.yaml"), "--dry-run", "--world-size", "16", "--procs-per-node", "8"]) == 2
+    assert main([DEMO, "--dry-run", "--world-size", "16", "--procs-per-node", "8"]) == 2
     err = capsys.readouterr().err
     assert "16 x 8 = 128" in err and "relative" in err
-    assert main([str(ROOT / "configs/demo.yaml"), "--dry-run", "--nproc", "4"]) == 0
+    assert main([DEMO, "--dry-run", "--nproc", "4"]) == 0
     assert "config and layout OK" in capsys.readouterr().out
-    assert main([str(ROOT / "configs/cluster-demo.yaml"), "--dry-run", "--world-size", "32", "--procs-per-node", "8"]) == 0
+    assert main([CLUSTER, "--dry-run", "--world-size", "32", "--procs-per-node", "8"]) == 0
     assert "world=32 tp=1 cp=8 dp=4" in capsys.readouterr().out
-    assert main([str(ROOT / "configs/demo.yaml"), "--world-size", "16"]) == 2
+    assert main([DEMO, "--world-size", "16"]) == 2
 
 
 def test_broken_flash_attn_is_a_problem_on_a_gpu_machine(monkeypatch):

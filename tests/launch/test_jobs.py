@@ -57,7 +57,8 @@ def test_job_ships_the_package_as_built(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(pkg.parent)}).stdout.split()
     assert all(p.startswith(str(pkg)) for p in out), out
-    work = jobs.stage_workdir(ROOT / "configs/tiny.yaml", tmp_path / "w", [str(Path(__file__).parent / "fake_trainer.py")])
+    fake = str(Path(__file__).parent / "fake_trainer.py")
+    work = jobs.stage_workdir(ROOT / "configs/tiny.yaml", tmp_path / "w", [fake])
     assert sorted(p.name for p in work.iterdir()) == ["fake_trainer.py", "job_config.yaml"]
     with pytest.raises(ValueError, match="does not exist"):
         jobs.stage_workdir(ROOT / "configs/tiny.yaml", tmp_path / "w2", ["no/such/file"])

@@ -37,7 +37,7 @@ def _tool(name: str) -> str:
     return str(path)
 
 
-# ---------------------------------------------------------------------------------------------------- examples
+# examples
 DOCS = ["README.md", "launch/README.md", "docker/README.md", "docs/cluster.md"]
 COMMAND = re.compile(r"^(?:\$ )?((?:lctrain (?:train|launch|submit) |torchrun ).*)$")
 
@@ -104,7 +104,7 @@ def test_the_old_examples_would_fail_in_seconds(capsys):
     assert rc == 2 and "a Ray job needs an absolute path" in out
 
 
-# ---------------------------------------------------------------------------------------------------- SLURM
+# SLURM
 def test_sbatch_passes_shellcheck():
     res = subprocess.run([_tool("shellcheck"), "--severity=style", str(SBATCH)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -185,7 +185,7 @@ def test_sbatch_refuses_a_loopback_head_address(tmp_path):
     assert res.returncode == 2 and "LCTRAIN_CONTAINER must be none, pyxis or apptainer" in res.stderr
 
 
-# ---------------------------------------------------------------------------------------------------- image
+# image
 def test_dockerfile_passes_hadolint_and_installs_from_the_lock():
     dockerfile = ROOT / "docker/Dockerfile"
     res = subprocess.run([_tool("hadolint"), str(dockerfile)], capture_output=True, text=True)
@@ -219,7 +219,7 @@ def test_lock_pins_what_the_issue_names():
             bad.unlink()
 
 
-# ---------------------------------------------------------------------------------------------------- KubeRay
+# KubeRay
 @pytest.mark.parametrize("path", K8S, ids=[p.name for p in K8S])
 def test_k8s_yaml_lints_and_matches_kuberay_schema(path, capsys, monkeypatch):
     res = subprocess.run([_tool("yamllint"), "-s", "-d",
