@@ -24,6 +24,8 @@ VARIANTS = [
     ("DDDA-zigzag", dict(layer_pattern="DDDA", num_layers=4, short_conv_size=3), "zigzag"),
     ("GDLA-contig", dict(layer_pattern="GDLA", num_layers=4, short_conv_size=3, softmax_sp="ring"), "contiguous"),
     ("GD-lasp1-contig", dict(layer_pattern="GD", num_layers=2, short_conv_size=3, linear_sp="lasp1"), "contiguous"),
+    ("DA-selective-zigzag", dict(layer_pattern="DA", num_layers=2, short_conv_size=3,
+                                 activation_checkpointing="selective"), "zigzag"),
 ]
 
 
