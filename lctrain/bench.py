@@ -1,10 +1,14 @@
 """`lctrain bench sp`: sequence-parallel attention methods side by side over a sequence-length sweep.
 
-For each method and global sequence length it runs forward + backward on CP ranks and reports, per rank:
-bytes put on the wire and calls (from `record_comm`, forward and backward), peak memory of one step
-(CPU: allocations recorded by the torch profiler, relative to the step's start; GPU:
-`torch.cuda.max_memory_allocated`) and the time of one forward + backward (each step timed from a
-barrier to its slowest rank; the best of `--iters` steps). Prints a Markdown table.
+For each method and global sequence length it runs forward + backward on CP ranks and reports, per rank, in
+steady state (after one warm-up step): bytes put on the wire and calls per collective (from `record_comm`,
+forward and backward, object collectives included), the agreement exchanges of the FIRST call of the
+signature (object collectives; 0 afterwards), host syncs during one forward + backward
+(`lctrain.testing.hot_path.count_host_syncs`, expected 0), the activation bytes one layer keeps for backward
+(saved-tensor hooks, its inputs included), peak memory of one step (CPU: allocations recorded by the torch
+profiler, relative to the step's start; GPU: `torch.cuda.max_memory_allocated`), the time of one forward +
+backward (each step timed from a barrier to its slowest rank; the best of `--iters` steps), and the local
+backend(s) that ran. Prints a Markdown table.
 
     lctrain bench sp --world 4 --seq 1024 2048 4096 --heads 8 --kv-heads 2 --dim 64
     torchrun --nproc-per-node 4 -m lctrain bench sp ...    # in place on the launched ranks (GPU if present)
@@ -22,8 +26,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from lctrain.parallel import MeshConfig, comm, init_mesh, record_comm
+from lctrain.ops import attention as attention_ops
+from lctrain.ops import linear_attention as linear_ops
 from lctrain.ops.linear_attention import default_log_decay
+from lctrain.parallel import MeshConfig, comm, init_mesh, record_comm
+from lctrain.testing.hot_path import count_host_syncs, track_saved_tensors
 from lctrain.sp import (allgather_attention, lasp1_linear_attention, lasp2_linear_attention, ring_attention,
                         ulysses_attention)
 
@@ -127,11 +134,14 @@ def bench_rank(methods: list[str], seqs: list[int], heads: int, kv_heads: int, d
                 fn(q, k, v, group, layout).backward(do)
                 q.grad = k.grad = v.grad = None
 
-            step()  # warm-up
-            with record_comm() as fwd:
-                o = fn(q, k, v, group, layout)
-            with record_comm() as bwd:
-                o.backward(do)
+            with record_comm() as first:
+                step()  # warm-up: the signature's agreement exchange happens here
+            with count_host_syncs() as syncs, attention_ops.REGISTRY.track() as soft, \
+                    linear_ops.REGISTRY.track() as lin:
+                with record_comm() as fwd, track_saved_tensors() as saved:
+                    o = fn(q, k, v, group, layout)
+                with record_comm() as bwd:
+                    o.backward(do)
             del o
             q.grad = k.grad = v.grad = None
             if device.type == "cuda":
@@ -154,10 +164,15 @@ def bench_rank(methods: list[str], seqs: list[int], heads: int, kv_heads: int, d
             rows.append(dict(
                 method=name, seq=seq, rank=mesh.cp_rank, times_s=times, peak_bytes=peak,
                 fwd_bytes=sum(e.bytes for e in fwd.events), bwd_bytes=sum(e.bytes for e in bwd.events),
-                fwd_calls=sum(1 for e in fwd.events if e.op != "recv"),
-                bwd_calls=sum(1 for e in bwd.events if e.op != "recv"),
+                fwd_calls=_calls(fwd), bwd_calls=_calls(bwd), first_objects=first.calls("all_gather_object"),
+                host_syncs=syncs.count, saved_bytes=saved.bytes, backends=sorted(set(soft) | set(lin)),
             ))
     return rows
+
+
+def _calls(rec: comm.CommRecorder) -> str:
+    """Calls per collective, e.g. "all_gather 1" or "send 3, recv 3" ("-": none)."""
+    return ", ".join(f"{op} {v['calls']}" for op, v in sorted(rec.summary().items())) or "-"
 
 
 def _table(per_rank: list[list[dict]]) -> str:
@@ -166,16 +181,21 @@ def _table(per_rank: list[list[dict]]) -> str:
     for rows in per_rank:
         for r in rows:
             merged.setdefault((r["method"], r["seq"]), []).append(r)
-    lines = ["| method | seq | sent/rank fwd (KiB) | sent/rank bwd (KiB) | calls fwd/bwd | peak mem/rank (MiB) "
-             "| fwd+bwd (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | seq | sent/rank fwd (KiB) | sent/rank bwd (KiB) | calls fwd (rank 0) | calls bwd (rank 0) "
+             "| 1st-call object coll. | host syncs | saved/layer (KiB) | peak mem/rank (MiB) | fwd+bwd (ms) "
+             "| backend |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    numeric = ("fwd_bytes", "bwd_bytes", "first_objects", "host_syncs", "saved_bytes", "peak_bytes")
     for (method, seq), rs in sorted(merged.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        mx = {key: max(r[key] for r in rs) for key in rs[0] if key not in ("method", "seq", "rank", "times_s")}
+        mx = {key: max(r[key] for r in rs) for key in numeric}
+        rank0 = min(rs, key=lambda r: r["rank"])
         # Each step ends when its slowest rank does; the best step is the least disturbed by other load.
         mx["time_s"] = min(max(step) for step in zip(*(r["times_s"] for r in rs)))
+        backends = sorted({b for r in rs for b in r["backends"]})
         lines.append(f"| {method} | {seq} | {mx['fwd_bytes'] / 1024:.1f} | {mx['bwd_bytes'] / 1024:.1f} "
-                     f"| {mx['fwd_calls']}/{mx['bwd_calls']} | {mx['peak_bytes'] / 2**20:.2f} "
-                     f"| {mx['time_s'] * 1e3:.1f} |")
+                     f"| {rank0['fwd_calls']} | {rank0['bwd_calls']} | {mx['first_objects']} | {mx['host_syncs']} "
+                     f"| {mx['saved_bytes'] / 1024:.1f} | {mx['peak_bytes'] / 2**20:.2f} | {mx['time_s'] * 1e3:.1f} "
+                     f"| {', '.join(backends)} |")
     return "\n".join(lines)
 
 
