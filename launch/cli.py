@@ -90,11 +90,16 @@ def _launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto", help="auto | none | PATH (first attempt; restarts use auto)")
     p.add_argument("--dry-run", action="store_true",
                    help="run the pre-reservation check at nodes x procs-per-node and exit (no Ray)")
+    p.add_argument("--hardware", default=None, help=HARDWARE_HELP)
     return p
 
 
+HARDWARE_HELP = ("the GPU the job runs on (h100 | h200 | a100-80g; default $LCTRAIN_HARDWARE): the check then "
+                 "includes the predicted memory per GPU")
+
+
 def _checked_config(cmd: str, config: str, overrides: list[str], nodes: int, procs_per_node: int,
-                    ray_job: bool, dry_run: bool, one_machine: bool = False):
+                    ray_job: bool, dry_run: bool, one_machine: bool = False, hardware: str | None = None):
     """Load the config and run the pre-reservation check; returns the config, or the exit code (2) on a problem.
 
     With `dry_run`, prints the layout and returns 0 when the check passes.
@@ -110,7 +115,8 @@ def _checked_config(cmd: str, config: str, overrides: list[str], nodes: int, pro
     except (ValueError, OSError) as err:
         _err(cmd, str(err))
         return 2
-    target = Target(nodes * procs_per_node, procs_per_node, nodes, ray_job=ray_job, one_machine=one_machine)
+    target = Target(nodes * procs_per_node, procs_per_node, nodes, ray_job=ray_job, one_machine=one_machine,
+                    hardware=hardware)
     problems = preflight(cfg, target)
     if problems:
         _err(cmd, f"{config} cannot run on {nodes} node(s) x {procs_per_node} rank(s):\n"
@@ -137,7 +143,7 @@ def launch_main(argv: list[str]) -> int:
     # Without --address (and RAY_ADDRESS) the "nodes" are this machine's private local cluster.
     one_machine = args.address == "local" or (args.address is None and not os.environ.get("RAY_ADDRESS"))
     cfg = _checked_config("launch", args.config, args.overrides, args.nodes, args.procs_per_node,
-                          ray_job=False, dry_run=args.dry_run, one_machine=one_machine)
+                          ray_job=False, dry_run=args.dry_run, one_machine=one_machine, hardware=args.hardware)
     if isinstance(cfg, int):
         return cfg
     try:
@@ -179,11 +185,12 @@ def submit_main(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="with --wait: give up after this many seconds")
     p.add_argument("--dry-run", action="store_true",
                    help="run the pre-reservation check at nodes x procs-per-node and exit (no job server needed)")
+    p.add_argument("--hardware", default=None, help=HARDWARE_HELP)
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
     checked = _checked_config("submit", args.config, args.overrides, args.nodes, args.procs_per_node,
-                              ray_job=True, dry_run=args.dry_run)
+                              ray_job=True, dry_run=args.dry_run, hardware=args.hardware)
     if isinstance(checked, int):
         return checked
     try:

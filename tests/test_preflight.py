@@ -133,3 +133,14 @@ def test_broken_flash_attn_is_a_problem_on_a_gpu_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     (problem,) = preflight(_cfg(), 1)
     assert "fails to import: undefined symbol" in problem
+
+
+def test_hardware_adds_the_memory_check(capsys):
+    assert launch_main([CLUSTER, "--nodes", "2", "--procs-per-node", "8", "--hardware", "h100", "--dry-run"]) == 0
+    capsys.readouterr()
+    assert launch_main([CLUSTER, "data.seq_len=67108864", "--nodes", "2", "--procs-per-node", "8",
+                        "--hardware", "h100", "--dry-run"]) == 2
+    assert "predicted memory per GPU" in capsys.readouterr().err
+    assert submit_main([CLUSTER, "--address", "http://127.0.0.1:9", "--procs-per-node", "8", "--hardware", "tpu9",
+                        "--dry-run"]) == 2
+    assert "unknown hardware" in capsys.readouterr().err
