@@ -169,7 +169,8 @@ def format_row(row: dict) -> str:
     ratio = "n/a" if ours is None or peer is None else f"{peer / ours:.2f}"
     tokens = "n/a" if ours is None else f"{row['tokens'] / (ours * 1e-3):.3g}"
     return (f"| {row['op']} | {row['d']} | {row['batch']}x{row['seq']}x{row['heads']} | {row['mode']} | "
-            f"{'n/a' if ours is None else f'{ours:.3f}'} | {tflops(ours)} | {tokens} | {row.get('peer_name', 'none')} | "
+            f"{'n/a' if ours is None else f'{ours:.3f}'} | {tflops(ours)} | {tokens} | "
+            f"{row.get('peer_name', 'none')} | "
             f"{'n/a' if peer is None else f'{peer:.3f}'} | {tflops(peer)} | {ratio} |")
 
 

@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", nargs="*", help="kernel names (default: all)")
     args = parser.parse_args(argv)
     print(f"Triton {triton.__version__}, target sm_90a, ptxas from Triton's package\n")
-    print("| kernel | dtype | head dim | config | registers | spill bytes (st/ld) | shared KB | int32 offset products |")
+    print("| kernel | dtype | head dim | config | registers | spill bytes (st/ld) | shared KB "
+          "| int32 offset products |")
     print("|---|---|---|---|---|---|---|---|")
     for spec in kernel_specs():
         if args.kernels and spec.name not in args.kernels:

@@ -24,11 +24,14 @@ from lctrain.kernels.utils import (TritonKernel, check_dtype, check_row_stride, 
 # Hopper candidates, kept only if they compile for sm_90 without register spills in bf16/fp16 at head dims 64
 # and 128 (docs/kernels.md has the table): 64-token blocks and 64 value columns, 8 warps, forward. The reverse
 # pass holds more tiles: 32-token blocks, and 16 when it also carries the position-weighted state for
-# d log_decay (the same kernel, compiled with NEED_DGAMMA, under its own autotuner).
+# d log_decay (the same kernel, compiled with NEED_DGAMMA, under its own autotuner); its boundary pass with
+# d log_decay holds two states: 32 value columns.
 _CONFIGS = [triton.Config({"BLOCK": 64, "BLOCK_C": 64}, num_warps=8, num_stages=stages) for stages in (2, 3)]
 _REVERSE_CONFIGS = [triton.Config({"BLOCK": 32, "BLOCK_C": 64}, num_warps=8, num_stages=stages) for stages in (2, 3)]
 _REVERSE_DGAMMA_CONFIGS = [triton.Config({"BLOCK": 16, "BLOCK_C": 64}, num_warps=8, num_stages=stages)
                            for stages in (2, 3)]
+_BOUNDARY_DGAMMA_CONFIGS = [triton.Config({"BLOCK": 32, "BLOCK_C": 32}, num_warps=8, num_stages=stages)
+                            for stages in (2, 3)]
 _INTERPRET = {"BLOCK": 16, "BLOCK_C": 16}
 
 
@@ -304,6 +307,10 @@ def _segments(batch_heads: int, seq: int, dc: int, sm_count: int | None) -> tupl
     return max(1, triton.cdiv(seq, seg_len)), seg_len
 
 
+_reverse_boundary_dgamma_kernel = TritonKernel(_reverse_boundary_kernel.fn, _BOUNDARY_DGAMMA_CONFIGS,
+                                               ["DA", "DC", "NEED_DGAMMA"], _INTERPRET, ["DV", "DKP", "DGAMMA"])
+
+
 def _sm_count(device: torch.device) -> int | None:
     return None if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -362,7 +369,8 @@ def _reverse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     dc = v.shape[-1]
     nseg, seg_len = _segments(batch * heads, seq, dc, _sm_count(q.device))
     # dk parts, one per column tile of the smallest BLOCK_C a launch may pick (unused ones stay 0)
-    tiles = triton.cdiv(dc, _INTERPRET["BLOCK_C"] if interpreting() else min(c.kwargs["BLOCK_C"] for c in _REVERSE_CONFIGS + _REVERSE_DGAMMA_CONFIGS))
+    configs = _REVERSE_CONFIGS + _REVERSE_DGAMMA_CONFIGS + _BOUNDARY_DGAMMA_CONFIGS
+    tiles = triton.cdiv(dc, _INTERPRET["BLOCK_C"] if interpreting() else min(c.kwargs["BLOCK_C"] for c in configs))
     dk_parts = torch.zeros((tiles, batch, seq, heads, da), dtype=torch.float32, device=q.device)
     dv = new_output(v.shape, v.dtype, v.device)
     local = new_output((nseg, batch, heads, da, dc), torch.float32, q.device)
@@ -379,9 +387,9 @@ def _reverse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     if nseg == 1:
         y0, y0_w = local[0], local_w[0]  # the state gradient at position 0 and its position-weighted twin
     else:
-        _reverse_boundary_kernel[grid](k, v, log_decay, g_arg, local, local_w, dv, dk_parts, d_gamma, seq, heads,
-                                       da, dc, seg_len, nseg, *strides, *g_strides, HAS_G=d_final is not None,
-                                       **common)
+        boundary = _reverse_boundary_dgamma_kernel if need_decay else _reverse_boundary_kernel
+        boundary[grid](k, v, log_decay, g_arg, local, local_w, dv, dk_parts, d_gamma, seq, heads, da, dc, seg_len,
+                       nseg, *strides, *g_strides, HAS_G=d_final is not None, **common)
         # at position 0: Y = lambda^T G + sum_p lambda^(a_p) LOCAL_p,
         # Yw = T lambda^T G + sum_p lambda^(a_p) (LOCALW_p + a_p LOCAL_p)
         starts = (torch.arange(nseg, device=q.device) * seg_len).float()
@@ -483,4 +491,7 @@ def aot_specs(spec_type):
             spec_type("lightning_bwd", _reverse_kernel, ("Q", "K", "V", "DO", "DV"), state,
                       lambda d: {**consts(d), "NEED_DGAMMA": False}),
             spec_type("lightning_bwd_dgamma", _reverse_dgamma_kernel, ("Q", "K", "V", "DO", "DV"), state, consts),
-            spec_type("lightning_bwd_boundary", _reverse_boundary_kernel, ("K", "V", "DV"), state, consts)]
+            spec_type("lightning_bwd_boundary", _reverse_boundary_kernel, ("K", "V", "DV"), state,
+                      lambda d: {**consts(d), "NEED_DGAMMA": False}),
+            spec_type("lightning_bwd_boundary_dgamma", _reverse_boundary_dgamma_kernel, ("K", "V", "DV"), state,
+                      consts)]
