@@ -147,3 +147,18 @@ def test_dispatch_forced_triton_matches_reference(causal, device):
     grads_ref = attention_backward(do, q, k, v, o_ref, lse_ref, causal, scale, backend="reference")
     for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
         assert_close(g, g_ref, f"{name} (seed {seed})")
+
+
+def test_backward_is_one_kernel(monkeypatch, device):
+    # FlashAttention-2's scheme: one pass over key blocks computes dk, dv and (atomically) dq
+    from lctrain.kernels.utils import TritonKernel
+
+    launched = []
+    original = TritonKernel.__getitem__
+    monkeypatch.setattr(TritonKernel, "__getitem__", lambda self, grid: launched.append(self.fn.__name__)
+                        or original(self, grid))
+    _, (q, k, v) = _inputs(1, 24, 24, 2, 1, 16, device)
+    o, lse = flash_attention_forward(q, k, v, causal=True)
+    launched.clear()
+    flash_attention_backward(torch.randn_like(o), q, k, v, o, lse, causal=True)
+    assert launched == ["_backward_kernel"]

@@ -188,3 +188,20 @@ def test_log_decay_gradient_keeps_float32_accuracy_per_head(seq, device):
     expected = ref[3].grad
     per_head = ((ours[3].grad.double() - expected).abs() / expected.abs()).tolist()
     assert max(per_head) < 2e-5, f"d log_decay relative error per head {per_head} (seed {seed})"
+
+
+def test_backward_is_two_recurrences(monkeypatch, device):
+    # dq: the forward recurrence once; dk, dv, d initial_state, d log_decay: ONE reverse pass (and, with
+    # several segments, its boundary pass), not a recurrence per gradient
+    from lctrain.kernels.utils import TritonKernel
+
+    launched = []
+    original = TritonKernel.__getitem__
+    monkeypatch.setattr(TritonKernel, "__getitem__", lambda self, grid: launched.append(self.fn.__name__)
+                        or original(self, grid))
+    _, inputs = _inputs(1, 20, 2, 8, 8, True, True, device)  # one 32-token segment under the interpreter
+    leaves = _leaves(inputs)
+    o, f = lightning_attention(*leaves, output_final_state=True)
+    launched.clear()
+    (o.sum() + f.sum()).backward()
+    assert sorted(launched) == ["_forward_kernel", "_reverse_kernel"]
