@@ -250,18 +250,26 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup | None = None,
     return x
 
 
+def all_to_all_list(inputs: Sequence[torch.Tensor], group: ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Send `inputs[j]` to rank j (all the same shape); return what arrived, by source rank."""
+    n = group_size(group)
+    if len(inputs) != n:
+        raise ValueError(f"all_to_all: {len(inputs)} pieces for {n} ranks")
+    if n == 1:
+        return [inputs[0]]
+    inputs = [c.contiguous() for c in inputs]
+    outputs = [torch.empty_like(c) for c in inputs]
+    _record("all_to_all", sum(_nbytes(c) for c in inputs), group)
+    _wait(dist.all_to_all(outputs, inputs, group=group, async_op=True), "all_to_all", group)
+    return outputs
+
+
 def all_to_all_pieces(x: torch.Tensor, group: ProcessGroup | None = None, scatter_dim: int = 0) -> list[torch.Tensor]:
     """Split `x` into n pieces along `scatter_dim`, send piece j to rank j; return what arrived, by source rank."""
     n = group_size(group)
-    if n == 1:
-        return [x]
     if x.shape[scatter_dim] % n:
         raise ValueError(f"all_to_all: dim {scatter_dim} of size {x.shape[scatter_dim]} is not divisible by {n} ranks")
-    inputs = [c.contiguous() for c in x.chunk(n, dim=scatter_dim)]
-    outputs = [torch.empty_like(c) for c in inputs]
-    _record("all_to_all", _nbytes(x), group)
-    _wait(dist.all_to_all(outputs, inputs, group=group, async_op=True), "all_to_all", group)
-    return outputs
+    return all_to_all_list(x.chunk(n, dim=scatter_dim), group)
 
 
 def all_to_all(x: torch.Tensor, group: ProcessGroup | None = None, scatter_dim: int = 0,

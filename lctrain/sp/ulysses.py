@@ -4,8 +4,9 @@ Each rank trades its `[b, s_local, h, d]` for `[b, P*s_local, h/P, d]` (the whol
 heads), runs ordinary attention, and trades back. Forward: one all-to-all for Q, one for the packed K/V,
 one for the output; backward: the same three in reverse. Heads must divide by P; kv heads must divide by P,
 or (kv_heads < P, P % kv_heads == 0) each kv head is replicated P/kv_heads times before the exchange and the
-replicas' gradients are summed back (autograd of the replication). Under the zigzag layout the gathered
-sequence arrives in rank order and is put into global order before causal attention (and back after).
+replicas' gradients are summed back (autograd of the replication). Under the zigzag layout the pieces that
+arrive are concatenated straight into global sequence order (one copy, no separate reorder), and the output
+is cut back into each rank's chunks before the return exchange.
 """
 from __future__ import annotations
 
@@ -16,23 +17,64 @@ from lctrain.ops.attention import attention
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import Layout
-from lctrain.sp.utils import check_inputs, global_to_rank_major, rank_major_to_global, resolve_scale
+from lctrain.sp.utils import check_inputs, resolve_scale
 
 
-class _AllToAll(torch.autograd.Function):
-    """Scatter `scatter_dim` over the group and gather `gather_dim`; the backward is the reverse exchange."""
+def _seq_pieces(x: torch.Tensor, size: int, zigzag: bool) -> list[torch.Tensor]:
+    """Split a global-order `[b, S, ...]` into what each rank holds: rank j gets chunk j (contiguous) or chunks
+    j and 2P-1-j (zigzag), as views."""
+    if not zigzag:
+        return list(x.chunk(size, dim=1))
+    chunks = x.chunk(2 * size, dim=1)
+    return [torch.cat([chunks[j], chunks[2 * size - 1 - j]], dim=1) for j in range(size)]
+
+
+def _global_order(pieces: list[torch.Tensor], zigzag: bool) -> torch.Tensor:
+    """Inverse of `_seq_pieces`: one concatenation straight into global sequence order (one copy)."""
+    if not zigzag:
+        return torch.cat(pieces, dim=1)
+    halves = [p.chunk(2, dim=1) for p in pieces]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim=1)
+
+
+def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None, zigzag: bool) -> torch.Tensor:
+    """`[b, s_local, H, ...]` -> `[b, S, H/P, ...]` in global order: rank j receives head group j."""
+    size = comm.group_size(group)
+    return _global_order(comm.all_to_all_list(list(x.chunk(size, dim=2)), group), zigzag)
+
+
+def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup | None, zigzag: bool) -> torch.Tensor:
+    """`[b, S, H/P, ...]` (global order) -> `[b, s_local, H, ...]`: rank j receives its own tokens."""
+    size = comm.group_size(group)
+    return torch.cat(comm.all_to_all_list(_seq_pieces(x, size, zigzag), group), dim=2)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """Sequence-sharded -> head-sharded (global order); the backward is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x, group, scatter_dim, gather_dim):
-        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
-        return comm.all_to_all(x, group, scatter_dim=scatter_dim, gather_dim=gather_dim)
+    def forward(ctx, x, group, zigzag):
+        ctx.group, ctx.zigzag = group, zigzag
+        return _seq_to_heads(x, group, zigzag)
 
     @staticmethod
     def backward(ctx, grad):
-        scatter_dim, gather_dim = ctx.dims
         with comm.comm_tag("ulysses.bwd"):
-            return comm.all_to_all(grad.contiguous(), ctx.group, scatter_dim=gather_dim,
-                                   gather_dim=scatter_dim), None, None, None
+            return _heads_to_seq(grad, ctx.group, ctx.zigzag), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    """Head-sharded (global order) -> sequence-sharded; the backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, group, zigzag):
+        ctx.group, ctx.zigzag = group, zigzag
+        return _heads_to_seq(x, group, zigzag)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with comm.comm_tag("ulysses.bwd"):
+            return _seq_to_heads(grad, ctx.group, ctx.zigzag), None, None
 
 
 def _head_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: int) -> str | None:
@@ -68,13 +110,11 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     if k.shape[2] < size:
         k = k.repeat_interleave(size // k.shape[2], dim=2)  # [b, s_local, P, d]
         v = v.repeat_interleave(size // v.shape[2], dim=2)
-    order = layout if causal else "contiguous"
+    # Non-causal attention does not depend on key order, so the zigzag reorder is skipped.
+    zigzag = causal and layout == "zigzag" and size > 1
     with comm.comm_tag("ulysses.fwd"):
-        qh = _AllToAll.apply(q, group, 2, 1)  # [b, P*s_local, h/P, d]
-        kvh = _AllToAll.apply(torch.stack([k, v], dim=2), group, 3, 1)  # [b, P*s_local, 2, h_kv/P, d]
-    qh = rank_major_to_global(qh, size, 1, order)
-    kvh = rank_major_to_global(kvh, size, 1, order)
-    oh = attention(qh, kvh[:, :, 0], kvh[:, :, 1], causal, scale)  # [b, S, h/P, d]
-    oh = global_to_rank_major(oh, size, 1, order)
+        qh = _SeqToHeads.apply(q, group, zigzag)  # [b, S, h/P, d], global order
+        kvh = _SeqToHeads.apply(torch.stack([k, v], dim=3), group, zigzag)  # [b, S, h_kv/P, 2, d]
+    oh = attention(qh, kvh[..., 0, :], kvh[..., 1, :], causal, scale)  # [b, S, h/P, d]
     with comm.comm_tag("ulysses.fwd"):
-        return _AllToAll.apply(oh.contiguous(), group, 1, 2)  # [b, s_local, h, d]
+        return _HeadsToSeq.apply(oh, group, zigzag)  # [b, s_local, h, d]

@@ -1,5 +1,5 @@
 """Plumbing shared by the sequence-parallel methods: the once-per-signature input agreement, the log-sum-exp
-merge, layouts.
+merge.
 
 The merge itself (`merge_attention`, float32 accumulation) lives with the local attention ops, which also
 use it to split causal problems; it is re-exported here for the SP methods.
@@ -34,7 +34,7 @@ from lctrain.parallel.sharding import LAYOUTS
 ExtraCheck = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], "str | None"]
 
 __all__ = ["compute_dtype", "resolve_scale", "agree_once", "check_inputs", "clear_agreement_cache",
-           "merge_attention", "rank_major_to_global", "global_to_rank_major"]
+           "merge_attention"]
 
 
 def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
@@ -137,24 +137,3 @@ def check_inputs(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               ("device", q.device.type), ("causal", bool(causal)),
               ("layout", layout), ("softmax_scale", float(scale)))
     agree_once(method, group, problem, fields, (q, k, v))
-
-
-def rank_major_to_global(x: torch.Tensor, cp: int, dim: int, layout: str) -> torch.Tensor:
-    """Reorder a gathered tensor from rank order (rank r's shard at slot r) to global sequence order.
-
-    zigzag: rank r holds chunks r and 2*cp-1-r, so the gathered pieces are [c0, c_{2P-1}, c1, c_{2P-2}, ...].
-    contiguous: rank order is global order already.
-    """
-    if layout == "contiguous" or cp == 1:
-        return x
-    pieces = x.chunk(2 * cp, dim=dim)
-    order = [pieces[2 * c] if c < cp else pieces[2 * (2 * cp - 1 - c) + 1] for c in range(2 * cp)]
-    return torch.cat(order, dim=dim)
-
-
-def global_to_rank_major(x: torch.Tensor, cp: int, dim: int, layout: str) -> torch.Tensor:
-    """Inverse of :func:`rank_major_to_global`."""
-    if layout == "contiguous" or cp == 1:
-        return x
-    chunks = x.chunk(2 * cp, dim=dim)
-    return torch.cat([chunks[i] for r in range(cp) for i in (r, 2 * cp - 1 - r)], dim=dim)
