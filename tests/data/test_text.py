@@ -152,3 +152,21 @@ def test_prepare_errors(tmp_path):
         TextDataset(str(out), 8)
     with pytest.raises(ValueError, match="data.packing"):
         DataConfig(source="text", path="x", packing="first_fit").validate()
+
+
+def test_pkg_inputs_and_bos(tmp_path):
+    from lctrain.data.documents import list_files
+
+    assert any(f.name == "decoder.py" for f in list_files(["pkg:json"]))  # text shipped with Python
+    with pytest.raises(ValueError, match="no importable package"):
+        list_files(["pkg:no_such_package_xyz"])
+    docs = make_docs(10, seed=4)
+    tok = make_tokenizer(tmp_path / "tokenizer.json", docs, specials=("[UNK]", "<s>", "</s>"))
+    out = tmp_path / "t"
+    assert data_main(["prepare", str(write_jsonl(tmp_path / "c.jsonl", docs)), "--out", str(out),
+                      "--tokenizer", str(tok)]) == 0
+    index = read_index(str(out))
+    stream = np.fromfile(out / index["shards"][0]["file"], dtype=index["dtype"])
+    offsets = np.load(out / "doc_offsets.npy")
+    assert (index["bos_id"], index["eos_id"]) == (1, 2)
+    assert (stream[offsets[:-1]] == 1).all() and (stream[offsets[1:] - 1] == 2).all()  # [bos] text [eos]
