@@ -11,7 +11,7 @@ Triton's ahead-of-time compiler for an explicit target and its bundled ptxas (`l
   arguments typed i32 as a launch with small strides would type them. A planted kernel with the old
   `Q + pid * stride` offsets shows the check fails when it should;
 - zero register spills (ptxas -v) for every shipped autotune config of the flash backward, bf16 and fp16,
-  head dims 64 and 128 (slow: ~25 compiles), and of every other kernel (slow).
+  head dims 64 and 128 (slow: 12 compiles), and of every other kernel in bf16 (slow).
 """
 from pathlib import Path
 
@@ -53,11 +53,11 @@ def test_offset_check_finds_int32_products():
     assert len(found) == 2 and all("arith.muli" in line for line in found)
 
 
-def _spill_free(names):
+def _spill_free(names, dtypes=aot.DTYPES):
     bad = []
     for name in names:
         spec = _SPECS[name]
-        for dtype in aot.DTYPES:
+        for dtype in dtypes:
             for d in aot.HEAD_DIMS:
                 for config in spec.kernel.configs:
                     r = aot.report(spec, dtype, d, config)
@@ -74,4 +74,5 @@ def test_flash_backward_configs_do_not_spill():
 
 @pytest.mark.slow
 def test_other_kernel_configs_do_not_spill():
-    assert _spill_free(sorted(set(_SPECS) - {"flash_bwd"})) == []
+    # bf16 only (~30 compiles): fp16 allocated the same registers in every config (docs/kernels.md's table)
+    assert _spill_free(sorted(set(_SPECS) - {"flash_bwd"}), dtypes=("bf16",)) == []
