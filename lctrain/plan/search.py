@@ -258,11 +258,12 @@ def _search_layouts(layouts, cfg, gpus, gpus_per_node, seq, hw, micro_batch, ord
                     rows.append(PlanRow(tp, cp, dp, layout, ssp, lsp, z, ac, bound / 1e9, True, float("inf"), 0.0,
                                         0.0, 0.0, simulated=False))
             continue
-        fits_full = True
+        fits_full, full_gb = True, bound / 1e9
         for ac in order:
             if ac != "full" and not fits_full:
+                # Keeps a superset of what "full" keeps: at least full's smallest memory, which does not fit.
                 for z in zero_stages:
-                    rows.append(PlanRow(tp, cp, dp, layout, ssp, lsp, z, ac, bound / 1e9, True, float("inf"), 0.0,
+                    rows.append(PlanRow(tp, cp, dp, layout, ssp, lsp, z, ac, full_gb, True, float("inf"), 0.0,
                                         0.0, 0.0, simulated=False))
                 continue
             if progress:
@@ -274,6 +275,7 @@ def _search_layouts(layouts, cfg, gpus, gpus_per_node, seq, hw, micro_batch, ord
             rows += new
             if ac == "full":
                 fits_full = any(not r.oom for r in new)
+                full_gb = min(r.mem_gb for r in new)
 
 
 def sort_rows(rows: list[PlanRow]) -> list[PlanRow]:

