@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lctrain.ops.linear_attention_ref import compute_dtype
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.sp.lasp2_delta import VARIANTS, _apply, _chunk_map, _local, check_chunk_map_inputs
-from lctrain.ops.linear_attention_ref import compute_dtype
 
 
 def _recv(like: torch.Tensor, peer: int, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """LASP-2 (and the LASP-1 baseline) for gated recurrences (the gated delta rule; gated linear attention with
-data-dependent gates) equals the token-by-token recurrence on the unsharded sequence -- output, final state and the gradients of q, k, v,
-gates, beta and the initial state -- on worlds 1-4, both layouts, with one all-gather forward and one backward
-whose size does not depend on the sequence length; bad inputs fail on every rank before any collective.
+data-dependent gates) equals the token-by-token recurrence on the unsharded sequence -- output, final state and
+the gradients of q, k, v, gates, beta and the initial state -- on worlds 1-4, both layouts, with one all-gather
+forward and one backward whose size does not depend on the sequence length; bad inputs fail on every rank before
+any collective; the steady state issues nothing else and never synchronises the host.
 
 Every configuration of a world size runs inside one `run_distributed` call (spawning ranks is the slow part).
 """
@@ -147,7 +148,8 @@ def _all_configs(seed):
     return True
 
 
-@pytest.mark.parametrize("world", [1, 2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world", [1, 2, pytest.param(3, marks=pytest.mark.slow),
+                                   pytest.param(4, marks=pytest.mark.slow)])
 def test_lasp2_gated_matches_recurrence(world):
     seed = int(torch.randint(0, 2**31, ()).item())
     assert all(run_distributed(_all_configs, world, seed))
