@@ -21,11 +21,14 @@ import random
 import pytest
 import torch
 
+from lctrain import sp
 from lctrain.models import ModelConfig, build_model, global_token_mean
 from lctrain.models.packing import check_cu_seqlens, document_tables
 from lctrain.models.rope import apply_rope, rope_cos_sin
 from lctrain.models.tensor_parallel import gather_full_parameters
-from lctrain.parallel import MeshConfig, comm, init_mesh, shard_positions
+from lctrain.ops.attention_ref import reference_attention_forward
+from lctrain.ops.linear_attention_ref import linear_attention_ref
+from lctrain.parallel import MeshConfig, comm, init_mesh, shard_positions, shard_sequence, unshard_sequence
 from lctrain.testing import run_distributed
 from lctrain.testing.compare import assert_close
 
@@ -127,6 +130,64 @@ def _check(seed: int, meshes: list[tuple[int, int]]) -> tuple[int, int]:
                 assert_close(got[1][n], ref_g[n], f"{where} grad {n}", **TOL)
             compared += 1
     return compared, refused
+
+
+class _GatherSummed(torch.autograd.Function):
+    """The whole sequence from every rank's slice; backward sums all ranks' gradients and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group, layout):
+        ctx.group, ctx.layout = group, layout
+        return unshard_sequence(x.detach(), group, 1, layout)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = comm.all_reduce(g.contiguous(), group=ctx.group)
+        return shard_sequence(g, ctx.group, 1, ctx.layout), None, None
+
+
+def _varlen_by_gathering(local_fn):
+    """A stand-in varlen SP method (takes cu_seqlens=, as DESIGN.md specifies): gather the whole batch, run
+    `local_fn` on each document of the b sequences laid end to end, keep this rank's slice. Slow and exact."""
+    def fn(q, k, v, group=None, causal=True, layout="zigzag", cu_seqlens=None, **kw):
+        full = [_GatherSummed.apply(t, group, layout) for t in (q, k, v)]  # [b, s, h, d]
+        b, s = full[0].shape[:2]
+        flat = [t.reshape(1, b * s, *t.shape[2:]) for t in full]
+        bounds = cu_seqlens.tolist() if cu_seqlens is not None else list(range(0, b * s + 1, s))
+        o = torch.cat([local_fn(*(t[:, a:e] for t in flat), **kw) for a, e in zip(bounds[:-1], bounds[1:])], dim=1)
+        return shard_sequence(o.reshape(b, s, *o.shape[2:]), group, 1, layout)
+    return fn
+
+
+def _check_native(seed: int) -> int:
+    """CP = 2, both layouts, with stand-in varlen SP methods: what the model itself does on CP ranks (positions
+    from the sharding helper, document ends across ranks, cu_seqlens over b sequences) against the reference."""
+    saved = sp.allgather_attention, sp.lasp2_linear_attention
+    sp.allgather_attention = _varlen_by_gathering(
+        lambda q, k, v, softmax_scale: reference_attention_forward(q, k, v, True, softmax_scale)[0])
+    sp.lasp2_linear_attention = _varlen_by_gathering(
+        lambda q, k, v, log_decay: linear_attention_ref(q, k, v, log_decay)[0])
+    try:
+        init_mesh(MeshConfig(tp=1, cp=1))
+        cfgs = [dataclasses.replace(BASE, layer_pattern=p, softmax_sp="allgather", linear_sp="lasp2")
+                for p in ("A", "LA")]
+        refs = [_reference(cfg, seed, BATCH_PER_DP) for cfg in cfgs]
+        mesh = init_mesh(MeshConfig(tp=1, cp=2))
+        checked = 0
+        for layout in ("zigzag", "contiguous"):
+            for cfg, (ref_loss, ref_g) in zip(cfgs, refs):
+                loss, grads = _packed(cfg, seed, mesh, layout)
+                assert_close(loss, ref_loss, f"{cfg.layer_pattern} {layout} loss", **TOL)
+                for n in ref_g:
+                    assert_close(grads[n], ref_g[n], f"{cfg.layer_pattern} {layout} grad {n}", **TOL)
+                checked += 1
+        return checked
+    finally:
+        sp.allgather_attention, sp.lasp2_linear_attention = saved
+
+
+def test_native_varlen_path_on_cp2_with_stand_in_sp_methods():
+    assert run_distributed(_check_native, 2, random.randrange(2**31)) == [4, 4]
 
 
 @pytest.mark.parametrize("world,meshes", [(2, [(1, 1), (2, 1), (1, 2)])])
