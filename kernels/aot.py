@@ -208,6 +208,13 @@ def int32_offset_products(ttir: str) -> list[str]:
         seen.add(name)
         return is_i32_product(name) or any(has_product(o, seen) for o in defs.get(name, ("", []))[1])
 
+    def from_stride(name: str, seen: set[str]) -> bool:
+        # a `stride*` kernel argument, or a value computed from one (splat, broadcast, ...)
+        if name in seen:
+            return False
+        seen.add(name)
+        return name.startswith("%stride") or any(from_stride(o, seen) for o in defs.get(name, ("", []))[1])
+
     found = []
     for name in sorted(reaching):
         if not is_i32_product(name):
@@ -219,7 +226,7 @@ def int32_offset_products(ttir: str) -> list[str]:
             continue
         # index x stride, or index x length x length (a stride formed in the kernel, e.g. t * H * D):
         # an index times one length (segment * segment length, kv head * group size) stays below 2^31
-        if any(o.startswith("%stride") for o in other) or any(has_product(o, set()) for o in index + other):
+        if any(from_stride(o, set()) for o in other) or any(has_product(o, set()) for o in index + other):
             found.append(line.strip())
     return found
 
