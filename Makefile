@@ -40,7 +40,7 @@ gpu-wheels:
 	mkdir -p .whl
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		-d .whl flash-linear-attention fla-core megatron-core
+		-d .whl flash-linear-attention fla-core "megatron-core>=0.16,<0.17" "setuptools>=77"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build *.egg-info
