@@ -8,7 +8,7 @@ On a CUDA machine, in the repository root, within about 10 minutes:
 2. runs the GPU-marked tests (`pytest -m gpu tests/kernels`);
 3. runs the kernel benchmark (benchmarks/bench_kernels.py: ours vs the strongest peer of the same run)
    and `lctrain bench sp` (under torchrun with NCCL on every GPU when there are several, else one rank);
-4. writes the tables with device, date and command into `--out`.
+4. writes the tables with device, date and command into `--out` (every step shares a 570 s budget).
 Without CUDA (or with --dry-run) it prints those commands and exits 0.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def plan(args: argparse.Namespace, gpus: int, python: str = sys.executable) -> l
                                 "-p", "no:cacheprovider"]))
     steps.append(("kernel benchmark", [python, "benchmarks/bench_kernels.py", "--out", args.kernel_table,
                                        "--seqlens", *map(str, args.seqlens), "--rep", "10"]))
-    bench_sp = ["-m", "lctrain", "bench", "sp", "--dtype", "bfloat16", "--seq", "16384", "65536",
+    bench_sp = ["-m", "lctrain", "bench", "sp", "--dtype", "bfloat16", "--seq", "4096", "16384",
                 "--heads", "16", "--dim", "128"]
     if gpus > 1:
         steps.append((f"SP benchmark ({gpus} GPUs, NCCL)", [python, "-m", "torch.distributed.run",
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "gpu_check.md"))
     parser.add_argument("--kernel-table", default=str(ROOT / "docs" / "kernel_benchmarks.md"))
     parser.add_argument("--seqlens", nargs="+", type=int, default=[4096, 16384, 65536])
+    parser.add_argument("--budget", type=float, default=570.0, help="seconds for all steps together")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -73,9 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (args.site, str(ROOT), env.get("PYTHONPATH", "")) if p)
     device = torch.cuda.get_device_name()
     sections, failed = [], 0
+    deadline = time.time() + args.budget
     for title, cmd in steps:
         start = time.time()
-        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        try:
+            result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                    timeout=max(1.0, deadline - start))
+        except subprocess.TimeoutExpired as e:  # out of time: keep what it printed, say so
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            result = subprocess.CompletedProcess(cmd, 124, out, f"\n(stopped: the {args.budget:.0f} s budget ran out)")
         took = time.time() - start
         print(f"== {title}: exit {result.returncode} in {took:.0f} s\n{result.stdout[-4000:]}{result.stderr[-2000:]}",
               flush=True)
