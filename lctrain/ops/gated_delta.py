@@ -118,7 +118,8 @@ REGISTRY: BackendRegistry[GatedBackend] = BackendRegistry("gated delta rule", "L
 
 
 def register_gated_delta_backend(name: str, fn: GatedFn, supports: Callable[..., bool] | None = None,
-                                 priority: int = 0, is_available: Callable[[], bool] | None = None) -> None:
+                                 priority: int = 0, is_available: Callable[[], bool] | None = None,
+                                 validated_on_gpu: bool = False) -> None:
     """Register (or replace) a gated-delta-rule backend.
 
     Args:
@@ -127,8 +128,10 @@ def register_gated_delta_backend(name: str, fn: GatedFn, supports: Callable[...,
         supports: `supports(q, k, v, g, beta) -> bool` for automatic dispatch (default: always).
         priority: automatic dispatch takes the highest-priority supporting backend ("chunk" is 10).
         is_available: whether it can run in this process (default: always).
+        validated_on_gpu: whether it has run and passed its tests on a GPU.
     """
-    REGISTRY.register(GatedBackend(name, fn, supports or always, priority, is_available or (lambda: True)))
+    REGISTRY.register(GatedBackend(name, fn, supports or always, priority, is_available or (lambda: True),
+                                   validated_on_gpu))
 
 
 def use_gated_delta_backend(name: str | None) -> contextlib.AbstractContextManager[None]:
@@ -168,7 +171,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     return be.fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
-register_gated_delta_backend("recurrent", gated_delta_rule_recurrent, priority=0)
-register_gated_delta_backend("chunk", _chunk_gated_delta, priority=10)
+register_gated_delta_backend("recurrent", gated_delta_rule_recurrent, priority=0, validated_on_gpu=True)
+register_gated_delta_backend("chunk", _chunk_gated_delta, priority=10, validated_on_gpu=True)
 register_gated_delta_backend("fla", fla_gated_delta_rule, supports=fla_supports_delta, priority=100,
-                             is_available=fla_available)
+                             is_available=fla_available, validated_on_gpu=True)

@@ -57,6 +57,9 @@ class GatedBackend:
     """Higher wins when several support a case ("chunk" is 10)."""
     is_available: Callable[[], bool] = lambda: True
     """Whether it can run in this process at all (checked without importing optional packages)."""
+    validated_on_gpu: bool = False
+    """Whether it has run and passed its tests on a GPU (on CUDA, automatic dispatch ranks unvalidated backends
+    below validated ones; see lctrain.ops.registry). Plain PyTorch and fla's own kernels count as validated."""
 
     def available(self) -> bool:
         return self.is_available()
@@ -167,7 +170,7 @@ REGISTRY: BackendRegistry[GatedBackend] = BackendRegistry("gated linear attentio
 
 
 def register_gla_backend(name: str, fn: GatedFn, supports: Callable[..., bool] | None = None, priority: int = 0,
-                         is_available: Callable[[], bool] | None = None) -> None:
+                         is_available: Callable[[], bool] | None = None, validated_on_gpu: bool = False) -> None:
     """Register (or replace) a gated linear-attention backend.
 
     Args:
@@ -176,8 +179,10 @@ def register_gla_backend(name: str, fn: GatedFn, supports: Callable[..., bool] |
         supports: `supports(q, k, v, g, beta) -> bool` for automatic dispatch (default: always).
         priority: automatic dispatch takes the highest-priority supporting backend ("chunk" is 10).
         is_available: whether it can run in this process (default: always).
+        validated_on_gpu: whether it has run and passed its tests on a GPU.
     """
-    REGISTRY.register(GatedBackend(name, fn, supports or always, priority, is_available or (lambda: True)))
+    REGISTRY.register(GatedBackend(name, fn, supports or always, priority, is_available or (lambda: True),
+                                   validated_on_gpu))
 
 
 def use_gla_backend(name: str | None) -> contextlib.AbstractContextManager[None]:
@@ -259,7 +264,7 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     return be.fn(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
-register_gla_backend("recurrent", gla_recurrent, priority=0)
-register_gla_backend("chunk", _chunk_gla, priority=10)
-
-register_gla_backend("fla", fla_gla, supports=fla_supports_gla, priority=100, is_available=fla_available)
+register_gla_backend("recurrent", gla_recurrent, priority=0, validated_on_gpu=True)
+register_gla_backend("chunk", _chunk_gla, priority=10, validated_on_gpu=True)
+register_gla_backend("fla", fla_gla, supports=fla_supports_gla, priority=100, is_available=fla_available,
+                     validated_on_gpu=True)

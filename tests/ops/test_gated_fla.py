@@ -120,3 +120,14 @@ def test_fla_gated_delta_adapter(fake_fla):
     per_head_close(o, o_ref, 2, 1e-6, "o")  # the adapter hands fla float32 gates
     assert f is None
     assert fake_fla == [("gated_delta_rule", (2, 9, 3), 0.5, False)]
+
+
+def test_gpu_ranking_puts_fla_first(monkeypatch):
+    """On CUDA inputs the registry ranks validated backends first; fla (the maintained library's kernels) and
+    the plain-PyTorch forms are validated, and fla has the highest priority."""
+    from lctrain.ops import gated_delta, gla
+
+    for registry in (gla.REGISTRY, gated_delta.REGISTRY):
+        backends = registry.backends()
+        assert all(be.validated_on_gpu for be in backends.values()), registry.kind
+        assert list(backends)[0] == "fla", list(backends)
