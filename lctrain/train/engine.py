@@ -123,6 +123,11 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict[str, Any]:
         raise ValueError(f"train.deepspeed sets {clash}, which lctrain derives itself (use train.micro_batch_size, "
                          "train.global_batch_size, train.grad_clip, train.zero_stage, train.dtype, train.lr ...)")
     dtype = resolve_dtype(cfg)
+    if dtype == torch.bfloat16 and cfg.zero_stage == 0:
+        # DeepSpeed 0.19 runs bf16 without ZeRO through FP16_UnfusedOptimizer, whose fp32 masters are not the
+        # optimizer's parameters; the sharded checkpoints need ZeRO's (or the bf16 optimizer's) fragments.
+        raise ValueError("bf16 training needs train.zero_stage >= 1 (fp32 master weights in ZeRO partitions); "
+                         "set train.zero_stage=1 or train.dtype=float32")
     ds_config = _merge({
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
