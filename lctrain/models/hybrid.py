@@ -134,8 +134,10 @@ class HybridLM(torch.nn.Module):
             b, s_local = input_ids.shape
             check_cu_seqlens(cu_seqlens, b, s_local * self.mesh.cp)
             # Once per batch, for every layer: positions within documents, document ends (no longer scored).
+            bounds = cu_seqlens.tolist() if self._bounds_on_host else None
+            cu_seqlens = cu_seqlens.to(input_ids.device, non_blocking=True)  # the SP methods take it on q's device
             positions, last = document_tables(cu_seqlens, position_ids, b, s_local * self.mesh.cp)  # [b, s_local]
-            docs = Documents(cu_seqlens, cu_seqlens.tolist() if self._bounds_on_host else None, positions, last)
+            docs = Documents(cu_seqlens, bounds, positions, last)
             position_ids, labels = positions, labels.masked_fill(last, -100)
         x = self.embed(input_ids)  # [b, s, hidden]
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # [(b,) s, d] each

@@ -28,7 +28,8 @@ class Documents:
     """One packed batch's document tables for this rank (built once per batch, shared by every layer)."""
 
     cu_seqlens: torch.Tensor
-    """int `[n_docs + 1]`, global boundaries over the b sequences end to end (passed to the SP methods as given)."""
+    """int `[n_docs + 1]`, global boundaries over the b sequences end to end, on the activations' device (as the
+    SP methods take it)."""
     bounds: list[int] | None
     """The same boundaries as host ints, for the per-document path (None when no mixer needs them)."""
     positions: torch.Tensor
