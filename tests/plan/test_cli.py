@@ -35,18 +35,24 @@ def test_json_rows_of_the_configured_layout(capsys):
 
 
 def test_search_never_recommends_oom():
-    """A device so small that only the lightest layouts fit: the recommendation is one of them."""
+    """A device whose memory lies between the search's smallest and largest rows: the recommendation fits."""
     from dataclasses import replace
 
+    from lctrain.plan.search import SimCache
+
     cfg = load_config("configs/tiny.yaml").model
-    tiny_gpu = replace(get_hardware("h100"), memory_gb=0.004)
-    rows = search(cfg, 8, 8, 512, tiny_gpu, checkpointing=("none", "full"), zero_stages=(0, 3), cache=None)
+    narrow = dict(tps=[1], cps=[2, 4], softmax_sps=["allgather"], linear_sps=["lasp2"],
+                  checkpointing=("none", "full"), zero_stages=(0, 3), cache=SimCache(None))
+    big = search(cfg, 8, 8, 512, get_hardware("h100"), **narrow)
+    mems = sorted(r.mem_gb for r in big)
+    device = replace(get_hardware("h100"), memory_gb=(mems[0] + mems[-1]) / 2)
+    rows = search(cfg, 8, 8, 512, device, **narrow)
     assert any(r.oom for r in rows) and any(not r.oom for r in rows)
     best = recommend(rows)
-    assert best is not None and not best.oom and best.mem_gb <= 0.004
+    assert best is not None and not best.oom and best.mem_gb <= device.memory_gb
     assert best.tokens_per_s == max(r.tokens_per_s for r in rows if not r.oom)
-    nothing = replace(tiny_gpu, memory_gb=1e-6)
-    assert recommend(search(cfg, 8, 8, 512, nothing, checkpointing=("full",), zero_stages=(3,))) is None
+    nothing = replace(device, memory_gb=mems[0] / 2)
+    assert recommend(search(cfg, 8, 8, 512, nothing, **narrow)) is None
 
 
 @pytest.mark.slow
