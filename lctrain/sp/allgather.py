@@ -21,10 +21,13 @@ import torch
 import torch.distributed as dist
 
 from lctrain.ops.attention import attention_backward, attention_forward
+from lctrain.ops.attention_varlen import (document_ids, document_mask, varlen_attention_backward,
+                                          varlen_attention_forward)
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import Layout
-from lctrain.sp.utils import check_inputs, compute_dtype, merge_attention, resolve_scale
+from lctrain.sp.utils import (check_inputs, compute_dtype, merge_attention, rank_major_positions, rank_positions,
+                              resolve_scale)
 
 #: (local query rows, first key, end key) of one remote block, in the coordinates of the gathered K/V.
 Block = tuple[slice, int, int]
@@ -82,6 +85,47 @@ def _keys(kv: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.T
     """Views `[b, end-start, h_kv, d]` of the keys and values at gathered positions [start, end)."""
     blk = kv[start:end]
     return blk[:, :, 0].transpose(0, 1), blk[:, :, 1].transpose(0, 1)
+
+
+def _doc_mask(rank: int, size: int, s: int, b: int, causal: bool, layout: str, cu_seqlens: torch.Tensor,
+              device: torch.device) -> torch.Tensor:
+    """Packed documents: mask of this rank's queries against the rank-major gathered keys, `[b, s, P*s]`."""
+    q_pos = rank_positions(rank, size, s, layout, device)
+    k_pos = rank_major_positions(size, s, layout, device)
+    return document_mask(q_pos, k_pos, document_ids(cu_seqlens, b, s * size, q_pos),
+                         document_ids(cu_seqlens, b, s * size, k_pos), causal)
+
+
+class _VarlenAllGatherAttention(torch.autograd.Function):
+    """Packed documents: every local query against the whole gathered sequence under a document mask."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, scale, layout, cu_seqlens):
+        size, rank = comm.group_size(group), comm.group_rank(group)
+        with comm.comm_tag("allgather.fwd"):
+            kv = comm.all_gather(_pack_kv(k, v), group)  # [P*s, b, 2, h_kv, d], rank-major
+        mask = _doc_mask(rank, size, q.shape[1], q.shape[0], causal, layout, cu_seqlens, q.device)
+        out, lse = varlen_attention_forward(q, *_keys(kv, 0, kv.shape[0]), mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        group = ctx.group
+        size, rank = comm.group_size(group), comm.group_rank(group)
+        with comm.comm_tag("allgather.bwd"):
+            kv = comm.all_gather(_pack_kv(k, v), group)  # re-gather
+        mask = _doc_mask(rank, size, q.shape[1], q.shape[0], ctx.causal, ctx.layout, cu_seqlens, q.device)
+        dq, dk, dv = varlen_attention_backward(do.contiguous(), q, *_keys(kv, 0, kv.shape[0]), out, lse, mask,
+                                               ctx.scale)
+        del kv
+        dkv = _pack_kv(dk.to(compute_dtype(k.dtype)), dv.to(compute_dtype(v.dtype)))  # [P*s, b, 2, h_kv, d]
+        with comm.comm_tag("allgather.bwd"):
+            dkv = comm.reduce_scatter(dkv, group)  # this rank's keys, summed over every rank's queries
+        dk, dv = dkv[:, :, 0].transpose(0, 1), dkv[:, :, 1].transpose(0, 1)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 class _AllGatherAttention(torch.autograd.Function):
@@ -150,7 +194,7 @@ class _AllGatherAttention(torch.autograd.Function):
 @torch.compiler.disable
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
                         causal: bool = True, softmax_scale: float | None = None,
-                        layout: Layout = "zigzag") -> torch.Tensor:
+                        layout: Layout = "zigzag", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Exact softmax attention over the CP-sharded sequence with one K/V all-gather (one dK/dV reduce-scatter).
 
     Args:
@@ -160,6 +204,9 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
         causal: causal mask over global positions.
         softmax_scale: default 1/sqrt(d).
         layout: how the sequence was sharded ("zigzag" or "contiguous").
+        cu_seqlens: packed documents (int `[n_docs + 1]`, global boundaries of the un-sharded `batch * seq`
+            tokens, the same on every rank, on q's device): attention stays within a document (a document mask
+            over the gathered keys, `lctrain.ops.attention_varlen`, plain PyTorch; no diagonal overlap yet).
     Returns:
         This rank's output `[b, s_local, h, d]`.
 
@@ -168,5 +215,7 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
     """
     group = cp_group_or_default(group)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    check_inputs("allgather_attention", q, k, v, group, causal, layout, scale)
+    check_inputs("allgather_attention", q, k, v, group, causal, layout, scale, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        return _VarlenAllGatherAttention.apply(q, k, v, group, causal, scale, layout, cu_seqlens)
     return _AllGatherAttention.apply(q, k, v, group, causal, scale, layout)

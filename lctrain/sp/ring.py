@@ -22,11 +22,13 @@ import torch
 import torch.distributed as dist
 
 from lctrain.ops.attention import attention_backward, attention_forward
+from lctrain.ops.attention_varlen import (document_ids, document_mask, varlen_attention_backward,
+                                          varlen_attention_forward)
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import Layout
-from lctrain.sp.utils import check_inputs, compute_dtype, merge_attention, resolve_scale
+from lctrain.sp.utils import check_inputs, compute_dtype, merge_attention, rank_positions, resolve_scale
 
 _ALL = slice(None)
 
@@ -52,8 +54,20 @@ def _shift(buf: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
     return incoming, handle
 
 
+def _doc_mask(rank: int, src: int, size: int, s: int, b: int, causal: bool, layout: str,
+              cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """Packed documents: the mask of rank `rank`'s queries against rank `src`'s keys; None: nothing visible."""
+    if causal and layout == "contiguous" and src > rank:
+        return None
+    q_pos = rank_positions(rank, size, s, layout, device)
+    k_pos = rank_positions(src, size, s, layout, device)
+    docs = (document_ids(cu_seqlens, b, s * size, pos) for pos in (q_pos, k_pos))
+    return document_mask(q_pos, k_pos, *docs, causal)
+
+
 def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, causal: bool,
-                  scale: float, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float, layout: str,
+                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     size, rank = comm.group_size(group), comm.group_rank(group)
     b, s, h, d = q.shape
     acc = compute_dtype(q.dtype)
@@ -62,8 +76,12 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist
     kv = torch.stack([k, v])  # [2, b, s, h_kv, d]: one buffer per transfer
     for step in range(size):
         incoming, handle = _shift(kv, group, rank, size) if step + 1 < size else (None, None)
-        plan = _block(rank, (rank - step) % size, causal, layout, s)
-        if plan is not None:
+        src = (rank - step) % size
+        if cu_seqlens is not None:
+            mask = _doc_mask(rank, src, size, s, b, causal, layout, cu_seqlens, q.device)
+            if mask is not None:
+                merge_attention(out, lse, *varlen_attention_forward(q, kv[0], kv[1], mask, scale))
+        elif (plan := _block(rank, src, causal, layout, s)) is not None:
             qs, ks, blk_causal = plan
             o_b, lse_b = attention_forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk_causal, scale)
             merge_attention(out[:, qs], lse[:, :, qs], o_b, lse_b)
@@ -75,7 +93,8 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist
 
 def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, group: dist.ProcessGroup | None, causal: bool, scale: float,
-                   layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   layout: str,
+                   cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     size, rank = comm.group_size(group), comm.group_rank(group)
     s = q.shape[1]
     acc = compute_dtype(q.dtype)
@@ -84,9 +103,14 @@ def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dkv_in, dkv_handle = None, None
     for step in range(size):
         incoming, kv_handle = _shift(kv, group, rank, size) if step + 1 < size else (None, None)
-        plan = _block(rank, (rank - step) % size, causal, layout, s)
-        grads = None
-        if plan is not None:
+        src = (rank - step) % size
+        grads, ks = None, _ALL
+        if cu_seqlens is not None:
+            mask = _doc_mask(rank, src, size, s, q.shape[0], causal, layout, cu_seqlens, q.device)
+            if mask is not None:
+                grads = varlen_attention_backward(do, q, kv[0], kv[1], out, lse, mask, scale)
+                dq += grads[0]
+        elif (plan := _block(rank, src, causal, layout, s)) is not None:
             qs, ks, blk_causal = plan
             grads = attention_backward(do[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
                                        blk_causal, scale)
@@ -114,25 +138,26 @@ def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout):
+    def forward(ctx, q, k, v, group, causal, scale, layout, cu_seqlens):
         with comm.comm_tag("ring.fwd"):
-            out, lse = _ring_forward(q, k, v, group, causal, scale, layout)
-        ctx.save_for_backward(q, k, v, out, lse)
+            out, lse = _ring_forward(q, k, v, group, causal, scale, layout, cu_seqlens)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         with comm.comm_tag("ring.bwd"):
             dq, dk, dv = _ring_backward(do.contiguous(), q, k, v, out, lse, ctx.group, ctx.causal, ctx.scale,
-                                        ctx.layout)
-        return dq, dk, dv, None, None, None, None
+                                        ctx.layout, cu_seqlens)
+        return dq, dk, dv, None, None, None, None, None
 
 
 @torch.compiler.disable
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
-                   causal: bool = True, softmax_scale: float | None = None, layout: Layout = "zigzag") -> torch.Tensor:
+                   causal: bool = True, softmax_scale: float | None = None, layout: Layout = "zigzag",
+                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Exact softmax attention over the sequence sharded across the CP group, K/V passed around a ring.
 
     Args:
@@ -142,10 +167,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
         causal: causal mask over global positions.
         softmax_scale: default 1/sqrt(d).
         layout: how the sequence was sharded ("zigzag" or "contiguous", see `shard_sequence`).
+        cu_seqlens: packed documents (int `[n_docs + 1]`, global boundaries of the un-sharded `batch * seq`
+            tokens, the same on every rank, on q's device): attention stays within a document. Each block is
+            then masked by document and position (`lctrain.ops.attention_varlen`, plain PyTorch).
     Returns:
         This rank's output `[b, s_local, h, d]`.
     """
     group = cp_group_or_default(group)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    check_inputs("ring_attention", q, k, v, group, causal, layout, scale)
-    return _RingAttention.apply(q, k, v, group, causal, scale, layout)
+    check_inputs("ring_attention", q, k, v, group, causal, layout, scale, cu_seqlens=cu_seqlens)
+    return _RingAttention.apply(q, k, v, group, causal, scale, layout, cu_seqlens)

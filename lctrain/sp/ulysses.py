@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 
 from lctrain.ops.attention import attention
+from lctrain.ops.attention_varlen import document_ids, varlen_attention
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import Layout
-from lctrain.sp.utils import check_inputs, resolve_scale
+from lctrain.sp.utils import check_inputs, rank_major_positions, resolve_scale
 
 
 def _seq_pieces(x: torch.Tensor, size: int, zigzag: bool) -> list[torch.Tensor]:
@@ -90,7 +91,7 @@ def _head_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: int) ->
 @torch.compiler.disable
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
                       causal: bool = True, softmax_scale: float | None = None,
-                      layout: Layout = "zigzag") -> torch.Tensor:
+                      layout: Layout = "zigzag", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Exact softmax attention over the CP-sharded sequence by exchanging sequence shards for head shards.
 
     Args:
@@ -100,21 +101,31 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
         causal: causal mask over global positions.
         softmax_scale: default 1/sqrt(d).
         layout: how the sequence was sharded ("zigzag" or "contiguous"); only matters when causal.
+        cu_seqlens: packed documents (int `[n_docs + 1]`, global boundaries of the un-sharded `batch * seq`
+            tokens, the same on every rank, on q's device): attention stays within a document (the gathered
+            sequence stays in rank-major order under a document mask, `lctrain.ops.attention_varlen`).
     Returns:
         This rank's output `[b, s_local, h, d]`.
     """
     group = cp_group_or_default(group)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    check_inputs("ulysses_attention", q, k, v, group, causal, layout, scale, extra=_head_problem)
+    check_inputs("ulysses_attention", q, k, v, group, causal, layout, scale, extra=_head_problem,
+                 cu_seqlens=cu_seqlens)
     size = comm.group_size(group)
     if k.shape[2] < size:
         k = k.repeat_interleave(size // k.shape[2], dim=2)  # [b, s_local, P, d]
         v = v.repeat_interleave(size // v.shape[2], dim=2)
-    # Non-causal attention does not depend on key order, so the zigzag reorder is skipped.
-    zigzag = causal and layout == "zigzag" and size > 1
+    # Non-causal attention does not depend on key order, so the zigzag reorder is skipped; so it is with packed
+    # documents, whose mask is built from the tokens' global positions in rank-major order.
+    zigzag = causal and layout == "zigzag" and size > 1 and cu_seqlens is None
     with comm.comm_tag("ulysses.fwd"):
         qh = _SeqToHeads.apply(q, group, zigzag)  # [b, S, h/P, d], global order
         kvh = _SeqToHeads.apply(torch.stack([k, v], dim=3), group, zigzag)  # [b, S, h_kv/P, 2, d]
-    oh = attention(qh, kvh[..., 0, :], kvh[..., 1, :], causal, scale)  # [b, S, h/P, d]
+    if cu_seqlens is None:
+        oh = attention(qh, kvh[..., 0, :], kvh[..., 1, :], causal, scale)  # [b, S, h/P, d]
+    else:
+        pos = rank_major_positions(size, q.shape[1], layout, q.device)
+        docs = document_ids(cu_seqlens, q.shape[0], q.shape[1] * size, pos)
+        oh = varlen_attention(qh, kvh[..., 0, :], kvh[..., 1, :], pos, pos, docs, docs, causal, scale)
     with comm.comm_tag("ulysses.fwd"):
         return _HeadsToSeq.apply(oh, group, zigzag)  # [b, s_local, h, d]

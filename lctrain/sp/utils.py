@@ -27,8 +27,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from lctrain.ops.attention_merge import merge_attention
 from lctrain.ops.attention_ref import compute_dtype
+from lctrain.ops.debug import debug_checks_enabled
 from lctrain.parallel import comm
-from lctrain.parallel.sharding import LAYOUTS
+from lctrain.parallel.sharding import LAYOUTS, shard_positions
 
 #: Optional per-method check: (q, k, v, cp) -> an error message or None.
 ExtraCheck = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], "str | None"]
@@ -123,17 +124,51 @@ def agree_once(method: str, group: dist.ProcessGroup | None, problem: str | None
         _AGREED[key] = None
 
 
+def cu_seqlens_problem(cu_seqlens: torch.Tensor | None, q: torch.Tensor, cp: int) -> str | None:
+    """What is wrong with a `cu_seqlens=` argument (metadata; its values only under debug checks)."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        return "cu_seqlens must be a 1-D integer tensor [n_docs + 1] (0, ..., batch * seq_len)"
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        return f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}"
+    if cu_seqlens.device != q.device:
+        return f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}: pass it on q's device (once per batch)"
+    if debug_checks_enabled():
+        total = q.shape[0] * q.shape[1] * cp
+        ends = torch.arange(0, total + 1, q.shape[1] * cp, device=cu_seqlens.device)
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool((cu_seqlens.diff() < 0).any()):
+            return f"cu_seqlens must rise from 0 to batch * seq_len = {total}, got {cu_seqlens.tolist()}"
+        if not bool(torch.isin(ends, cu_seqlens).all()):
+            return f"every sequence end {ends.tolist()} must be a document boundary, got {cu_seqlens.tolist()}"
+    return None
+
+
 def check_inputs(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None,
-                 causal: bool, layout: str | None, scale: float, extra: ExtraCheck | None = None) -> None:
+                 causal: bool, layout: str | None, scale: float, extra: ExtraCheck | None = None,
+                 cu_seqlens: torch.Tensor | None = None) -> None:
     """Raise the same ValueError on every rank of `group` when any rank's inputs are bad or ranks disagree.
 
     Called before the method's first collective; the agreement exchange happens once per signature (see the
     module docstring), whatever the local inputs, so no rank waits for one that raised.
     """
     cp = comm.group_size(group)
-    problem = _local_problem(q, k, v, cp, layout, extra)
+    problem = _local_problem(q, k, v, cp, layout, extra) or cu_seqlens_problem(cu_seqlens, q, cp)
     fields = (("q shape", tuple(q.shape)), ("k shape", tuple(k.shape)), ("v shape", tuple(v.shape)),
               ("q dtype", str(q.dtype)), ("k dtype", str(k.dtype)), ("v dtype", str(v.dtype)),
               ("device", q.device.type), ("causal", bool(causal)),
-              ("layout", layout), ("softmax_scale", float(scale)))
-    agree_once(method, group, problem, fields, (q, k, v))
+              ("layout", layout), ("softmax_scale", float(scale)),
+              ("cu_seqlens", None if cu_seqlens is None else str(cu_seqlens.dtype)))
+    # The document boundaries' values are data (they change every batch): checked only under debug checks, which
+    # then also exchange on every call.
+    agree_once(method, group, problem, fields, (q, k, v), cache=cu_seqlens is None or not debug_checks_enabled())
+
+
+def rank_positions(rank: int, cp: int, s_local: int, layout: str, device: torch.device) -> torch.Tensor:
+    """Global positions of the tokens rank `rank` holds, `[s_local]` (device arithmetic, no host sync)."""
+    return shard_positions(s_local * cp, rank, cp, layout, device)
+
+
+def rank_major_positions(cp: int, s_local: int, layout: str, device: torch.device) -> torch.Tensor:
+    """Global positions of a rank-major gather of every rank's tokens, `[cp * s_local]`."""
+    return torch.cat([rank_positions(r, cp, s_local, layout, device) for r in range(cp)])

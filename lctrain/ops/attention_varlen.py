@@ -1,0 +1,123 @@
+"""Softmax attention over packed documents: a query sees only keys of its own document (causal: not later ones).
+
+Several documents are packed into one sequence; `cu_seqlens` (int `[n_docs + 1]`, 0 ... b*s) gives their global
+boundaries, with the b sequences of a batch laid end to end (flash-attn's varlen convention; every sequence end
+must be a boundary). Tokens carry their position in their sequence and their document id, so any subset of a
+packed sequence's queries and keys -- a CP rank's shard, a ring block, a rank-major gather -- is masked exactly:
+
+    mask[b, i, j] = doc_q[b, i] == doc_k[b, j]  and  (not causal or pos_k[j] <= pos_q[i])
+
+This file is the plain PyTorch path (the definition, exact in float64; O(sq * sk) memory like the reference).
+Like the other backends it returns the log-sum-exp, so blocks merge by `merge_attention`, and its backward
+accepts an externally merged (o, lse). A query that sees no key gets o = 0, lse = -inf.
+Document ids come from `torch.searchsorted` on the device: no host sync.
+"""
+from __future__ import annotations
+
+import torch
+
+from lctrain.ops.attention_ref import _probs, _scores
+
+
+def document_ids(cu_seqlens: torch.Tensor, batch: int, seq_len: int,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Document index of tokens of a packed batch (a device op, no host sync).
+
+    Args:
+        cu_seqlens: int `[n_docs + 1]`, boundaries in the flattened `batch * seq_len` tokens, on q's device.
+        batch, seq_len: the packed batch's shape (global sequence length).
+        positions: `[n]` positions in the sequence to look up (default: all `seq_len`).
+    Returns:
+        int64 `[batch, n]`.
+    """
+    if positions is None:
+        positions = torch.arange(seq_len, device=cu_seqlens.device)
+    flat = torch.arange(batch, device=positions.device)[:, None] * seq_len + positions[None, :]
+    return torch.searchsorted(cu_seqlens, flat.to(cu_seqlens.dtype), right=True) - 1
+
+
+def document_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor, k_doc: torch.Tensor,
+                  causal: bool) -> torch.Tensor:
+    """Bool `[b, sq, sk]`: query i may see key j (same document; causal: not a later position).
+
+    Args:
+        q_pos, k_pos: positions in the sequence, `[sq]`, `[sk]`.
+        q_doc, k_doc: document ids, `[b, sq]`, `[b, sk]`.
+    """
+    mask = q_doc[:, :, None] == k_doc[:, None, :]
+    if causal:
+        mask = mask & (k_pos[None, None, :] <= q_pos[None, :, None])
+    return mask
+
+
+def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    s = _scores(q, k, False, scale)  # [b, hk, g, sq, sk]
+    return s.masked_fill(~mask[:, None, None], float("-inf"))
+
+
+def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output `[b, sq, h, d]` (q's dtype) and lse `[b, h, sq]` (float32; float64 for float64) under `mask`.
+
+    Args:
+        q: `[b, sq, h, d]`; k, v: `[b, sk, h_kv, d]`, `h % h_kv == 0`.
+        mask: bool `[b, sq, sk]` from :func:`document_mask`.
+        softmax_scale: multiplies q k^T.
+    """
+    b, sq, h, d = q.shape
+    s = _masked_scores(q, k, mask, softmax_scale)
+    lse = torch.logsumexp(s, dim=-1)  # [b, hk, g, sq]
+    p = _probs(s, lse)
+    o = torch.einsum("bkgqs,bskd->bqkgd", p, v.to(s.dtype))
+    return o.reshape(b, sq, h, v.shape[-1]).to(q.dtype), lse.reshape(b, h, sq)
+
+
+def varlen_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                              lse: torch.Tensor, mask: torch.Tensor,
+                              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of :func:`varlen_attention_forward` given the (possibly merged over key blocks) o and lse.
+
+    With D = rowsum(do * o), p = exp(s - lse): ds = p * (do v^T - D), dq = scale ds k, dk = scale ds^T q, dv = p^T do.
+    """
+    b, sq, h, d = q.shape
+    hk = k.shape[2]
+    g = h // hk
+    s = _masked_scores(q, k, mask, softmax_scale)
+    cdt = s.dtype
+    p = _probs(s, lse.to(cdt).reshape(b, hk, g, sq))
+    dog = do.to(cdt).view(b, sq, hk, g, -1)
+    delta = (do.to(cdt) * o.to(cdt)).sum(-1).view(b, sq, hk, g).permute(0, 2, 3, 1)  # [b, hk, g, sq]
+    dv = torch.einsum("bkgqs,bqkgd->bskd", p, dog)
+    dp = torch.einsum("bqkgd,bskd->bkgqs", dog, v.to(cdt))
+    ds = p * (dp - delta[..., None])
+    dq = torch.einsum("bkgqs,bskd->bqkgd", ds, k.to(cdt)).reshape(b, sq, h, d) * softmax_scale
+    dk = torch.einsum("bkgqs,bqkgd->bskd", ds, q.to(cdt).view(b, sq, hk, g, d)) * softmax_scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, q_pos, k_pos, q_doc, k_doc, causal, scale):
+        o, lse = varlen_attention_forward(q, k, v, document_mask(q_pos, k_pos, q_doc, k_doc, causal), scale)
+        # The mask is rebuilt in backward from positions and ids (O(sq + sk)) rather than kept (O(sq * sk)).
+        ctx.save_for_backward(q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc = ctx.saved_tensors
+        mask = document_mask(q_pos, k_pos, q_doc, k_doc, ctx.causal)
+        return (*varlen_attention_backward(do, q, k, v, o, lse, mask, ctx.scale),) + (None,) * 6
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                     q_doc: torch.Tensor, k_doc: torch.Tensor, causal: bool = True,
+                     softmax_scale: float | None = None) -> torch.Tensor:
+    """Differentiable attention within documents (mask of :func:`document_mask`); returns o `[b, sq, h, d]`."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return _VarlenAttention.apply(q, k, v, q_pos, k_pos, q_doc, k_doc, causal, scale)
+
+
+__all__ = ["document_ids", "document_mask", "varlen_attention", "varlen_attention_backward",
+           "varlen_attention_forward"]
