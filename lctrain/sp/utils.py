@@ -172,3 +172,35 @@ def rank_positions(rank: int, cp: int, s_local: int, layout: str, device: torch.
 def rank_major_positions(cp: int, s_local: int, layout: str, device: torch.device) -> torch.Tensor:
     """Global positions of a rank-major gather of every rank's tokens, `[cp * s_local]`."""
     return torch.cat([rank_positions(r, cp, s_local, layout, device) for r in range(cp)])
+
+
+def causal_work_per_rank(doc_lens: list[int], cp: int, layout: str = "zigzag",
+                         per_document: bool = False) -> list[int]:
+    """Visible (query, key) pairs each CP rank computes for one packed sequence of documents, causal.
+
+    A query at offset i of its document sees i + 1 keys. `per_document=False`: the packed sequence is sharded
+    as a whole (`layout`, document masks inside the attention); `per_document=True`: every document is cut into
+    2*CP chunks and rank r takes chunks r and 2*CP-1-r of each (TransformerEngine's THD balance; each document
+    padded to a multiple of 2*CP, padding not counted). Host-side planning arithmetic (no tensors).
+    """
+    work = [0] * cp
+    if per_document:
+        for n in doc_lens:
+            c = -(-n // (2 * cp))
+            for r in range(cp):
+                for chunk in (r, 2 * cp - 1 - r):
+                    lo, hi = chunk * c, min((chunk + 1) * c, n)
+                    work[r] += sum(i + 1 for i in range(lo, hi))
+        return work
+    total = sum(doc_lens)
+    parts = 2 * cp if layout == "zigzag" else cp
+    if total % parts:
+        raise ValueError(f"packed length {total} is not divisible by {parts}")
+    c = total // parts
+    offset = [i for n in doc_lens for i in range(n)]  # offset of every token in its document
+    for chunk in range(parts):
+        r = chunk if chunk < cp else 2 * cp - 1 - chunk
+        if layout == "contiguous":
+            r = chunk
+        work[r] += sum(i + 1 for i in offset[chunk * c:(chunk + 1) * c])
+    return work

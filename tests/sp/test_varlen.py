@@ -101,3 +101,16 @@ def test_document_mask_and_ids():
     q, k, v = (torch.randn(2, 4, 2, 3, dtype=torch.float64) for _ in range(3))
     o = varlen_attention(q, k, v, pos, pos, docs, docs, True, 0.5)
     assert rel_err(o, per_document_reference(q, k, v, cu, True, 0.5)) <= 1e-12
+
+
+def test_causal_work_per_rank():
+    from lctrain.sp.utils import causal_work_per_rank
+
+    # One document of 8 tokens over CP=2: zigzag chunks of 2 tokens, pairs 1+2 | 3+4 | 5+6 | 7+8.
+    assert causal_work_per_rank([8], 2) == [3 + 15, 7 + 11]
+    assert causal_work_per_rank([8], 2, layout="contiguous") == [1 + 2 + 3 + 4, 5 + 6 + 7 + 8]
+    # Packed short documents: global zigzag gives rank 0 the documents' early tokens only ...
+    assert causal_work_per_rank([2, 2, 2, 2], 2) == [3 + 3, 3 + 3]
+    assert causal_work_per_rank([6, 1, 1], 2) == [1 + 2 + 1 + 1, 3 + 4 + 5 + 6]
+    # ... while per-document zigzag splits every document over all ranks (a 6-token doc: chunks of 2).
+    assert causal_work_per_rank([6, 1, 1], 2, per_document=True) == [(1 + 2) + 0 + 1 + 1, (3 + 4) + (5 + 6)]
