@@ -22,7 +22,10 @@ Overlap, per method, as the code runs (what is exposed on the critical path):
 - LASP-2 (lctrain.sp.lasp2): the one all-gather is in flight while the intra-chunk part runs; exposed =
   max(0, all-gather - linear-attention compute of that phase).
 - LASP-1: P-1 dependent hops of one state, nothing to hide behind: exposed = (CP-1) (a + state / W) per call.
-- all-gather K/V, Ulysses: the collectives are blocking: exposed in full.
+- all-gather K/V (lctrain.sp.allgather): the K/V all-gather (forward, and the re-gather in backward) is in flight
+  while the rank's own diagonal blocks run, 1/(2 CP) of its attention work (zigzag: its two chunks against
+  themselves); exposed = max(0, all-gather - that). The dK/dV reduce-scatter is exposed in full.
+- Ulysses: the all-to-alls are blocking: exposed in full.
 - Megatron TP all-reduces: forward exposed; backward overlapped with the weight-gradient GEMMs (Megatron's
   async grad all-reduce), exposed = max(0, all-reduces - half the backward matmul time).
 - DP x CP gradient reduction by ZeRO stage (ZeRO paper volumes, bf16 gradients/parameters): stages 0-2 move
@@ -154,6 +157,8 @@ def estimate_step(sim: RankSim, hw: Hardware, dp: int, zero_stage: int, gpus_per
         if method == "ring":
             hidden = by_class.get("attention", 0.0) * share * (cp - 1) / cp
             e = max(0.0, t - hidden)
+        elif method == "allgather" and c.op == "all_gather":
+            e = max(0.0, t - by_class.get("attention", 0.0) * share / (2 * cp))
         elif method == "lasp2":
             e = max(0.0, t - by_class.get("linear_attention", 0.0) * share)
         elif method == "lasp1":
