@@ -16,7 +16,14 @@ class LaunchConfig:
     max_restarts: int = 3
     """Restarts of the whole gang (from the latest checkpoint) after a rank dies or hangs; then give up."""
     progress_timeout_s: float = 900.0
-    """A gang whose rank 0 writes no new step to metrics.jsonl for this long is treated as dead."""
+    """A rank whose heartbeat (one per training step) is older than this is treated as hung."""
+    phase_timeout_s: float = 3600.0
+    """A rank inside a long phase (init, load, save, eval: it beats from a thread) for longer than this is hung."""
+    replacement_timeout_s: float = 120.0
+    """After a failure, how long to wait for the cluster to hold the whole gang again (a lost node replaced)
+    before restarting on the nodes left (elastic: smaller DP, same global batch)."""
+    elastic: bool = True
+    """Restart on fewer nodes when a lost node is not replaced within replacement_timeout_s."""
     gang_timeout_s: float = 120.0
     """How long to wait for the cluster to hold every rank at once (all or none) before failing."""
     poll_s: float = 1.0
@@ -34,7 +41,7 @@ class LaunchConfig:
             raise ValueError(f"launch.entrypoint must be 'module:function', got {self.entrypoint!r}")
         if self.max_restarts < 0:
             raise ValueError(f"launch.max_restarts must be >= 0, got {self.max_restarts}")
-        for name in ("progress_timeout_s", "gang_timeout_s", "poll_s"):
+        for name in ("progress_timeout_s", "phase_timeout_s", "replacement_timeout_s", "gang_timeout_s", "poll_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"launch.{name} must be > 0, got {getattr(self, name)}")
         if not 1024 <= self.port_min <= self.port_max <= 65535:

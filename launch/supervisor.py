@@ -4,12 +4,22 @@
 
 One attempt: reserve the gang (placement.reserve_gang), start one RankWorker per bundle in rank order,
 preflight them (entrypoint importable, where each runs), pick MASTER_ADDR/PORT on rank 0's node, set RANK,
-WORLD_SIZE, LOCAL_RANK, ... and call the entrypoint on every rank. The supervisor then watches two things:
-the actors' `run` calls (an actor or node that dies fails its call at once) and rank 0's metrics.jsonl (no
-new step for `launch.progress_timeout_s` counts as a hang, since a stuck rank stalls rank 0's collectives).
-On a failure the whole gang is torn down and a new attempt starts with resume="auto", which picks up the
-latest complete checkpoint in run.out_dir, up to `launch.max_restarts` times. Mistakes that a restart
-cannot fix (ValueError, TypeError, ImportError from the entrypoint) end the launch at once.
+WORLD_SIZE, LOCAL_RANK, ... and call the entrypoint on every rank. The supervisor then watches the actors'
+`run` calls (an actor or node that dies fails its call at once) and every rank's heartbeat
+(lctrain.train.heartbeat, asked of each actor every `launch.poll_s`): a rank that has not beaten for
+`launch.progress_timeout_s` outside a long phase, or has been inside one (init, load, save, eval, which beat
+from a thread) for `launch.phase_timeout_s`, counts as hung, so a long save or eval is not taken for a hang.
+Rank 0's metrics.jsonl is streamed to the log. On a failure the whole gang is torn down and a new attempt
+starts with resume="auto", which picks up the latest complete checkpoint in run.out_dir, up to
+`launch.max_restarts` times. Mistakes that a restart cannot fix (ValueError, TypeError, ImportError from the
+entrypoint) end the launch at once.
+
+Elastic restart: a restart first waits `launch.replacement_timeout_s` for the whole gang (a lost node
+replaced). If the cluster cannot hold it by then and `launch.elastic` is on, the job continues on fewer
+nodes: the largest node count the alive nodes can hold whose world size fits the layout (tp * cp divides it)
+and the global batch (train.global_batch_size divisible by micro_batch_size * dp). DP shrinks, gradient
+accumulation grows, the global batch (hence the loss curve, up to float32 summation order) stays the same;
+the checkpoint is resharded onto the new layout when loaded.
 
 run.out_dir must be visible to every node at the same path (a shared filesystem) for a restart on other
 nodes to find the checkpoint; a relative out_dir is resolved against the launching process's directory.
@@ -28,7 +38,7 @@ from typing import Any, Callable
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from lctrain.launch.placement import Placement, cluster_has_gpus, reserve_gang
+from lctrain.launch.placement import Placement, PlacementError, cluster_has_gpus, reserve_gang
 from lctrain.launch.worker import RankWorker
 
 
@@ -57,6 +67,9 @@ class LaunchResult:
     restarts: int
     """How many times the gang was restarted."""
     world_size: int
+    """World size of the last attempt (smaller than the first after an elastic restart)."""
+    nodes: int = 0
+    """Nodes of the last attempt."""
     failures: list[str] = field(default_factory=list)
     """One line per failed attempt."""
 
@@ -151,7 +164,7 @@ class Gang:
         pending = {a.run.remote(self.cfg, env, resume): rank for rank, (a, env) in enumerate(zip(self.actors, envs))}
         results: dict[int, Any] = {}
         progress_ref, partial = None, b""
-        last_progress = time.monotonic()
+        beats: dict[int, tuple[ray.ObjectRef, float]] = {}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.lcfg.poll_s)
             for ref in ready:
@@ -175,13 +188,37 @@ class Gang:
                 offset = new_offset
                 *lines, partial = (partial + data).split(b"\n")
                 for line in lines:
-                    if self._report(line):
-                        last_progress = time.monotonic()
-            idle = time.monotonic() - last_progress
-            if pending and idle > self.lcfg.progress_timeout_s:
-                raise RankFailure(f"no new step from rank 0 for {idle:.0f} s (launch.progress_timeout_s = "
-                                  f"{self.lcfg.progress_timeout_s:g}); treating the gang as hung")
+                    self._report(line)
+            if pending:
+                self._check_heartbeats(beats, set(pending.values()))
         return results[0]
+
+    def _check_heartbeats(self, beats: dict[int, tuple[ray.ObjectRef, float]], running: set[int]) -> None:
+        """Ask every running rank for its heartbeat (one call in flight per rank); RankFailure if one is hung."""
+        now = time.monotonic()
+        for rank in sorted(running):
+            if rank not in beats:
+                beats[rank] = (self.actors[rank].heartbeat.remote(), now)
+                continue
+            ref, asked = beats[rank]
+            done, _ = ray.wait([ref], timeout=0)
+            if not done:
+                if now - asked > self.lcfg.progress_timeout_s:
+                    raise RankFailure(f"rank {rank} has not answered a heartbeat request for {now - asked:.0f} s; "
+                                      "treating the gang as hung")
+                continue
+            del beats[rank]
+            try:
+                hb = ray.get(ref)
+            except Exception:
+                continue  # a dead actor fails its run call too, which reports it
+            if hb["phase"] is None and hb["age_s"] > self.lcfg.progress_timeout_s:
+                raise RankFailure(f"rank {rank} has not beaten for {hb['age_s']:.0f} s after step {hb['step']} "
+                                  f"(launch.progress_timeout_s = {self.lcfg.progress_timeout_s:g}); "
+                                  "treating the gang as hung")
+            if hb["phase"] is not None and hb["phase_age_s"] > self.lcfg.phase_timeout_s:
+                raise RankFailure(f"rank {rank} has been in its {hb['phase']} phase for {hb['phase_age_s']:.0f} s "
+                                  f"(launch.phase_timeout_s = {self.lcfg.phase_timeout_s:g}); treating the gang as hung")
 
     def _report(self, line: bytes) -> bool:
         """Stream one metrics.jsonl line of rank 0; True when it is a step record."""
@@ -211,6 +248,27 @@ def _print(msg: str) -> None:
     print(f"[lctrain launch] {msg}", flush=True)
 
 
+def _nodes_that_fit(procs_per_node: int, cpus: float, gpus: float) -> int:
+    """Alive nodes whose total resources hold one node's group of ranks."""
+    need = {"CPU": procs_per_node * cpus, "GPU": procs_per_node * gpus}
+    return sum(1 for n in ray.nodes() if n.get("Alive")
+               and all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items() if v))
+
+
+def shrink(cfg: Any, nodes: int, procs_per_node: int, available: int) -> int | None:
+    """The largest node count below `nodes` (and at most `available`) whose world size fits the layout and
+    the global batch; None if there is none."""
+    tp_cp = cfg.parallel.tp * cfg.parallel.cp
+    for n in range(min(nodes - 1, available), 0, -1):
+        world = n * procs_per_node
+        if world % tp_cp:
+            continue
+        dp = world // tp_cp
+        if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0:
+            return n
+    return None
+
+
 def launch(cfg: Any, nodes: int, procs_per_node: int, resume: str = "auto",
            log: Callable[[str], None] = _print) -> LaunchResult:
     """Run `cfg.launch.entrypoint` on nodes x procs_per_node ranks of the connected Ray cluster.
@@ -223,11 +281,12 @@ def launch(cfg: Any, nodes: int, procs_per_node: int, resume: str = "auto",
         log: where progress and restart messages go.
 
     Returns:
-        LaunchResult with rank 0's result and the number of restarts.
+        LaunchResult with rank 0's result, the number of restarts and the final world size.
 
     Raises:
         ValueError: the layout does not fit nodes x procs_per_node (before anything is reserved).
-        PlacementError: the cluster cannot hold the gang within launch.gang_timeout_s.
+        PlacementError: the cluster cannot hold the gang within launch.gang_timeout_s (and, after a failure,
+            no smaller gang fits either).
         LaunchError: a fatal rank error, or more than launch.max_restarts failures.
     """
     lcfg = cfg.launch
@@ -243,13 +302,14 @@ def launch(cfg: Any, nodes: int, procs_per_node: int, resume: str = "auto",
     for attempt in range(lcfg.max_restarts + 1):
         if attempt:
             log(f"restart {attempt}/{lcfg.max_restarts} from the latest checkpoint in {cfg.run.out_dir}")
-        placement = reserve_gang(nodes, procs_per_node, lcfg.cpus_per_rank, gpus, lcfg.gang_timeout_s)
+        placement = _reserve(cfg, nodes, procs_per_node, gpus, attempt, log)
+        nodes = len(placement.groups)
         gang = None
         try:
             gang = Gang(placement, cfg, gpus, attempt, f"{tag}-a{attempt}", log)
             result = gang.supervise(resume if attempt == 0 else "auto")
             log(f"finished after {attempt} restart(s)")
-            return LaunchResult(result, attempt, world, failures)
+            return LaunchResult(result, attempt, nodes * procs_per_node, failures, nodes)
         except RankFailure as failure:
             if failure.fatal:
                 raise LaunchError(f"{failure} (not restarted: a restart would fail the same way)") from None
@@ -261,3 +321,26 @@ def launch(cfg: Any, nodes: int, procs_per_node: int, resume: str = "auto",
             placement.remove()
     raise LaunchError(f"giving up after {lcfg.max_restarts} restart(s) (launch.max_restarts); failures:\n  "
                       + "\n  ".join(failures))
+
+
+def _reserve(cfg: Any, nodes: int, procs_per_node: int, gpus: float, attempt: int,
+             log: Callable[[str], None]) -> Placement:
+    """The gang of this attempt: all `nodes`, or after a failure (elastic) as many as are left."""
+    lcfg = cfg.launch
+    if attempt == 0:
+        return reserve_gang(nodes, procs_per_node, lcfg.cpus_per_rank, gpus, lcfg.gang_timeout_s)
+    try:
+        return reserve_gang(nodes, procs_per_node, lcfg.cpus_per_rank, gpus, lcfg.replacement_timeout_s)
+    except PlacementError:
+        if not lcfg.elastic:
+            raise
+    fewer = shrink(cfg, nodes, procs_per_node, _nodes_that_fit(procs_per_node, lcfg.cpus_per_rank, gpus))
+    if fewer is None:
+        raise PlacementError(f"no replacement for the lost node(s) within launch.replacement_timeout_s = "
+                             f"{lcfg.replacement_timeout_s:g} s, and no smaller gang fits the layout and batch")
+    tp_cp, gbs, mbs = cfg.parallel.tp * cfg.parallel.cp, cfg.train.global_batch_size, cfg.train.micro_batch_size
+    dp_old, dp_new = nodes * procs_per_node // tp_cp, fewer * procs_per_node // tp_cp
+    log(f"no replacement within {lcfg.replacement_timeout_s:g} s: continuing on {fewer} node(s) instead of {nodes} "
+        f"(dp {dp_old} -> {dp_new}, gradient accumulation {gbs // (mbs * dp_old)} -> {gbs // (mbs * dp_new)}, "
+        f"global batch {gbs} kept)")
+    return reserve_gang(fewer, procs_per_node, lcfg.cpus_per_rank, gpus, lcfg.gang_timeout_s)

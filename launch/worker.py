@@ -3,7 +3,7 @@
 Each actor is its own worker process, so the torch.distributed variables it sets in os.environ are local
 to its rank. `run` joins torch.distributed from them (nccl on GPU, gloo on CPU) before calling the
 entrypoint, which then finds the default group ready. The actor is threaded (max_concurrency=2) so the
-supervisor can read rank 0's progress while `run` is busy training.
+supervisor can read each rank's heartbeat and rank 0's progress while `run` is busy training.
 """
 from __future__ import annotations
 
@@ -59,13 +59,21 @@ class RankWorker:
     def run(self, cfg: Any, env: dict[str, str], resume: str = "auto") -> Any:
         """Set this rank's environment, join torch.distributed, call the entrypoint with (cfg, resume)."""
         from lctrain.parallel.mesh import init_distributed
+        from lctrain.train import heartbeat
 
+        heartbeat.beat(0, "start")  # a phase until the entrypoint's first step
         os.environ.update(env)
         fn = resolve_entrypoint(self.entrypoint)
         parallel = getattr(cfg, "parallel", None)
         # nccl on GPU, gloo on CPU unless parallel.backend says otherwise; the trainer's mesh reuses this group.
         init_distributed(getattr(parallel, "backend", None), getattr(parallel, "timeout_s", 600.0))
         return fn(cfg, resume=resume)
+
+    def heartbeat(self) -> dict[str, Any]:
+        """This rank's liveness (lctrain.train.heartbeat.snapshot), answered while `run` is busy."""
+        from lctrain.train import heartbeat
+
+        return heartbeat.snapshot()
 
     def file_size(self, path: str) -> int:
         """Size of `path` in bytes (0 while it does not exist)."""

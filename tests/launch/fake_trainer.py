@@ -3,7 +3,8 @@
 `run` trains one float64 scalar with gloo all-reduces (through lctrain.parallel.comm): every step
 x <- x - 0.1 * mean_r(x * (r + 1)) / mean_r(r + 1) = 0.9 x, loss = x^2, so the losses are known exactly.
 Rank 0 appends to run.out_dir/metrics.jsonl and writes checkpoints/step_N.json every `checkpoint.every`
-steps (atomically); resume="auto" continues from the newest one. The other functions inject faults.
+steps (atomically); resume="auto" continues from the newest one. Every rank beats its heartbeat once per step
+(lctrain.train.heartbeat), as the real trainer does. The other functions inject faults.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import torch.distributed as dist
 
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import init_distributed
+from lctrain.train import heartbeat
 
 STEP_S = 0.3
+SLOW_SAVE_S = 12.0
 
 
 @dataclass
@@ -64,6 +67,7 @@ def run(cfg: Any, resume: str = "auto", fault: str | None = None) -> FakeResult:
                         env={k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                                                         "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")})
     for step in range(start + 1, cfg.train.steps + 1):
+        heartbeat.beat(step - 1, None)
         if fault == "crash" and rank == world - 1 and step == start + 3:
             os._exit(3)
         if fault == "hang" and rank == world - 1 and step == start + 2:
@@ -73,6 +77,11 @@ def run(cfg: Any, resume: str = "auto", fault: str | None = None) -> FakeResult:
         result.losses[step] = x * x
         result.final_step = step
         time.sleep(STEP_S)
+        if fault == "slow_save" and cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            with heartbeat.phase("save"):  # a save far longer than launch.progress_timeout_s, on every rank
+                if rank == 0:
+                    time.sleep(SLOW_SAVE_S)
+                comm.barrier()
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "loss": x * x, "tokens": 1, "tokens_per_s": 1.0}) + "\n")
@@ -93,6 +102,11 @@ def crash(cfg: Any, resume: str = "auto") -> FakeResult:
 def hang(cfg: Any, resume: str = "auto") -> FakeResult:
     """The last rank stops (sleeps) two steps into every attempt; the others wait in a collective."""
     return run(cfg, resume, fault="hang")
+
+
+def slow_save(cfg: Any, resume: str = "auto") -> FakeResult:
+    """Rank 0's checkpoint saves take SLOW_SAVE_S (inside a heartbeat phase) while the others wait."""
+    return run(cfg, resume, fault="slow_save")
 
 
 def bad_config(cfg: Any, resume: str = "auto") -> FakeResult:

@@ -226,3 +226,43 @@ def test_lost_node_resumes_to_same_loss(cluster, reference_run, tmp_path, capsys
     assert rc == [0]
     assert "restart 1/2 from the latest checkpoint" in capsys.readouterr().out
     assert _metrics(out) == reference_run
+
+
+def test_long_save_is_not_taken_for_a_hang(cluster, tmp_path, capsys):
+    """A save of 12 s inside a heartbeat phase, with launch.progress_timeout_s = 5: no restart."""
+    rc = launch_main(_fake_args(tmp_path / "run", "slow_save", "train.steps=2", "launch.max_restarts=0",
+                                "launch.progress_timeout_s=5", *_on(cluster, 1)))
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err[-2000:]
+    assert "hung" not in printed.err + printed.out and "finished after 0 restart(s)" in printed.out
+
+
+@pytest.mark.slow
+def test_elastic_restart_on_fewer_nodes(cluster, tmp_path, capsys):
+    """3 nodes x 1 rank; one node removed for good: the job finishes on 2 (dp 3 -> 2, gradient accumulation
+    2 -> 3, same global batch) and its losses equal the uninterrupted run's within float32 tolerance."""
+    base = ["configs/tiny.yaml", "train.steps=6", "checkpoint.every=2", "train.global_batch_size=6",
+            "launch.gang_timeout_s=90", "launch.poll_s=0.2", "launch.max_restarts=2", "launch.replacement_timeout_s=5"]
+    ref_out, out = tmp_path / "ref", tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "lctrain", "train", *base, f"run.out_dir={ref_out}", "--nproc", "2"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    extra = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    rc = []
+    args = [*base, f"run.out_dir={out}", "launch.cpus_per_rank=2", "--nodes", "3", "--procs-per-node", "1",
+            "--address", cluster.address]
+    job = threading.Thread(target=lambda: rc.append(launch_main(args)), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 240
+    while _steps_done(out) < 3 and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.is_alive(), "the job ended before the node could be removed"
+    cluster.remove_node(extra)  # for good: no replacement comes
+    job.join(timeout=400)
+    printed = capsys.readouterr().out
+    assert rc == [0]
+    assert "continuing on 2 node(s) instead of 3 (dp 3 -> 2, gradient accumulation 2 -> 3" in printed
+    ref, got = _metrics(ref_out), _metrics(out)
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    for step, loss in ref.items():
+        assert got[step] == pytest.approx(loss, rel=2e-5), step

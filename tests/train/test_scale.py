@@ -142,6 +142,7 @@ def test_losses_identical_with_async_save_and_it_resumes(reference, tmp_path):
     assert again["resumed_from"].endswith("step_00000003") and again["losses"] == {4: ref[4]}
 
 
+@pytest.mark.slow
 def test_kill_during_async_save_resumes_from_last_complete(reference, tmp_path):
     import os
     import subprocess
@@ -378,6 +379,7 @@ def test_bf16_keeps_fp32_masters():
 
 # ---- preemption -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_0_and_resumes_bit_exactly(tmp_path):
     """SIGTERM to the process group of `lctrain train --nproc 2` mid-run: checkpoint, exit 0, exact resume."""
     import os
