@@ -1,0 +1,9 @@
+"""`lctrain plan`: the real training step simulated on fake tensors and a fake process group, timed per device.
+
+    simulate.py   one rank of the job (FLOPs, bytes, collectives, activation peak)
+    hardware.py   one table of published constants per device
+    timemodel.py  step time, tokens/s, MFU and memory per GPU from a simulated rank
+    search.py     every valid layout, pruned, cached; the recommendation
+    check.py      the pre-reservation memory check (lctrain.preflight)
+    cli.py, plot.py, realrun.py (the same step on real gloo ranks), published.py (vs published tables)
+"""

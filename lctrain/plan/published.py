@@ -129,7 +129,8 @@ def lasp2_table(activation_checkpointing: str = "none") -> list[dict]:
 
 def main() -> None:
     print("## ring-flash-attention, fwd+bwd efficiency vs 1/8 of single-GPU flash-attn\n")
-    print("| GPUs | method | published | predicted | error | compute s | exposed comm s |\n|---|---|---:|---:|---:|---:|---:|")
+    print("| GPUs | method | published | predicted | error | compute s | exposed comm s |\n"
+          "|---|---|---:|---:|---:|---:|---:|")
     for r in ring_flash_attn_table():
         print(f"| {r['gpu']} | {r['method']} | {100 * r['published']:.1f}% | {100 * r['predicted']:.1f}% "
               f"| {100 * r['error']:+.0f}% | {r['compute_s']:.4f} | {r['comm_exposed_s']:.4f} |")

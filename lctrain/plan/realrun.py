@@ -67,7 +67,8 @@ def validation_table(seq: dict[str, int] | None = None, micro_batch: int = 2) ->
             sim = simulate_rank(replace(spec, cp_rank=r["cp_rank"]))
             real_comm = {(c["group"], c["tag"], c["op"]): (c["calls"], c["bytes"]) for c in r["comm"]}
             sim_comm = {(c.group, c.tag, c.op): (c.calls, c.bytes) for c in sim.comm}
-            rows.append(dict(config=config, tp=tp, cp=cp, layout=layout, methods=f"{model.linear_sp}+{model.softmax_sp}",
+            methods = f"{model.linear_sp}+{model.softmax_sp}"
+            rows.append(dict(config=config, tp=tp, cp=cp, layout=layout, methods=methods,
                              checkpointing=ac, cp_rank=r["cp_rank"],
                              bytes_real=sum(b for _, b in real_comm.values()),
                              bytes_sim=sum(b for _, b in sim_comm.values()),

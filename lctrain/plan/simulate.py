@@ -34,7 +34,7 @@ import sys
 import time
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
@@ -637,4 +637,5 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 __all__ = ["ACTIVATION_CHECKPOINTING", "CommStat", "RankSim", "SimSpec", "StepTracker",
-           "lightning_flops_fwd", "model_flops_per_token", "run_step", "simulate_composed", "layer_variant", "simulate_rank"]
+           "layer_variant", "lightning_flops_fwd", "model_flops_per_token", "run_step", "simulate_composed",
+           "simulate_rank"]

@@ -47,7 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lctrain.plan.hardware import Hardware
-from lctrain.plan.simulate import CommStat, RankSim, model_flops_per_token
+from lctrain.plan.simulate import RankSim, model_flops_per_token
 
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -205,4 +205,4 @@ def _lasp1_state_bytes(sim: RankSim) -> float:
 
 
 __all__ = ["Link", "StepEstimate", "ZERO_STAGES", "collective_time", "estimate_step", "group_spans_nodes",
-           "link_for", "zero_state_bytes", "CommStat"]
+           "link_for", "zero_state_bytes"]
