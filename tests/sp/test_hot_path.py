@@ -273,3 +273,37 @@ def test_allgather_issues_its_gather_before_the_diagonal_blocks():
             assert rest[start:start + 3] == [("issue", "all_gather_single"), ("compute", "bwd.causal"),
                                              ("wait", "all_gather_single")], (rank, layout, events)
             assert rest[-2:] == [("issue", "all_reduce"), ("wait", "all_reduce")], (rank, layout, events)
+
+
+def _model_syncs():
+    from lctrain.models import ModelConfig, build_model
+    from lctrain.models.rope import rope_cos_sin
+
+    mesh = init_mesh(MeshConfig(tp=1, cp=2))
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=2, num_kv_heads=2, ffn_hidden_size=64,
+                      layer_pattern="LLLA")
+    torch.manual_seed(0)
+    model = build_model(cfg, mesh, "zigzag")
+    pos = shard_sequence(torch.arange(32), dim=0, layout="zigzag")
+    ids = torch.randint(0, 64, (1, 16))
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
+    out = {}
+    for name, layer in (("linear block", model.layers[0]), ("softmax block", model.layers[3]), ("model", None)):
+        def step():
+            if layer is None:
+                model(ids, pos, ids).loss_sum.backward()
+            else:
+                layer(torch.randn(1, 16, 32, requires_grad=True), cos, sin, None).sum().backward()
+        step()  # warm-up
+        with count_host_syncs() as syncs, watch_collectives() as calls:
+            step()
+        out[name] = (syncs.calls, calls.counts)
+    return out
+
+
+def test_model_blocks_and_step_make_no_host_syncs():
+    for out in run_distributed(_model_syncs, 2):
+        assert all(syncs == [] for syncs, _ in out.values()), out
+        # A block issues its SP method's collectives only (tiny model: LASP-2 blocks, an all-gather K/V block).
+        assert out["linear block"][1] == {"all_gather_single": 2}, out
+        assert out["softmax block"][1] == {"all_gather_single": 2, "all_reduce": 1}, out
