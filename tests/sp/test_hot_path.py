@@ -186,6 +186,12 @@ def test_every_method_runs_under_fake_tensors_and_the_fake_backend(fake_group):
                 o.sum().backward()
                 assert isinstance(o, FakeTensor) and o.shape == (1, 64, 4, 16), method
                 assert isinstance(q.grad, FakeTensor) and q.grad.shape == q.shape, method
+                if method in SOFTMAX:  # packed documents too (the planner may simulate packed batches)
+                    cu = torch.tensor([0, 5, 100, 256])
+                    fn = {"ring": ring_attention, "allgather": allgather_attention, "ulysses": ulysses_attention}
+                    o = fn[method](q, k, v, layout=layout, cu_seqlens=cu)
+                    o.sum().backward()
+                    assert isinstance(o, FakeTensor) and o.shape == q.shape, method
     # No agreement exchange on the fake backend (it has no object collectives).
     assert rec.calls("all_gather_object") == 0, rec.summary()
 
