@@ -7,10 +7,14 @@ packed sequence's queries and keys -- a CP rank's shard, a ring block, a rank-ma
 
     mask[b, i, j] = doc_q[b, i] == doc_k[b, j]  and  (not causal or pos_k[j] <= pos_q[i])
 
-This file is the plain PyTorch path (the definition, exact in float64; O(sq * sk) memory like the reference).
-Like the other backends it returns the log-sum-exp, so blocks merge by `merge_attention`, and its backward
-accepts an externally merged (o, lse). A query that sees no key gets o = 0, lse = -inf.
-Document ids come from `torch.searchsorted` on the device: no host sync.
+Two paths compute the masked attention, with the same results: on CPU PyTorch's fused flash kernel
+(`aten._scaled_dot_product_flash_attention_for_cpu`, which takes an additive mask in forward and backward and
+reads GQA natively; masked entries get a large finite negative bias, so a row with no visible key stays finite
+and is then set to o = 0, lse = -inf), elsewhere the plain PyTorch definition (exact in float64; it
+materialises the `[b, h, sq, sk]` scores). `REFERENCE_ONLY = True` forces the definition (tests compare the
+two). Like the other backends both return the log-sum-exp, so blocks merge by `merge_attention`, and the
+backward accepts an externally merged (o, lse). Document ids come from `torch.searchsorted` on the device: no
+host sync. (GPU fast path -- flash-attn's varlen kernels per block -- not written yet.)
 """
 from __future__ import annotations
 
@@ -50,6 +54,26 @@ def document_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor,
     return mask
 
 
+#: Force the plain PyTorch definition everywhere (tests flip it to compare the fused CPU path against it).
+REFERENCE_ONLY = False
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _fused(q: torch.Tensor) -> bool:
+    return not REFERENCE_ONLY and q.device.type == "cpu" and q.dtype in _CPU_DTYPES
+
+
+def _bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask `[b, 1, sq, sk]`: 0 where visible, a large finite negative number elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, -0.5 * torch.finfo(dtype).max)[:, None]
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)  # [b, s, h, d] <-> [b, h, s, d]
+
+
 def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     s = _scores(q, k, False, scale)  # [b, hk, g, sq, sk]
     return s.masked_fill(~mask[:, None, None], float("-inf"))
@@ -65,6 +89,12 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         softmax_scale: multiplies q k^T.
     """
     b, sq, h, d = q.shape
+    if _fused(q):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _t(q), _t(k), _t(v), 0.0, False, attn_mask=_bias(mask, q.dtype), scale=softmax_scale)
+        seen = mask.any(-1)  # [b, sq]: rows with a visible key (the others got a finite average: zero them)
+        o = torch.where(seen[:, :, None, None], _t(o), torch.zeros((), dtype=o.dtype))
+        return o, torch.where(seen[:, None, :], lse, torch.full((), float("-inf"), dtype=lse.dtype))
     s = _masked_scores(q, k, mask, softmax_scale)
     lse = torch.logsumexp(s, dim=-1)  # [b, hk, g, sq]
     p = _probs(s, lse)
@@ -80,6 +110,14 @@ def varlen_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     With D = rowsum(do * o), p = exp(s - lse): ds = p * (do v^T - D), dq = scale ds k, dk = scale ds^T q, dv = p^T do.
     """
     b, sq, h, d = q.shape
+    if _fused(q):
+        # Rows with lse = -inf see no key: any finite lse gives them p = 0 under the bias.
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=lse.dtype))
+        lse = lse.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _t(do), _t(q), _t(k), _t(v), _t(o), lse, 0.0, False, attn_mask=_bias(mask, q.dtype),
+            scale=softmax_scale)
+        return _t(dq), _t(dk), _t(dv)
     hk = k.shape[2]
     g = h // hk
     s = _masked_scores(q, k, mask, softmax_scale)

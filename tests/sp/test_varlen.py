@@ -41,7 +41,17 @@ def per_document_reference(q, k, v, cu, causal, scale):
     return torch.cat(outs).reshape(q.shape)
 
 
-def _varlen_cases(seed):
+def _varlen_cases(seed, reference=False):
+    from lctrain.ops import attention_varlen
+
+    attention_varlen.REFERENCE_ONLY = reference  # this rank process only; reset below
+    try:
+        return _varlen_cases_inner(seed)
+    finally:
+        attention_varlen.REFERENCE_ONLY = False
+
+
+def _varlen_cases_inner(seed):
     world = dist.get_world_size()
     init_mesh(MeshConfig(cp=world))
     b, seq, h, d = 2, 8 * world, 12, 4
@@ -74,11 +84,14 @@ def _varlen_cases(seed):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_packed_documents_match_per_document_attention(world):
+@pytest.mark.parametrize("reference", [False, True], ids=["fused", "definition"])
+def test_packed_documents_match_per_document_attention(world, reference):
     from lctrain.testing import run_distributed
 
+    if reference and world in (1, 3):
+        pytest.skip("the plain definition runs at worlds 2 and 4 (the fused path everywhere)")
     seed = int(torch.randint(0, 2**31, ()).item())
-    for rank, results in enumerate(run_distributed(_varlen_cases, world, seed)):
+    for rank, results in enumerate(run_distributed(_varlen_cases, world, seed, reference)):
         for case, errors, calls in results:
             bad = {n: e for n, e in errors.items() if not e <= 1e-10}
             assert not bad, (rank, world, case, errors)
@@ -114,3 +127,29 @@ def test_causal_work_per_rank():
     assert causal_work_per_rank([6, 1, 1], 2) == [1 + 2 + 1 + 1, 3 + 4 + 5 + 6]
     # ... while per-document zigzag splits every document over all ranks (a 6-token doc: chunks of 2).
     assert causal_work_per_rank([6, 1, 1], 2, per_document=True) == [(1 + 2) + 0 + 1 + 1, (3 + 4) + (5 + 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_cpu_path_equals_the_definition(monkeypatch, dtype):
+    """The fused CPU kernel with an additive mask equals the plain definition, including a row that sees no key."""
+    from lctrain.ops import attention_varlen as av
+
+    g = torch.Generator().manual_seed(0)
+    b, sq, sk, h, hk, d = 2, 6, 10, 4, 2, 8
+    q, do = (torch.randn(b, sq, h, d, generator=g, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(b, sk, hk, d, generator=g, dtype=dtype) for _ in range(2))
+    cu = torch.tensor([0, 3, 10, 13, 20])
+    q_pos, k_pos = torch.arange(4, 10), torch.arange(10)
+    mask = document_mask(q_pos, k_pos, document_ids(cu, b, 10, q_pos), document_ids(cu, b, 10, k_pos), True)
+    mask[0, 0] = False  # a query that sees nothing
+    results = {}
+    for reference in (True, False):
+        monkeypatch.setattr(av, "REFERENCE_ONLY", reference)
+        o, lse = av.varlen_attention_forward(q, k, v, mask, 0.3)
+        results[reference] = (o, lse, *av.varlen_attention_backward(do, q, k, v, o, lse, mask, 0.3))
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for name, fused, ref in zip(("o", "lse", "dq", "dk", "dv"), results[False], results[True]):
+        assert torch.equal(torch.isinf(fused), torch.isinf(ref)), name
+        finite = torch.isfinite(ref)
+        assert rel_err(fused[finite], ref[finite]) <= tol, name
+    assert results[False][0][0, 0].abs().max() == 0 and torch.isinf(results[False][1][0, :, 0]).all()
