@@ -54,15 +54,18 @@ def _shift(buf: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
     return incoming, handle
 
 
-def _doc_mask(rank: int, src: int, size: int, s: int, b: int, causal: bool, layout: str,
-              cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """Packed documents: the mask of rank `rank`'s queries against rank `src`'s keys; None: nothing visible."""
-    if causal and layout == "contiguous" and src > rank:
+def _doc_block(rank: int, src: int, size: int, s: int, b: int, causal: bool, layout: str,
+               cu_seqlens: torch.Tensor, device: torch.device) -> tuple[slice, slice, torch.Tensor] | None:
+    """Packed documents: (query rows, key rows, mask) of rank `rank`'s queries against rank `src`'s keys, on the
+    rows the causal plan (`_block`) leaves; None: nothing visible."""
+    plan = _block(rank, src, causal, layout, s)
+    if plan is None:
         return None
-    q_pos = rank_positions(rank, size, s, layout, device)
-    k_pos = rank_positions(src, size, s, layout, device)
+    qs, ks, _ = plan
+    q_pos = rank_positions(rank, size, s, layout, device)[qs]
+    k_pos = rank_positions(src, size, s, layout, device)[ks]
     docs = (document_ids(cu_seqlens, b, s * size, pos) for pos in (q_pos, k_pos))
-    return document_mask(q_pos, k_pos, *docs, causal)
+    return qs, ks, document_mask(q_pos, k_pos, *docs, causal)
 
 
 def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, causal: bool,
@@ -78,9 +81,10 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist
         incoming, handle = _shift(kv, group, rank, size) if step + 1 < size else (None, None)
         src = (rank - step) % size
         if cu_seqlens is not None:
-            mask = _doc_mask(rank, src, size, s, b, causal, layout, cu_seqlens, q.device)
-            if mask is not None:
-                merge_attention(out, lse, *varlen_attention_forward(q, kv[0], kv[1], mask, scale))
+            if (blk := _doc_block(rank, src, size, s, b, causal, layout, cu_seqlens, q.device)) is not None:
+                qs, ks, mask = blk
+                o_b, lse_b = varlen_attention_forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], mask, scale)
+                merge_attention(out[:, qs], lse[:, :, qs], o_b, lse_b)
         elif (plan := _block(rank, src, causal, layout, s)) is not None:
             qs, ks, blk_causal = plan
             o_b, lse_b = attention_forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk_causal, scale)
@@ -106,10 +110,11 @@ def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         src = (rank - step) % size
         grads, ks = None, _ALL
         if cu_seqlens is not None:
-            mask = _doc_mask(rank, src, size, s, q.shape[0], causal, layout, cu_seqlens, q.device)
-            if mask is not None:
-                grads = varlen_attention_backward(do, q, kv[0], kv[1], out, lse, mask, scale)
-                dq += grads[0]
+            if (blk := _doc_block(rank, src, size, s, q.shape[0], causal, layout, cu_seqlens, q.device)) is not None:
+                qs, ks, mask = blk
+                grads = varlen_attention_backward(do[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
+                                                  lse[:, :, qs], mask, scale)
+                dq[:, qs] += grads[0]
         elif (plan := _block(rank, src, causal, layout, s)) is not None:
             qs, ks, blk_causal = plan
             grads = attention_backward(do[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
