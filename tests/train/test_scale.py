@@ -98,7 +98,7 @@ def _save_memory(overrides: list[str], out: str) -> dict:
     stop.set()
     t.join()
     return {"own": state_bytes(state), "views": views, "largest_box": largest_box, "rss_delta": peak[0] - base,
-            "full": 12 * sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
+            "full": 12 * model.num_parameters(),
             "blocked_s": blocked, "total_s": total}
 
 
