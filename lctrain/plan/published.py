@@ -76,7 +76,8 @@ def _sp_call(method: str, cp: int, layout: str, b: int, s_local: int, h: int, hk
                     seq_len=s_local * cp, micro_batch=b)
     return RankSim(spec=dummy, world=cp, params_local=0, params_tp_replicated=0, param_bytes=0,
                    activation_peak_bytes=tracker.peak, activation_after_forward_bytes=0, flops=dict(tracker.flops),
-                   memory_bound_bytes=tracker.memory_bytes, comm=_collect_comm(rec, watch.megatron), sim_seconds=0.0)
+                   memory_bound_bytes=tracker.memory_bytes, comm=_collect_comm(rec, watch.megatron, cp),
+                   sim_seconds=0.0)
 
 
 def ring_flash_attn_table() -> list[dict]:

@@ -34,7 +34,7 @@ def measure_rank(spec: SimSpec, seed: int = 1234) -> dict:
     tracker, rec, after_fwd = run_step(model, spec, mesh, make)
     return {"rank": mesh.rank, "cp_rank": mesh.cp_rank, "tp_rank": mesh.tp_rank, "peak": tracker.peak,
             "after_forward": after_fwd, "flops": dict(tracker.flops), "memory_bound_bytes": tracker.memory_bytes,
-            "comm": [vars(c) for c in _collect_comm(rec, rec.megatron)]}
+            "comm": [vars(c) for c in _collect_comm(rec, rec.megatron, spec.cp)]}
 
 
 #: (config, tp, cp, layout, model overrides, checkpointing): the layouts docs/planner.md validates.

@@ -372,7 +372,9 @@ class _CommWatch:
                 setattr(dist, name, fn)
 
 
-def _collect_comm(rec, megatron: list[tuple[str, int, int, str]]) -> list[CommStat]:
+def _collect_comm(rec, megatron: list[tuple[str, int, int, str]], cp: int) -> list[CommStat]:
+    """Aggregate the step's events; lctrain's own collectives in a step are the mixers' SP exchanges, on the CP
+    group (any SP method, including ones added later, e.g. lasp2_delta, conv_halo), Megatron's are TP."""
     stats: dict[tuple[str, str, str, int], CommStat] = {}
 
     def add(group, op, tag, size, nbytes):
@@ -387,7 +389,7 @@ def _collect_comm(rec, megatron: list[tuple[str, int, int, str]]) -> list[CommSt
         # signature and process (lctrain.sp.utils.agree_once), so it is not part of a steady-state step.
         if e.group_size < 2 or e.op == "all_gather_object":
             continue
-        group = "cp" if e.tag.split(".")[0] in _SP_TAGS else "other"
+        group = "cp" if e.tag.split(".")[0] in _SP_TAGS or e.group_size == cp else "other"
         add(group, e.op, e.tag, e.group_size, e.bytes)
     for op, nbytes, size, tag in megatron:
         if size < 2:
@@ -545,7 +547,7 @@ def simulate_rank(spec: SimSpec) -> RankSim:
     return RankSim(spec=spec, world=world, params_local=n_local, params_tp_replicated=n_rep,
                    param_bytes=param_bytes, activation_peak_bytes=tracker.peak,
                    activation_after_forward_bytes=after_fwd, flops=dict(tracker.flops),
-                   memory_bound_bytes=tracker.memory_bytes, comm=_collect_comm(rec, rec.megatron),
+                   memory_bound_bytes=tracker.memory_bytes, comm=_collect_comm(rec, rec.megatron, spec.cp),
                    sim_seconds=time.perf_counter() - t0, ops=tracker.ops)
 
 
