@@ -87,25 +87,66 @@ def _keys(kv: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.T
     return blk[:, :, 0].transpose(0, 1), blk[:, :, 1].transpose(0, 1)
 
 
-def _doc_mask(rank: int, size: int, s: int, b: int, causal: bool, layout: str, cu_seqlens: torch.Tensor,
-              device: torch.device) -> torch.Tensor:
-    """Packed documents: mask of this rank's queries against the rank-major gathered keys, `[b, s, P*s]`."""
-    q_pos = rank_positions(rank, size, s, layout, device)
-    k_pos = rank_major_positions(size, s, layout, device)
-    return document_mask(q_pos, k_pos, document_ids(cu_seqlens, b, s * size, q_pos),
-                         document_ids(cu_seqlens, b, s * size, k_pos), causal)
+class _Docs:
+    """Packed documents: masks for the blocks of one rank (positions from the layout, ids on the device)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, rank: int, size: int, s: int, b: int, causal: bool, layout: str,
+                 zigzag: bool, device: torch.device):
+        self.cu, self.b, self.total, self.causal = cu_seqlens, b, s * size, causal
+        self.q_pos = rank_positions(rank, size, s, layout, device)  # [s]
+        # Positions of the gathered keys: global order for causal zigzag (reordered), else rank-major.
+        self.k_pos = (torch.arange(s * size, device=device) if zigzag
+                      else rank_major_positions(size, s, layout, device))
+
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        ids = (document_ids(self.cu, self.b, self.total, pos) for pos in (q_pos, k_pos))
+        return document_mask(q_pos, k_pos, *ids, self.causal)
+
+    def diagonal(self, n: int) -> torch.Tensor:
+        """`[n*b, c, c]`: each local chunk against itself, stacked like `_diag`."""
+        return torch.cat([self._mask(p, p) for p in self.q_pos.chunk(n)], dim=0)
+
+    def remote(self, rows: slice, start: int, end: int) -> torch.Tensor:
+        """`[b, rows, end-start]`: local query rows against gathered keys [start, end)."""
+        return self._mask(self.q_pos[rows], self.k_pos[start:end])
 
 
-class _VarlenAllGatherAttention(torch.autograd.Function):
-    """Packed documents: every local query against the whole gathered sequence under a document mask."""
+def _fwd(q, k, v, causal, scale, mask):
+    """Local attention of a block: the dispatch, or under a document mask."""
+    if mask is None:
+        return attention_forward(q, k, v, causal, scale)
+    return varlen_attention_forward(q, k, v, mask, scale)
 
+
+def _bwd(do, q, k, v, o, lse, causal, scale, mask):
+    if mask is None:
+        return attention_backward(do, q, k, v, o, lse, causal, scale)
+    return varlen_attention_backward(do, q, k, v, o, lse, mask, scale)
+
+
+class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, scale, layout, cu_seqlens):
         size, rank = comm.group_size(group), comm.group_rank(group)
+        s = q.shape[1]
+        zigzag = _zigzag(size, causal, layout)
+        n = 2 if zigzag else 1
+        docs = (None if cu_seqlens is None
+                else _Docs(cu_seqlens, rank, size, s, q.shape[0], causal, layout, zigzag, q.device))
         with comm.comm_tag("allgather.fwd"):
-            kv = comm.all_gather(_pack_kv(k, v), group)  # [P*s, b, 2, h_kv, d], rank-major
-        mask = _doc_mask(rank, size, q.shape[1], q.shape[0], causal, layout, cu_seqlens, q.device)
-        out, lse = varlen_attention_forward(q, *_keys(kv, 0, kv.shape[0]), mask, scale)
+            pending = comm.all_gather(_pack_kv(k, v), group, async_op=True) if size > 1 else None
+        # While K/V travel: the rank's own (diagonal) blocks.
+        o_d, lse_d = _fwd(_diag(q, n), _diag(k, n), _diag(v, n), causal, scale, docs and docs.diagonal(n))
+        out = _undiag(o_d, n).to(compute_dtype(q.dtype))  # [b, s, h, d]
+        lse = _undiag(lse_d, n, dim=2).to(out.dtype)  # [b, h, s]
+        if size > 1:
+            kv = _gathered(pending, size, zigzag)
+            for rows, start, end in _remote_blocks(rank, size, s, causal, layout):
+                kb, vb = _keys(kv, start, end)
+                o_b, lse_b = _fwd(q[:, rows], kb, vb, False, scale, docs and docs.remote(rows, start, end))
+                merge_attention(out[:, rows], lse[:, :, rows], o_b, lse_b)
+            del kv
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
         return out
@@ -113,60 +154,21 @@ class _VarlenAllGatherAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        group = ctx.group
-        size, rank = comm.group_size(group), comm.group_rank(group)
-        with comm.comm_tag("allgather.bwd"):
-            kv = comm.all_gather(_pack_kv(k, v), group)  # re-gather
-        mask = _doc_mask(rank, size, q.shape[1], q.shape[0], ctx.causal, ctx.layout, cu_seqlens, q.device)
-        dq, dk, dv = varlen_attention_backward(do.contiguous(), q, *_keys(kv, 0, kv.shape[0]), out, lse, mask,
-                                               ctx.scale)
-        del kv
-        dkv = _pack_kv(dk.to(compute_dtype(k.dtype)), dv.to(compute_dtype(v.dtype)))  # [P*s, b, 2, h_kv, d]
-        with comm.comm_tag("allgather.bwd"):
-            dkv = comm.reduce_scatter(dkv, group)  # this rank's keys, summed over every rank's queries
-        dk, dv = dkv[:, :, 0].transpose(0, 1), dkv[:, :, 1].transpose(0, 1)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
-
-
-class _AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout):
-        size, rank = comm.group_size(group), comm.group_rank(group)
-        s = q.shape[1]
-        zigzag = _zigzag(size, causal, layout)
-        n = 2 if zigzag else 1
-        with comm.comm_tag("allgather.fwd"):
-            pending = comm.all_gather(_pack_kv(k, v), group, async_op=True) if size > 1 else None
-        # While K/V travel: the rank's own (diagonal) blocks.
-        o_d, lse_d = attention_forward(_diag(q, n), _diag(k, n), _diag(v, n), causal, scale)
-        out = _undiag(o_d, n).to(compute_dtype(q.dtype))  # [b, s, h, d]
-        lse = _undiag(lse_d, n, dim=2).to(out.dtype)  # [b, h, s]
-        if size > 1:
-            kv = _gathered(pending, size, zigzag)
-            for rows, start, end in _remote_blocks(rank, size, s, causal, layout):
-                kb, vb = _keys(kv, start, end)
-                merge_attention(out[:, rows], lse[:, :, rows], *attention_forward(q[:, rows], kb, vb, False, scale))
-            del kv
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
         group, causal, scale = ctx.group, ctx.causal, ctx.scale
         size, rank = comm.group_size(group), comm.group_rank(group)
         s = q.shape[1]
         zigzag = _zigzag(size, causal, ctx.layout)
         n = 2 if zigzag else 1
+        docs = (None if cu_seqlens is None
+                else _Docs(cu_seqlens, rank, size, s, q.shape[0], causal, ctx.layout, zigzag, q.device))
         do = do.contiguous()
         with comm.comm_tag("allgather.bwd"):
             # Re-gather (nothing full-length is kept from forward).
             pending = comm.all_gather(_pack_kv(k, v), group, async_op=True) if size > 1 else None
         # While K/V travel: gradients of the diagonal blocks, with the final merged (out, lse).
-        dq_d, dk_d, dv_d = attention_backward(_diag(do, n), _diag(q, n), _diag(k, n), _diag(v, n), _diag(out, n),
-                                              _diag(lse.transpose(1, 2), n).transpose(1, 2), causal, scale)
+        dq_d, dk_d, dv_d = _bwd(_diag(do, n), _diag(q, n), _diag(k, n), _diag(v, n), _diag(out, n),
+                                _diag(lse.transpose(1, 2), n).transpose(1, 2), causal, scale,
+                                docs and docs.diagonal(n))
         acc = compute_dtype(q.dtype)
         dq, dk, dv = (_undiag(x, n).to(acc) for x in (dq_d, dk_d, dv_d))
         if size > 1:
@@ -174,8 +176,8 @@ class _AllGatherAttention(torch.autograd.Function):
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # [S, b, 2, h_kv, d]
             for rows, start, end in _remote_blocks(rank, size, s, causal, ctx.layout):
                 kb, vb = _keys(kv, start, end)
-                dq_b, dk_b, dv_b = attention_backward(do[:, rows], q[:, rows], kb, vb, out[:, rows],
-                                                      lse[:, :, rows], False, scale)
+                dq_b, dk_b, dv_b = _bwd(do[:, rows], q[:, rows], kb, vb, out[:, rows], lse[:, :, rows], False, scale,
+                                        docs and docs.remote(rows, start, end))
                 dq[:, rows] += dq_b
                 dkv[start:end, :, 0] += dk_b.transpose(0, 1)
                 dkv[start:end, :, 1] += dv_b.transpose(0, 1)
@@ -188,7 +190,7 @@ class _AllGatherAttention(torch.autograd.Function):
                 dkv = comm.reduce_scatter(dkv, group)  # [s, b, 2, h_kv, d]: this rank's keys, summed over ranks
             dk = dk + dkv[:, :, 0].transpose(0, 1)
             dv = dv + dkv[:, :, 1].transpose(0, 1)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 @torch.compiler.disable
@@ -205,8 +207,8 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
         softmax_scale: default 1/sqrt(d).
         layout: how the sequence was sharded ("zigzag" or "contiguous").
         cu_seqlens: packed documents (int `[n_docs + 1]`, global boundaries of the un-sharded `batch * seq`
-            tokens, the same on every rank, on q's device): attention stays within a document (a document mask
-            over the gathered keys, `lctrain.ops.attention_varlen`, plain PyTorch; no diagonal overlap yet).
+            tokens, the same on every rank, on q's device): attention stays within a document (every block above
+            under a document mask, `lctrain.ops.attention_varlen`; same blocks, collectives and overlap).
     Returns:
         This rank's output `[b, s_local, h, d]`.
 
@@ -216,6 +218,4 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
     group = cp_group_or_default(group)
     scale = resolve_scale(softmax_scale, q.shape[-1])
     check_inputs("allgather_attention", q, k, v, group, causal, layout, scale, cu_seqlens=cu_seqlens)
-    if cu_seqlens is not None:
-        return _VarlenAllGatherAttention.apply(q, k, v, group, causal, scale, layout, cu_seqlens)
-    return _AllGatherAttention.apply(q, k, v, group, causal, scale, layout)
+    return _AllGatherAttention.apply(q, k, v, group, causal, scale, layout, cu_seqlens)
