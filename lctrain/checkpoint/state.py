@@ -15,8 +15,9 @@ What a rank owns of parameter p: the elements of its TP slice that lie in its Ze
   written once); for loading every rank reads all of it.
 TP-replicated parameters (norms) are saved by TP rank 0 only and loaded by every TP rank.
 
-A flat range of a row-major `[R, C]` tensor is at most three boxes (a partial row, whole rows, a partial row);
-cut at Megatron's strided TP pieces each box maps to one box of the global tensor. Box data are strided views
+A flat range of a row-major `[R, C]` tensor is a partial row, blocks of whole rows (capped at MAX_BOX_ELEMS so a
+save's staging copy stays small) and a partial row; cut at Megatron's strided TP pieces each box maps to one box
+of the global tensor. Box data are strided views
 (`as_strided`) into DeepSpeed's own buffers, so building the state dict allocates nothing: a save stages one box
 at a time (DCP copies a view before writing it) and a load writes straight into the masters and moments, which
 DCP's planner fills from whatever boxes another layout saved (resharding).
@@ -149,8 +150,13 @@ def _layout(p: torch.Tensor, mesh: Mesh, name: str) -> _Layout:
     return _Layout(rows, cols, tuple(full), pieces)
 
 
-def _row_boxes(a: int, b: int, cols: int) -> list[tuple[int, int, int, int]]:
-    """The flat range [a, b) of a row-major `[*, cols]` tensor as (row, col, height, width) boxes."""
+#: Largest box in elements (16 MiB of fp32): DCP stages one box at a time, so this bounds a save's staging copy.
+MAX_BOX_ELEMS = 1 << 22
+
+
+def _row_boxes(a: int, b: int, cols: int, max_elems: int = MAX_BOX_ELEMS) -> list[tuple[int, int, int, int]]:
+    """The flat range [a, b) of a row-major `[*, cols]` tensor as (row, col, height, width) boxes: a partial
+    row, blocks of whole rows (at most `max_elems` elements each, or one row), a partial row."""
     if a >= b:
         return []
     r0, c0 = divmod(a, cols)
@@ -161,8 +167,9 @@ def _row_boxes(a: int, b: int, cols: int) -> list[tuple[int, int, int, int]]:
     if c0:
         out.append((r0, c0, 1, cols - c0))
         r0 += 1
-    if r1 > r0:
-        out.append((r0, 0, r1 - r0, cols))
+    step = max(1, max_elems // cols)
+    for r in range(r0, r1, step):
+        out.append((r, 0, min(step, r1 - r), cols))
     if c1:
         out.append((r1, 0, 1, c1))
     return out

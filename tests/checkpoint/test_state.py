@@ -22,11 +22,15 @@ def _tp_local(full: torch.Tensor, tp: int, rank: int, dim: int, stride: int) -> 
 
 def test_row_boxes_cover_the_range():
     for cols in (1, 3, 7):
-        for a in range(0, 3 * cols + 1):
-            for b in range(a, 3 * cols + 1):
-                flat = sorted(r * cols + c + i * cols + j for r, c, h, w in _row_boxes(a, b, cols)
-                              for i in range(h) for j in range(w))
-                assert flat == list(range(a, b)) and len(_row_boxes(a, b, cols)) <= 3
+        for cap in (1, 8, 1 << 20):
+            for a in range(0, 3 * cols + 1):
+                for b in range(a, 3 * cols + 1):
+                    boxes = _row_boxes(a, b, cols, cap)
+                    flat = sorted(r * cols + c + i * cols + j for r, c, h, w in boxes
+                                  for i in range(h) for j in range(w))
+                    assert flat == list(range(a, b))
+                    assert all(h * w <= max(cap, cols) for _, _, h, w in boxes)
+                    assert cap < 1 << 20 or len(boxes) <= 3
 
 
 @pytest.mark.parametrize("shape,dim,stride,tp,zero", [((12, 10), 0, 1, 2, 3), ((12, 10), 1, 1, 2, 4),
