@@ -304,8 +304,8 @@ def test_activation_checkpointing_same_gradients_less_memory():
     extra = {m: r["total_calls"] - runs["none"]["total_calls"] for m, r in runs.items()}
     fwd_gathers = runs["none"]["ops"][0]["all_gather"]["calls"]  # one per layer (LASP-2 / all-gather K/V)
     assert extra["none"] == 0
-    # every recomputed SP layer re-issues at least its forward all-gather (measured: 10 extra for 4 forward
-    # ones, as the SP backward's nested autograd calls can trigger the region's recomputation again)
+    # every recomputed SP layer re-issues its forward all-gather in backward (measured: 4 extra for the 4 forward
+    # ones; an earlier SP revision showed 10, so only the lower bound is asserted)
     assert extra["full"] >= fwd_gathers and extra["selective"] >= fwd_gathers
     print(f"saved activation bytes (tiny, cp=2, batch 2): {saved}; extra collectives in backward: {extra}")
 
