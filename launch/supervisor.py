@@ -218,7 +218,8 @@ class Gang:
                                   "treating the gang as hung")
             if hb["phase"] is not None and hb["phase_age_s"] > self.lcfg.phase_timeout_s:
                 raise RankFailure(f"rank {rank} has been in its {hb['phase']} phase for {hb['phase_age_s']:.0f} s "
-                                  f"(launch.phase_timeout_s = {self.lcfg.phase_timeout_s:g}); treating the gang as hung")
+                                  f"(launch.phase_timeout_s = {self.lcfg.phase_timeout_s:g}); "
+                                  "treating the gang as hung")
 
     def _report(self, line: bytes) -> bool:
         """Stream one metrics.jsonl line of rank 0; True when it is a step record."""

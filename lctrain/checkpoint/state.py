@@ -175,12 +175,15 @@ def _row_boxes(a: int, b: int, cols: int, max_elems: int = MAX_BOX_ELEMS) -> lis
     return out
 
 
-def owned_boxes(lay: _Layout, a: int, b: int, bufs: list[torch.Tensor]) -> list[list[tuple[tuple[int, ...], torch.Tensor]]]:
+Boxes = list[tuple[tuple[int, ...], torch.Tensor]]
+
+
+def owned_boxes(lay: _Layout, a: int, b: int, bufs: list[torch.Tensor]) -> list[Boxes]:
     """Global boxes of the local flat range [a, b) with views into each 1-D buffer of `bufs` (one list per buffer).
 
     Each buffer holds the elements [a, b) of the TP-local tensor, contiguous.
     """
-    out: list[list[tuple[tuple[int, ...], torch.Tensor]]] = [[] for _ in bufs]
+    out: list[Boxes] = [[] for _ in bufs]
     for r, c, h, w in _row_boxes(a, b, lay.cols):
         for axis, lo, hi, g in lay.pieces:
             start, stop = (r, r + h) if axis == 0 else (c, c + w)
