@@ -124,7 +124,8 @@ def _chunk_decay(log_decay: torch.Tensor, chunk_len: int, like: torch.Tensor) ->
 
 
 def lasp1_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
-                           group: dist.ProcessGroup | None = None, causal: bool = True) -> torch.Tensor:
+                           group: dist.ProcessGroup | None = None, causal: bool = True,
+                           cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Linear attention over a contiguously sharded sequence, the state passed serially rank to rank (LASP-1).
 
     Args:
@@ -136,6 +137,8 @@ def lasp1_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
             map along the same ring (`lctrain.sp.lasp1_delta`).
         group: the CP group (default: the mesh's).
         causal: causal (optionally decayed) or full non-causal linear attention (no decay).
+        cu_seqlens: packed documents (causal only), as `lasp2_linear_attention`: the state restarts at each
+            document start (reset gates on the chunk-map ring, `lctrain.sp.lasp1_delta`; same P-1 sends).
     Returns:
         `o` `[b, s_local, h, dv]` in v's dtype.
 
@@ -143,6 +146,12 @@ def lasp1_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     Non-causal: every rank sends P-1 states each way.
     """
     group = cp_group_or_default(group)
+    if cu_seqlens is not None:
+        vector = log_decay is not None and log_decay.dim() == 4
+        problem = None if causal else "cu_seqlens (packed documents) needs causal=True"
+        return lasp1_chunk_map_attention(q, k, v, log_decay, None, "vector" if vector else "scalar", group,
+                                         name="lasp1_linear_attention", tag="lasp1", cu_seqlens=cu_seqlens,
+                                         problem=problem)
     if log_decay is not None and log_decay.dim() > 1:
         if not causal:
             raise ValueError("lasp1_linear_attention: a decay (log_decay) is only defined for causal linear "

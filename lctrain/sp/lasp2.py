@@ -128,6 +128,24 @@ def _unstack_chunks(x: torch.Tensor, n_loc: int) -> torch.Tensor:
     return torch.cat(x.chunk(n_loc, dim=0), dim=1) if n_loc > 1 else x
 
 
+def _keep(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@contextlib.contextmanager
+def _inner_graph():
+    """Grad mode on, with identity saved-tensor hooks: the graph built inside keeps its tensors as they are.
+
+    Saved-tensor hooks nest, the innermost wins. Without this, an enclosing non-reentrant
+    `torch.utils.checkpoint` would drop the kept graph's tensors too and recompute the whole checkpointed
+    region (all-gather included) for each of them during backward. With it, what the kept graph references
+    stays alive only as long as the graph: `save_for_backward` hands its roots to the outer hooks, so under
+    checkpointing the forward frees the graph and the one recompute in backward rebuilds it.
+    """
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        yield
+
+
 class _LASP2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, group, causal, layout, rank, world):
@@ -147,14 +165,17 @@ class _LASP2(torch.autograd.Function):
         track = any(ctx.needs_input_grad[:4])
         qs, ks, vs = (_stack_chunks(x, n_loc) for x in (q, k, v))  # [n_loc*b, C, h, d]
         # The local terms are built under autograd and their graph is kept for backward (O(S/P), no recompute).
-        grad_mode = torch.enable_grad() if track else contextlib.nullcontext()
-        with grad_mode:
+        # The graph's own saved tensors bypass any outer saved-tensor hooks (`_inner_graph`): under activation
+        # checkpointing only this Function's save_for_backward goes through checkpoint's hooks, so the layer is
+        # recomputed once in backward (not once per unpacked tensor of the kept graph).
+        grad_mode = _inner_graph if track else contextlib.nullcontext
+        with grad_mode():
             leaves = [x.detach().requires_grad_(track) for x in (qs, ks, vs)]
             ld = log_decay.detach().requires_grad_(decay_grad) if log_decay is not None else None
             mem = memory_state(leaves[1], leaves[2], ld)  # [n_loc*b, h, dk, dv]
         with comm.comm_tag("lasp2.fwd"):
             pending = comm.all_gather(mem.detach().view(n_loc, b, *mem.shape[1:]), group=group, async_op=True)
-        with grad_mode:
+        with grad_mode():
             o_intra, _ = linear_attention(*leaves, ld)  # overlaps the all-gather
         mem_all = pending.wait()  # [world*n_loc, b, h, dk, dv], rank-major
         own = _chunk_gids(rank, world, n_loc, q.device)
@@ -233,7 +254,7 @@ class _LASP2(torch.autograd.Function):
 
 def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
                            group: dist.ProcessGroup | None = None, causal: bool = True,
-                           layout: str = "contiguous") -> torch.Tensor:
+                           layout: str = "contiguous", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Linear attention over a sequence sharded across the CP group, exchanging only memory states (LASP-2).
 
     Args:
@@ -250,6 +271,11 @@ def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
         group: the CP group (default: the mesh's).
         causal: causal (with optional decay) or full non-causal linear attention (no decay).
         layout: "contiguous" (rank r holds chunk r of P) or "zigzag" (chunks r and 2P-1-r of 2P).
+        cu_seqlens: packed documents (int `[n_docs + 1]` on q's device, the same on every rank: global
+            boundaries of the un-sharded batch laid end to end, 0 ... b * seq_len, every sequence end a
+            boundary; causal only): the state restarts at each document start, as a log gate -inf there added to
+            the decay (`lctrain.sp.lasp2_delta.document_log_gate`), through the chunk-map path: still one
+            all-gather each way. Values are checked only with debug checks on.
     Returns:
         `o` `[b, s_local, h, dv]` in v's dtype: this rank's rows of linear attention over the full sequence.
 
@@ -259,6 +285,12 @@ def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     else goes on the wire and nothing synchronises the host.
     """
     group = cp_group_or_default(group)
+    if cu_seqlens is not None:
+        vector = log_decay is not None and log_decay.dim() == 4
+        problem = None if causal else "cu_seqlens (packed documents) needs causal=True"
+        return lasp2_chunk_map_attention(q, k, v, log_decay, None, "vector" if vector else "scalar", group, layout,
+                                         name="lasp2_linear_attention", tag="lasp2", cu_seqlens=cu_seqlens,
+                                         problem=problem)
     if log_decay is not None and log_decay.dim() > 1:
         if not causal:
             raise ValueError("lasp2_linear_attention: a decay (log_decay) is only defined for causal linear "

@@ -17,6 +17,15 @@ rank's chunks; ONE all-gather of the D_g (plus, with output_final_state, each ra
 state) lets every rank fold the suffix Lambda_G = dL/dS_final, Lambda_g = D_g + T_g^T Lambda_(g+1) locally;
 dL/dM_g = Lambda_(g+1) and dL/dT_g = Lambda_(g+1) S_g^T flow back through the rank's own chunk maps.
 Derivation, byte counts and alternatives: README_lasp2_gated.md.
+
+Packed documents (`cu_seqlens=`): the state restarts from zero at every document start. That is a transition
+with gate a_t = 0, so the boundaries become a data-dependent log gate that is -inf at document starts
+(`document_log_gate`, added to any given gate) and everything above runs unchanged: a document may span any
+number of ranks or chunks, the communication is the same one all-gather each way. -inf is exact here because
+every exponent the plain-PyTorch forms take is a masked cumulative sum of gates, never a difference of two
+(`lctrain.ops.gla.segment_log_decay`): exp(-inf) = 0 exactly and its gradient exp(x) dx = 0. fla's chunk
+kernels do form differences G_i - G_j (-inf - -inf = NaN), so with documents the local pass uses the "chunk"
+backend (`DOCUMENT_BACKEND`).
 """
 from __future__ import annotations
 
@@ -30,16 +39,45 @@ from lctrain.ops.linear_attention_ref import compute_dtype
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import LAYOUTS, chunk_ids
-from lctrain.sp.utils import agree_once
+from lctrain.sp.utils import agree_once, cu_seqlens_problem, rank_positions
 
 #: The recurrences this module carries across ranks, by the shape of their chunk map's T.
 VARIANTS = ("scalar", "vector", "delta")
 
+#: The local backend used when a call has document resets (-inf log gates): the plain-PyTorch chunked form.
+DOCUMENT_BACKEND = "chunk"
+
+
+def document_starts(cu_seqlens: torch.Tensor, batch: int, s_local: int, rank: int, world: int,
+                    layout: str) -> torch.Tensor:
+    """bool `[b, s_local]`: this rank's token is the first of a document (device ops only, no host sync).
+
+    Global position p of each local token from the sharding helper; flat index f = row * S + p (S = s_local * world);
+    a start is f in cu_seqlens.
+    """
+    pos = rank_positions(rank, world, s_local, layout, cu_seqlens.device)  # [s_local]
+    rows = torch.arange(batch, device=cu_seqlens.device)[:, None]
+    flat = (rows * (s_local * world) + pos[None, :]).to(cu_seqlens.dtype)
+    return torch.isin(flat, cu_seqlens)
+
+
+def document_log_gate(g: torch.Tensor | None, starts: torch.Tensor, q: torch.Tensor, vector: bool) -> torch.Tensor:
+    """The log gate with document resets: -inf at document starts, else g (None -> 0, `[h]` broadcast).
+
+    Returns `[b, s, h]` (or `[b, s, h, dk]` for a vector gate) in g's dtype (q's without g); differentiable in g,
+    whose gradient at a reset is 0 (the gate does not act there).
+    """
+    b, s, h, dk = q.shape
+    shape = (b, s, h, dk) if vector else (b, s, h)
+    base = (torch.zeros(shape, dtype=q.dtype, device=q.device) if g is None else g.expand(shape))
+    mask = starts[:, :, None, None] if vector else starts[:, :, None]
+    return torch.where(mask, torch.full((), float("-inf"), dtype=base.dtype, device=base.device), base)
+
 
 def check_chunk_map_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                            beta: torch.Tensor | None, initial_state: torch.Tensor | None, variant: str,
-                           group: dist.ProcessGroup | None, layout: str,
-                           output_final_state: bool) -> tuple[int, int]:
+                           group: dist.ProcessGroup | None, layout: str, output_final_state: bool,
+                           cu_seqlens: torch.Tensor | None = None, problem: str | None = None) -> tuple[int, int]:
     """Validate inputs before any collective; returns (rank, world).
 
     Shapes are checked on every call (host metadata, no sync); the ranks' agreement is exchanged once per call
@@ -47,14 +85,15 @@ def check_chunk_map_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
     debug checks on (`lctrain.ops.debug`), and then the exchange runs on every call.
     """
     rank, world = comm.group_rank(group), comm.group_size(group)
-    problem = None
     debug = debug_checks_enabled()
     try:
+        if problem is not None:
+            raise ValueError(problem)
         if layout not in LAYOUTS:
             raise ValueError(f"unknown CP layout {layout!r}; expected one of {LAYOUTS}")
         kind = check_gated_inputs(q, k, v, g, beta if variant == "delta" else None, initial_state,
                                   delta=variant == "delta")
-        if variant == "vector" and kind != "vector" or variant == "scalar" and kind not in ("scalar", "head"):
+        if variant == "vector" and kind != "vector" or variant == "scalar" and kind not in ("scalar", "head", "none"):
             raise ValueError(f"a {variant} gate was expected, got log gate of shape "
                              f"{None if g is None else list(g.shape)}")
         if q.shape[1] == 0:
@@ -62,6 +101,12 @@ def check_chunk_map_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
         if layout == "zigzag" and q.shape[1] % 2:
             raise ValueError(f"sequence length {q.shape[1] * world} is not divisible by 2*CP = {2 * world} "
                              f"(zigzag layout: this rank's slice has odd length {q.shape[1]})")
+        if cu_seqlens is not None and initial_state is not None:
+            raise ValueError("initial_state and cu_seqlens together are not supported (every document starts "
+                             "from a zero state)")
+        problem = cu_seqlens_problem(cu_seqlens, q, world)
+        if problem is not None:
+            raise ValueError(problem)
         if debug:
             check_gate_values(g, beta)
     except ValueError as err:
@@ -69,7 +114,9 @@ def check_chunk_map_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
     fields = (("q shape", tuple(q.shape)), ("v shape", tuple(v.shape)), ("dtype", str(q.dtype)),
               ("device", q.device.type), ("layout", layout), ("variant", variant),
               ("gate", None if g is None else (tuple(g.shape), str(g.dtype))),
-              ("initial state", initial_state is not None), ("final state", bool(output_final_state)))
+              ("initial state", initial_state is not None), ("final state", bool(output_final_state)),
+              ("cu_seqlens", None if not isinstance(cu_seqlens, torch.Tensor)
+               else (tuple(cu_seqlens.shape), str(cu_seqlens.dtype))))
 
     def hint(values: list[tuple]) -> str:
         lens = [val[0][1] if len(val[0]) > 1 else None for val in values]
@@ -108,10 +155,10 @@ def _chunk_map(variant: str, k, v, g, beta):
     return gla_chunk_map(k, v, g)
 
 
-def _local(variant: str, q, k, v, g, beta, initial_state):
+def _local(variant: str, q, k, v, g, beta, initial_state, backend: str | None = None):
     if variant == "delta":
-        return gated_delta_rule(q, k, v, g, beta, initial_state=initial_state)[0]
-    return gated_linear_attention(q, k, v, g, initial_state=initial_state)[0]
+        return gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, backend=backend)[0]
+    return gated_linear_attention(q, k, v, g, initial_state=initial_state, backend=backend)[0]
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
@@ -131,7 +178,8 @@ def _to_global_order(x: torch.Tensor, world: int, layout: str) -> torch.Tensor:
 
 class _LASP2ChunkMap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, variant, group, layout, rank, world, tag, want_final):
+    def forward(ctx, q, k, v, g, beta, initial_state, variant, group, layout, rank, world, tag, want_final,
+                backend=None):
         ids = chunk_ids(rank, world, layout)
         n_loc, num_chunks = len(ids), len(ids) * world
         b, _, h, dk = q.shape
@@ -141,11 +189,11 @@ class _LASP2ChunkMap(torch.autograd.Function):
         state = (initial_state.to(sdt) if initial_state is not None
                  else torch.zeros(b, h, dk, dv, dtype=sdt, device=q.device))
         ctx.variant, ctx.group, ctx.layout, ctx.rank, ctx.world, ctx.tag = variant, group, layout, rank, world, tag
-        ctx.has_initial, ctx.want_final = initial_state is not None, want_final
+        ctx.has_initial, ctx.want_final, ctx.backend = initial_state is not None, want_final, backend
         # One chunk in all and no final state asked for: no chunk map is needed (one GPU / cp=1 runs).
         ctx.single = num_chunks == 1 and not want_final
         if ctx.single:
-            o = _local(variant, qs, ks, vs, gs, bs, state)
+            o = _local(variant, qs, ks, vs, gs, bs, state, backend)
             ctx.save_for_backward(q, k, v, g, beta, state, None)
             return o, o.new_zeros(0)
         t_loc, m_loc = _chunk_map(variant, ks, vs, gs, bs)  # T [n_loc*b, h, ...], M [n_loc*b, h, dk, dv]
@@ -161,7 +209,7 @@ class _LASP2ChunkMap(torch.autograd.Function):
             states.append(state)
             state = _apply(t_all[c], state, variant) + m_all[c]
         entering = torch.cat([states[c] for c in ids], dim=0)  # [n_loc*b, h, dk, dv]
-        o = _local(variant, qs, ks, vs, gs, bs, entering)
+        o = _local(variant, qs, ks, vs, gs, bs, entering, backend)
         ctx.save_for_backward(q, k, v, g, beta, entering, t_all)
         return _unstack(o, n_loc), state
 
@@ -180,7 +228,7 @@ class _LASP2ChunkMap(torch.autograd.Function):
             bs = beta.detach().requires_grad_(True) if beta is not None and need[4] else beta
             bs_loc = _stack(bs, n_loc)
             s_in = entering.detach().requires_grad_(True)
-            o = _local(variant, qs, ks, vs, gs_loc, bs_loc, s_in)
+            o = _local(variant, qs, ks, vs, gs_loc, bs_loc, s_in, ctx.backend)
             leaves = [qs, ks, vs, s_in] + [x for x in (gs, bs) if x is not None and x.requires_grad]
             grads = list(torch.autograd.grad(o, leaves, _stack(do, n_loc), allow_unused=True))
         d_in = grads[3]  # [n_loc*b, h, dk, dv], D_g of this rank's chunks
@@ -190,7 +238,7 @@ class _LASP2ChunkMap(torch.autograd.Function):
             dbeta = grads[-1].to(beta.dtype) if bs is not None and bs.requires_grad else None
             d_init = d_in if ctx.has_initial and need[5] else None
             return (grads[0].to(q.dtype), grads[1].to(k.dtype), grads[2].to(v.dtype), dg, dbeta, d_init,
-                    None, None, None, None, None, None, None)
+                    None, None, None, None, None, None, None, None)
         # One all-gather: the rank's D_g and (with output_final_state) its share of dL/dS_final.
         parts = [d_in.reshape(n_loc, b, *d_in.shape[1:])]
         if ctx.want_final:
@@ -230,33 +278,41 @@ class _LASP2ChunkMap(torch.autograd.Function):
             # The initial state is replicated: CP rank 0 (which holds the first chunk) returns the whole gradient.
             d_init = lam if rank == 0 else torch.zeros_like(lam)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, d_init,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def lasp2_chunk_map_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                               beta: torch.Tensor | None, variant: str, group: dist.ProcessGroup | None = None,
                               layout: str = "contiguous", initial_state: torch.Tensor | None = None,
                               output_final_state: bool = False, name: str = "lasp2",
-                              tag: str = "lasp2") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                              tag: str = "lasp2", cu_seqlens: torch.Tensor | None = None,
+                              problem: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LASP-2 for a recurrence given by its chunk maps (`variant`: "scalar", "vector" or "delta").
 
     The public entry points are `lasp2_delta_attention` and `lasp2_linear_attention` (data-dependent gates);
-    arguments and results as there. Collectives are tagged `{tag}.fwd` and `{tag}.bwd`.
+    arguments and results as there. Collectives are tagged `{tag}.fwd` and `{tag}.bwd`. `problem`: a ValueError
+    message the caller found, raised on every rank through the same agreement exchange.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown chunk-map variant {variant!r}; expected one of {VARIANTS}")
     group = cp_group_or_default(group)
     rank, world = check_chunk_map_inputs(name, q, k, v, g, beta, initial_state, variant, group, layout,
-                                         output_final_state)
+                                         output_final_state, cu_seqlens, problem)
+    backend = None
+    if cu_seqlens is not None:
+        g = document_log_gate(g, document_starts(cu_seqlens, q.shape[0], q.shape[1], rank, world, layout), q,
+                              variant == "vector")
+        backend = DOCUMENT_BACKEND
     o, final = _LASP2ChunkMap.apply(q, k, v, g, beta, initial_state, variant, group, layout, rank, world, tag,
-                                    bool(output_final_state))
+                                    bool(output_final_state), backend)
     return (o, final) if output_final_state else o
 
 
 def lasp2_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                           log_decay: torch.Tensor | None = None, group: dist.ProcessGroup | None = None,
                           layout: str = "contiguous", initial_state: torch.Tensor | None = None,
-                          output_final_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                          output_final_state: bool = False,
+                          cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over a sequence sharded across the CP group (LASP-2: one all-gather each way).
 
         S_t = a_t (I - beta_t k_t k_t^T) S_(t-1) + beta_t k_t v_t^T,   o_t = S_t^T q_t,   a_t = exp(log_decay_t)
@@ -274,6 +330,10 @@ def lasp2_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bet
             Its gradient is returned on CP rank 0 (zeros elsewhere), so the sum over the group is the gradient.
         output_final_state: also return the state after the last token of the whole sequence (float32; every
             rank gets it; the gradients that flow into it on the different ranks are summed).
+        cu_seqlens: packed documents (int `[n_docs + 1]` on q's device, the same on every rank: global
+            boundaries of the un-sharded batch laid end to end, 0 ... b * seq_len, every sequence end a
+            boundary): the state restarts from zero at each document start (a gate a_t = 0 there). Not with
+            initial_state. Its values are checked only with debug checks on.
     Returns:
         `o` `[b, s_local, h, dv]` in v's dtype, or `(o, final_state)` with `output_final_state`.
 
@@ -283,4 +343,5 @@ def lasp2_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bet
     A `[h]` log_decay that requires grad gets each rank's contribution (their sum is the gradient).
     """
     return lasp2_chunk_map_attention(q, k, v, log_decay, beta, "delta", group, layout, initial_state,
-                                     output_final_state, name="lasp2_delta_attention", tag="lasp2_delta")
+                                     output_final_state, name="lasp2_delta_attention", tag="lasp2_delta",
+                                     cu_seqlens=cu_seqlens)
