@@ -5,10 +5,10 @@ steady state (after one warm-up step): bytes put on the wire and calls per colle
 forward and backward, object collectives included), the agreement exchanges of the FIRST call of the
 signature (object collectives; 0 afterwards), host syncs during one forward + backward
 (`lctrain.testing.hot_path.count_host_syncs`, expected 0), the activation bytes one layer keeps for backward
-(saved-tensor hooks, its inputs included), peak memory of one step (CPU: allocations recorded by the torch
-profiler, relative to the step's start; GPU: `torch.cuda.max_memory_allocated`), the time of one forward +
-backward (each step timed from a barrier to its slowest rank; the best of `--iters` steps), and the local
-backend(s) that ran. Prints a Markdown table.
+(`graph_saved_bytes`: every tensor its autograd graph saves, its inputs included), peak memory of one step
+(CPU: allocations recorded by the torch profiler, relative to the step's start; GPU:
+`torch.cuda.max_memory_allocated`), the time of one forward + backward (each step timed from a barrier to its
+slowest rank; the best of `--iters` steps), and the local backend(s) that ran. Prints a Markdown table.
 
     lctrain bench sp --world 4 --seq 1024 2048 4096 --heads 8 --kv-heads 2 --dim 64
     torchrun --nproc-per-node 4 -m lctrain bench sp ...    # in place on the launched ranks (GPU if present)
@@ -30,7 +30,7 @@ from lctrain.ops import attention as attention_ops
 from lctrain.ops import linear_attention as linear_ops
 from lctrain.ops.linear_attention import default_log_decay
 from lctrain.parallel import MeshConfig, comm, init_mesh, record_comm
-from lctrain.testing.hot_path import count_host_syncs, track_saved_tensors
+from lctrain.testing.hot_path import count_host_syncs, graph_saved_bytes
 from lctrain.sp import (allgather_attention, lasp1_linear_attention, lasp2_linear_attention, ring_attention,
                         ulysses_attention)
 
@@ -138,8 +138,9 @@ def bench_rank(methods: list[str], seqs: list[int], heads: int, kv_heads: int, d
                 step()  # warm-up: the signature's agreement exchange happens here
             with count_host_syncs() as syncs, attention_ops.REGISTRY.track() as soft, \
                     linear_ops.REGISTRY.track() as lin:
-                with record_comm() as fwd, track_saved_tensors() as saved:
+                with record_comm() as fwd:
                     o = fn(q, k, v, group, layout)
+                saved_bytes = graph_saved_bytes(o)
                 with record_comm() as bwd:
                     o.backward(do)
             del o
@@ -165,7 +166,7 @@ def bench_rank(methods: list[str], seqs: list[int], heads: int, kv_heads: int, d
                 method=name, seq=seq, rank=mesh.cp_rank, times_s=times, peak_bytes=peak,
                 fwd_bytes=sum(e.bytes for e in fwd.events), bwd_bytes=sum(e.bytes for e in bwd.events),
                 fwd_calls=_calls(fwd), bwd_calls=_calls(bwd), first_objects=first.calls("all_gather_object"),
-                host_syncs=syncs.count, saved_bytes=saved.bytes, backends=sorted(set(soft) | set(lin)),
+                host_syncs=syncs.count, saved_bytes=saved_bytes, backends=sorted(set(soft) | set(lin)),
             ))
     return rows
 

@@ -14,6 +14,7 @@ thread-safe):
     with track_saved_tensors(exclude=(q, k, v)) as saved:   # autograd's saved tensors, by storage
         o = layer(q, k, v)
     saved.bytes                              # what the layer keeps for backward
+    graph_saved_bytes(o)                     # the same, walking the graph (sees nested hooks too)
 
 `watch_collectives` wraps the functions of the `torch.distributed` namespace (so it counts what lctrain or
 anyone else issues, independently of lctrain's own recorder) and the Work objects they return, so the order
@@ -210,3 +211,42 @@ def track_saved_tensors(exclude: tuple[torch.Tensor, ...] = ()) -> Iterator[Save
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield rec
+
+
+def graph_saved_bytes(*outputs: torch.Tensor) -> int:
+    """Bytes of the distinct storages the autograd graph behind `outputs` keeps for backward.
+
+    Walks the graph (every node's `_saved_*` tensors; custom Functions' `saved_tensors`) and follows saved
+    tensors that carry graphs of their own (a Function that keeps an inner graph, as LASP-2 does). Unlike
+    :func:`track_saved_tensors` it also sees tensors saved under other saved-tensor hooks (nested hooks hide
+    them from outer ones). Call it after forward, before backward frees the graph.
+    """
+    storages: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        saved: list[Any] = []
+        for name in dir(fn):
+            if name.startswith("_saved_"):
+                try:
+                    saved.append(getattr(fn, name))
+                except RuntimeError:  # already freed
+                    pass
+        if hasattr(fn, "saved_tensors"):
+            try:
+                saved.extend(fn.saved_tensors)
+            except RuntimeError:
+                pass
+        for item in saved:
+            for t in (item if isinstance(item, (tuple, list)) else (item,)):
+                if isinstance(t, torch.Tensor):
+                    key, nbytes = _storage(t)
+                    storages[key] = nbytes
+                    if t.grad_fn is not None:
+                        stack.append(t.grad_fn)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return sum(storages.values())
