@@ -13,7 +13,8 @@ weight splits cleanly over TP). The QKV projection is the GQA-grouped one of the
 repeated to the query heads after the convolution. The sequence crosses CP ranks twice: the convolution's
 halo (K-1 tokens from the neighbouring chunk(s), counted P2P, short_conv.py) and the recurrence's state
 (LASP-2 over chunk maps, `lctrain.sp.lasp2_delta`: one all-gather forward, one backward; or the LASP-1 ring
-with linear_sp="lasp1", contiguous layout).
+with linear_sp="lasp1", contiguous layout). Packed documents (native on any CP size): the convolution's taps
+that reach into the previous document are zeroed and the state restarts at each document (`cu_seqlens=`).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class GatedLinearMixer(torch.nn.Module):
         if cfg.linear_sp == "lasp1" and mesh.cp > 1 and cp_layout != "contiguous":
             raise ValueError("linear_sp='lasp1' needs cp_layout='contiguous' (its state ring follows rank order)")
         self.kind, self.mesh, self.cp_layout, self.method = kind, mesh, cp_layout, cfg.linear_sp
-        self.packed_mode = None  # packed documents would need the convolution and the state reset per document
+        self.packed_mode = "native"  # conv taps masked per document, SP calls take cu_seqlens
         self.eps, self.head_dim = cfg.norm_eps, cfg.head_dim
         self.q_per_group = cfg.num_heads // cfg.num_kv_heads
         self.local_heads = cfg.num_heads // mesh.tp
@@ -85,21 +86,23 @@ class GatedLinearMixer(torch.nn.Module):
                                      init_method=scaled_init(cfg.init_std, cfg.num_layers), bias=False,
                                      input_is_parallel=True, skip_bias_add=False, tp_group=mesh.tp_group)
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """silu(causal conv) of `[b, s, n, d]` heads, across the CP group."""
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """silu(causal conv) of `[b, s, n, d]` heads, across the CP group (`positions`: within-document)."""
         b, s, n, d = x.shape
         m = self.mesh
-        y = causal_conv_cp(x.reshape(b, s, n * d), weight.to(x.dtype), m.cp_group, self.cp_layout, m.cp_rank, m.cp)
+        y = causal_conv_cp(x.reshape(b, s, n * d), weight.to(x.dtype), m.cp_group, self.cp_layout, m.cp_rank, m.cp,
+                           positions)
         return F.silu(y).view(b, s, n, d)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                 docs=None) -> torch.Tensor:
-        """`cos`, `sin` (RoPE tables of the softmax layers) are unused: no RoPE here."""
-        if docs is not None:
-            raise NotImplementedError("the gated mixers do not take packed documents (cu_seqlens) yet")
+        """`cos`, `sin` (RoPE tables of the softmax layers) are unused: no RoPE here. `docs`: the packed batch's
+        documents (convolution and state restart at each), or None."""
         b, s, _ = x.shape
+        pos = docs.positions if docs is not None else None
+        cu = {"cu_seqlens": docs.cu_seqlens} if docs is not None else {}
         q, k, v = self.qkv(x)  # [b, s, h/tp, d], [b, s, h_kv/tp, d] x 2
-        q, k, v = self._conv(q, self.conv_q), self._conv(k, self.conv_k), self._conv(v, self.conv_v)
+        q, k, v = (self._conv(t, w, pos) for t, w in ((q, self.conv_q), (k, self.conv_k), (v, self.conv_v)))
         if self.q_per_group > 1:
             k = k.repeat_interleave(self.q_per_group, dim=2)  # [b, s, h/tp, d]
             v = v.repeat_interleave(self.q_per_group, dim=2)
@@ -113,16 +116,16 @@ class GatedLinearMixer(torch.nn.Module):
             a, _ = self.decay_proj(x)
             g = -torch.exp(self.A_log.to(gdt)) * F.softplus(a.to(gdt) + self.dt_bias.to(gdt))  # [b, s, h/tp]
             if self.method == "lasp1":
-                o = sp.lasp1_delta_attention(q, k, v, beta.to(q.dtype), log_decay=g, group=group)
+                o = sp.lasp1_delta_attention(q, k, v, beta.to(q.dtype), log_decay=g, group=group, **cu)
             else:
-                o = sp.lasp2_delta_attention(q, k, v, beta.to(q.dtype), log_decay=g, group=group, layout=layout)
+                o = sp.lasp2_delta_attention(q, k, v, beta.to(q.dtype), log_decay=g, group=group, layout=layout, **cu)
         else:
             gk, _ = self.gk_proj(x)
             g = F.logsigmoid(gk.to(gdt)).view(b, s, self.local_heads, self.head_dim) / GLA_GATE_NORMALIZER
             if self.method == "lasp1":
-                o = sp.lasp1_linear_attention(q * scale, k, v, log_decay=g, group=group)
+                o = sp.lasp1_linear_attention(q * scale, k, v, log_decay=g, group=group, **cu)
             else:
-                o = sp.lasp2_linear_attention(q * scale, k, v, log_decay=g, group=group, layout=layout)
+                o = sp.lasp2_linear_attention(q * scale, k, v, log_decay=g, group=group, layout=layout, **cu)
         o = rms_norm(o, self.norm_weight.view(self.local_heads, self.head_dim), self.eps)
         gate, _ = self.gate(x)  # [b, s, h d / tp]
         o = o * F.silu(gate).view(b, s, self.local_heads, self.head_dim)

@@ -8,6 +8,10 @@ Zigzag (rank r holds chunks r and 2P-1-r): chunk r's halo is the tail of chunk r
 and chunk 2P-1-r's halo is the tail of chunk 2P-2-r (rank r+1's second chunk; rank P-1's own first chunk), so a
 rank talks to both neighbours. One batched, counted P2P exchange forward (tag "conv_halo.fwd"); backward sends
 the halos' gradients back to their owners (tag "conv_halo.bwd"). Chunks must hold at least K-1 tokens.
+
+Packed documents: with each token's position within its document p_t, tap i (reaching d = K-1-i tokens back) is
+zeroed where d > p_t, so no token sees the previous document (halo tokens included: the mask is on the
+receiving side, the exchange is unchanged).
 """
 from __future__ import annotations
 
@@ -89,13 +93,15 @@ class _HaloExchange(torch.autograd.Function):
 
 
 def causal_conv_cp(x: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup | None, layout: str,
-                   rank: int, world: int) -> torch.Tensor:
+                   rank: int, world: int, doc_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Causal depthwise convolution of this rank's tokens of a CP-sharded sequence.
 
     Args:
         x: `[b, s_local, ch]`, this rank's tokens in `layout`.
         weight: `[ch, K]` (tap K-1 multiplies the current token).
         group, layout, rank, world: the CP group, its layout, this rank and the group size.
+        doc_positions: int `[b, s_local]`, each token's position within its packed document
+            (`lctrain.models.packing.Documents.positions`), or None (one document per sequence).
     Returns:
         `[b, s_local, ch]`: the convolution of the whole sequence at this rank's tokens.
 
@@ -108,12 +114,24 @@ def causal_conv_cp(x: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGro
     width = kernel - 1
     if width == 0:
         return x * weight[:, 0]
-    if chunk < width:
+    taps = None
+    if doc_positions is not None:
+        back = torch.arange(width, -1, -1, device=x.device)  # tap i reaches d = K-1-i tokens back
+        taps = (back <= doc_positions[..., None]).to(x.dtype)  # [b, s_local, K]
+    if n_loc == 1 and world == 1:  # the whole sequence here: zeros before it, any length
+        halos = x.new_zeros(1, x.shape[0], width, x.shape[2])
+    elif chunk < width:
         raise ValueError(f"the short convolution (kernel {kernel}) needs chunks of at least {width} tokens; "
                          f"this rank's chunks hold {chunk} (use a longer sequence or a smaller kernel)")
-    halos = _HaloExchange.apply(x, width, group, layout, rank, world)  # [n_loc, b, width, ch]
+    else:
+        halos = _HaloExchange.apply(x, width, group, layout, rank, world)  # [n_loc, b, width, ch]
     outs = []
     for j, xc in enumerate(x.chunk(n_loc, dim=1)):
+        if taps is not None:
+            windows = torch.cat([halos[j], xc], dim=1).unfold(1, kernel, 1)  # [b, chunk, ch, K]
+            mask = taps[:, j * chunk:(j + 1) * chunk, None, :]  # [b, chunk, 1, K]
+            outs.append((windows * mask * weight).sum(-1))
+            continue
         xin = torch.cat([halos[j], xc], dim=1).transpose(1, 2)  # [b, ch, width + chunk]
         outs.append(F.conv1d(xin, weight[:, None, :], groups=weight.shape[0]).transpose(1, 2))  # [b, chunk, ch]
     return torch.cat(outs, dim=1)

@@ -10,8 +10,9 @@ model, Megatron's cross-entropy in float32: tolerance 5e-7 as in test_hybrid.py.
 Restarting RoPE per document does not change attention within a document in exact arithmetic (RoPE is
 relative), so the position tables are tested directly (test_document_tables_restart_positions).
 
-A CP size whose SP methods do not take `cu_seqlens=` yet must raise NotImplementedError on every rank
-(the check runs before any collective); once they do, the same test compares them.
+Every mixer takes packed batches natively on any CP size now (softmax, linear "L", GatedDeltaNet "D", GLA "G":
+state resets and convolution taps masked at document starts), so on world 2 every variant is compared; a mixer
+without `cu_seqlens=` support would raise NotImplementedError on every rank (before any collective).
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ VARIANTS = [
     ("LA-lasp2-ring-zigzag", dict(layer_pattern="LA", softmax_sp="ring", linear_sp="lasp2"), "zigzag"),
     ("LA-lasp1-ulysses-contig", dict(layer_pattern="LA", softmax_sp="ulysses", linear_sp="lasp1",
                                      feature_map="elu1"), "contiguous"),
+    ("DA-lasp2-allgather-zigzag", dict(layer_pattern="DA", softmax_sp="allgather", linear_sp="lasp2",
+                                       short_conv_size=3), "zigzag"),
+    ("GL-lasp1-contig", dict(layer_pattern="GL", linear_sp="lasp1", short_conv_size=3), "contiguous"),
 ]
 
 
@@ -200,7 +204,7 @@ def test_packed_model_matches_documents_one_by_one(world, meshes):
     compared, refused = results[0]
     assert compared + refused == len(meshes) * len(VARIANTS), results
     if world == 2:
-        assert compared >= 2 * len(VARIANTS), results  # at least every variant on (1, 1) x dp2 and tp2
+        assert compared == len(meshes) * len(VARIANTS), results  # every method takes cu_seqlens on CP = 2 too
 
 
 def test_document_tables_restart_positions():
