@@ -14,6 +14,15 @@ differentiates the intra-chunk term while it is in flight, from the autograd gra
 recomputation of the local pass); then each chunk's dM_j = sum_{g>j} lambda^(C (g-1-j)) dS_g is formed
 locally. Non-causal: o = q . (sum of all M). Derivation: README_lasp2.md.
 
+Activation checkpointing (non-reentrant): the kept graph is built under identity saved-tensor hooks, so the
+checkpoint's hooks see only this Function's saved tensors. A checkpointed LASP-2 layer then frees its kept graph
+(the stacked q, k, v and the intra-chunk pass's saved tensors, O(S/P) per layer) after forward and rebuilds it
+once in backward: one more forward all-gather of the states and one more intra-chunk pass, as for any
+checkpointed layer (tests/sp/test_lasp2_checkpoint.py).
+
+Packed documents (`cu_seqlens=`) go through the chunk-map path of `lctrain.sp.lasp2_delta` (a -inf log gate at
+document starts), still one all-gather each way.
+
 `check_linear_sp_inputs` (shared with LASP-1) validates inputs on every rank before any collective, with
 one agreement exchange per call signature (`lctrain.sp.utils.agree_once`).
 """
