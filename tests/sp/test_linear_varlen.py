@@ -31,9 +31,13 @@ CONFIGS += [("lasp1", "none", "contiguous"), ("lasp1", "head", "contiguous"), ("
 
 
 def make_cu_seqlens(gen: torch.Generator, b: int, s: int) -> torch.Tensor:
-    """Random boundaries over b rows of s tokens: every row end, a length-1 document, a few random cuts."""
+    """Boundaries over b rows of s tokens: every row end; row 0 a length-1 document at a random place and a few
+    random cuts; row 1 (if any) a length-1 document, then one document over all the rest (longer than any rank's
+    shard for world > 1, across the zigzag fold at s/2)."""
     cuts = {s * r for r in range(b + 1)}
-    for r in range(b):
+    if b > 1:
+        cuts.add(s + 1)
+    for r in range(min(b, 1)):
         one = int(torch.randint(0, s - 1, (1,), generator=gen))
         cuts |= {r * s + one, r * s + one + 1}  # a document of length 1
         n_more = int(torch.randint(0, 3, (1,), generator=gen))
