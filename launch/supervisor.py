@@ -106,7 +106,7 @@ class Gang:
         self.actors = [
             worker_cls.options(
                 name=f"lctrain-{tag}-rank{rank}", num_cpus=self.lcfg.cpus_per_rank, num_gpus=gpus,
-                max_concurrency=2, max_restarts=0,
+                max_concurrency=3, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     slot.group, placement_group_bundle_index=slot.bundle_index),
             ).remote(self.lcfg.entrypoint)
@@ -203,7 +203,8 @@ class Gang:
             ref, asked = beats[rank]
             done, _ = ray.wait([ref], timeout=0)
             if not done:
-                if now - asked > self.lcfg.progress_timeout_s:
+                # An actor answers from its own thread even while training; no answer at all is a stuck process.
+                if now - asked > max(self.lcfg.progress_timeout_s, self.lcfg.gang_timeout_s):
                     raise RankFailure(f"rank {rank} has not answered a heartbeat request for {now - asked:.0f} s; "
                                       "treating the gang as hung")
                 continue

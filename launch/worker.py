@@ -2,7 +2,7 @@
 
 Each actor is its own worker process, so the torch.distributed variables it sets in os.environ are local
 to its rank. `run` joins torch.distributed from them (nccl on GPU, gloo on CPU) before calling the
-entrypoint, which then finds the default group ready. The actor is threaded (max_concurrency=2) so the
+entrypoint, which then finds the default group ready. The actor is threaded (max_concurrency=3) so the
 supervisor can read each rank's heartbeat and rank 0's progress while `run` is busy training.
 """
 from __future__ import annotations

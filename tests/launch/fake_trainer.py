@@ -23,7 +23,7 @@ from lctrain.parallel.mesh import init_distributed
 from lctrain.train import heartbeat
 
 STEP_S = 0.3
-SLOW_SAVE_S = 12.0
+SLOW_SAVE_S = 45.0
 
 
 @dataclass
