@@ -303,10 +303,9 @@ def test_activation_checkpointing_same_gradients_less_memory():
     # recomputation re-issues the recomputed layers' forward collectives in backward
     extra = {m: r["total_calls"] - runs["none"]["total_calls"] for m, r in runs.items()}
     fwd_gathers = runs["none"]["ops"][0]["all_gather"]["calls"]  # one per layer (LASP-2 / all-gather K/V)
-    assert extra["none"] == 0
-    # every recomputed SP layer re-issues its forward all-gather in backward (measured: 4 extra for the 4 forward
-    # ones; an earlier SP revision showed 10, so only the lower bound is asserted)
-    assert extra["full"] >= fwd_gathers and extra["selective"] >= fwd_gathers
+    # every recomputed SP layer re-issues its forward all-gather once in backward, nothing more (the object
+    # collectives of the rank-agreement checks are cached, not repeated)
+    assert extra == {"none": 0, "selective": fwd_gathers, "full": fwd_gathers}
     print(f"saved activation bytes (tiny, cp=2, batch 2): {saved}; extra collectives in backward: {extra}")
 
 
