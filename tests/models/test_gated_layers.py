@@ -102,18 +102,14 @@ def test_config_accepts_gated_mixers():
         ModelConfig(short_conv_size=0)
 
 
-def test_gated_model_runs_under_fake_tensors_and_the_fake_backend():
+def test_gated_model_runs_under_fake_tensors_and_the_fake_backend(fake_group):
     """The planner simulates the real model on FakeTensors with a fake process group: the gated mixers (their
     halo P2P and LASP-2 all-gathers included) must run there."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from lctrain.models import build_model
     from lctrain.parallel import destroy_mesh, shard_positions
 
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
     try:
         mesh = init_mesh(MeshConfig(tp=1, cp=4))
         cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -128,4 +124,3 @@ def test_gated_model_runs_under_fake_tensors_and_the_fake_backend():
         assert rec.calls("send", "conv_halo") > 0 and rec.calls("all_gather", "lasp2") > 0, rec.summary()
     finally:
         destroy_mesh()
-        dist.destroy_process_group()

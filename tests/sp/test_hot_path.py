@@ -160,19 +160,6 @@ def test_lasp2_issues_its_all_gather_before_the_intra_chunk_compute():
                               ("wait", "all_gather_single")], (layout, events)
 
 
-@pytest.fixture
-def fake_group():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 def test_every_method_runs_under_fake_tensors_and_the_fake_backend(fake_group):
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 

@@ -292,19 +292,6 @@ def test_steady_state_only_the_algorithms_collectives_no_host_syncs(world):
                 assert fwd == bwd == {"all_gather_single": 1}, (where, fwd, bwd)
 
 
-@pytest.fixture
-def fake_group():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 def test_runs_under_fake_tensors_and_the_fake_backend(fake_group):
     """The planner simulates the real code on FakeTensors with a fake process group: the gated methods must run
     there (no data-dependent host reads, no object collectives)."""
