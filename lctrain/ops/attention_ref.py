@@ -57,8 +57,12 @@ def reference_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     Returns:
         o `[b, sq, h, d]` in q's dtype, lse `[b, h, sq]` in float32 (float64 for float64 inputs).
     """
-    b, sq, h, d = q.shape
-    s = _scores(q, k, causal, softmax_scale)  # [b, hk, g, sq, sk]
+    return forward_from_scores(_scores(q, k, causal, softmax_scale), q, v)
+
+
+def forward_from_scores(s: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """o and lse from masked scores `s` `[b, hk, g, sq, sk]` (-inf where a key is not visible)."""
+    b, sq, h, _ = q.shape
     lse = torch.logsumexp(s, dim=-1)  # [b, hk, g, sq]
     p = _probs(s, lse)
     o = torch.einsum("bkgqs,bskd->bqkgd", p, v.to(s.dtype))  # [b, sq, hk, g, d]
@@ -73,10 +77,16 @@ def reference_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Ten
     Returns:
         dq `[b, sq, h, d]`, dk and dv `[b, sk, h_kv, d]`, each in its input's dtype.
     """
+    return backward_from_scores(do, q, k, v, o, lse, _scores(q, k, causal, softmax_scale), softmax_scale)
+
+
+def backward_from_scores(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor, s: torch.Tensor,
+                         softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv from the masked scores `s` `[b, hk, g, sq, sk]` and the (possibly merged) o and lse."""
     b, sq, h, d = q.shape
     hk = k.shape[2]
     g = h // hk
-    s = _scores(q, k, causal, softmax_scale)
     cdt = s.dtype
     p = _probs(s, lse.to(cdt).reshape(b, hk, g, sq))  # [b, hk, g, sq, sk]
     dog = do.to(cdt).view(b, sq, hk, g, -1)  # [b, sq, hk, g, d]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lctrain.ops.attention_ref import _probs, _scores
+from lctrain.ops.attention_ref import _scores, backward_from_scores, forward_from_scores
 
 
 def document_ids(cu_seqlens: torch.Tensor, batch: int, seq_len: int,
@@ -88,18 +88,13 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         mask: bool `[b, sq, sk]` from :func:`document_mask`.
         softmax_scale: multiplies q k^T.
     """
-    b, sq, h, d = q.shape
     if _fused(q):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _t(q), _t(k), _t(v), 0.0, False, attn_mask=_bias(mask, q.dtype), scale=softmax_scale)
         seen = mask.any(-1)  # [b, sq]: rows with a visible key (the others got a finite average: zero them)
         o = torch.where(seen[:, :, None, None], _t(o), torch.zeros((), dtype=o.dtype))
         return o, torch.where(seen[:, None, :], lse, torch.full((), float("-inf"), dtype=lse.dtype))
-    s = _masked_scores(q, k, mask, softmax_scale)
-    lse = torch.logsumexp(s, dim=-1)  # [b, hk, g, sq]
-    p = _probs(s, lse)
-    o = torch.einsum("bkgqs,bskd->bqkgd", p, v.to(s.dtype))
-    return o.reshape(b, sq, h, v.shape[-1]).to(q.dtype), lse.reshape(b, h, sq)
+    return forward_from_scores(_masked_scores(q, k, mask, softmax_scale), q, v)
 
 
 def varlen_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -109,7 +104,6 @@ def varlen_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
     With D = rowsum(do * o), p = exp(s - lse): ds = p * (do v^T - D), dq = scale ds k, dk = scale ds^T q, dv = p^T do.
     """
-    b, sq, h, d = q.shape
     if _fused(q):
         # Rows with lse = -inf see no key: any finite lse gives them p = 0 under the bias.
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=lse.dtype))
@@ -118,19 +112,7 @@ def varlen_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
             _t(do), _t(q), _t(k), _t(v), _t(o), lse, 0.0, False, attn_mask=_bias(mask, q.dtype),
             scale=softmax_scale)
         return _t(dq), _t(dk), _t(dv)
-    hk = k.shape[2]
-    g = h // hk
-    s = _masked_scores(q, k, mask, softmax_scale)
-    cdt = s.dtype
-    p = _probs(s, lse.to(cdt).reshape(b, hk, g, sq))
-    dog = do.to(cdt).view(b, sq, hk, g, -1)
-    delta = (do.to(cdt) * o.to(cdt)).sum(-1).view(b, sq, hk, g).permute(0, 2, 3, 1)  # [b, hk, g, sq]
-    dv = torch.einsum("bkgqs,bqkgd->bskd", p, dog)
-    dp = torch.einsum("bqkgd,bskd->bkgqs", dog, v.to(cdt))
-    ds = p * (dp - delta[..., None])
-    dq = torch.einsum("bkgqs,bskd->bqkgd", ds, k.to(cdt)).reshape(b, sq, h, d) * softmax_scale
-    dk = torch.einsum("bkgqs,bqkgd->bskd", ds, q.to(cdt).view(b, sq, hk, g, d)) * softmax_scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return backward_from_scores(do, q, k, v, o, lse, _masked_scores(q, k, mask, softmax_scale), softmax_scale)
 
 
 class _VarlenAttention(torch.autograd.Function):
