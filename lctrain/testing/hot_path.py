@@ -16,6 +16,10 @@ thread-safe):
     saved.bytes                              # what the layer keeps for backward
     graph_saved_bytes(o)                     # the same, walking the graph (sees nested hooks too)
 
+    with count_syncing_ops() as ops:         # aten ops whose CUDA kernel waits for the device (SYNCING_OPS),
+        step()                               # seen by a dispatch mode on any device (CPU and meta included)
+    assert ops.count == 0, ops.calls         # "aten.isin.Tensor_Tensor at lctrain/sp/x.py:12", ...
+
 `watch_collectives` wraps the functions of the `torch.distributed` namespace (so it counts what lctrain or
 anyone else issues, independently of lctrain's own recorder) and the Work objects they return, so the order
 of issue and wait is visible in `calls.events`. Not wrapped: `isend`/`irecv` (torch's P2POp insists on the
@@ -39,6 +43,18 @@ COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all
                "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter", "all_to_all", "all_to_all_single",
                "broadcast", "broadcast_object_list", "barrier", "batch_isend_irecv", "send", "recv", "reduce",
                "gather", "scatter", "gather_object", "scatter_object_list")
+
+#: aten ops whose CUDA implementation copies a device value to the host (so the host waits for the device):
+#: the deny-list of the hot path, in one place (the rehearsal's sync watcher uses it too). `isin` switches to a
+#: sort + unique path on CUDA once the test elements exceed ~10 * n^0.145; the others always sync.
+SYNCING_OPS = frozenset({
+    "aten::isin", "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
+    "aten::unique_dim_consecutive", "aten::nonzero", "aten::argwhere", "aten::masked_select", "aten::bincount",
+    "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::allclose", "aten::histogram",
+})
+#: Ops that sync only with some arguments: a bool/uint8 index (boolean-mask indexing runs `nonzero`), and
+#: `repeat_interleave` with tensor repeats and no `output_size` (it reads the repeats' sum).
+_MASK_INDEX_OPS = frozenset({"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
 
 _MISSING = object()
 
@@ -171,6 +187,70 @@ def count_host_syncs() -> Iterator[HostSyncs]:
             yield syncs
     finally:
         patches.restore()
+
+
+def syncing_reason(func: Any, args: tuple, kwargs: dict) -> str | None:
+    """Why the aten op `func(*args, **kwargs)` would sync the host on CUDA, or None (see `SYNCING_OPS`)."""
+    name = func._schema.name
+    if name in SYNCING_OPS:
+        return str(func)
+    if name in _MASK_INDEX_OPS and len(args) > 1 and isinstance(args[1], (list, tuple)) and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+        return f"{func} with a boolean mask"
+    if name == "aten::repeat_interleave" and isinstance(args[0] if args else None, torch.Tensor) \
+            and kwargs.get("output_size") is None and (func._overloadname == "Tensor" or isinstance(
+                args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor)):
+        return f"{func} without output_size"
+    if name in ("aten::_to_copy", "aten::to") and args and isinstance(args[0], torch.Tensor) \
+            and args[0].device.type not in ("cpu", "meta") and str(kwargs.get("device", "")).startswith("cpu"):
+        return f"{func} to the host"
+    return None
+
+
+def _caller() -> str:
+    """The innermost stack frame outside torch and this module, as `path:line`."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()):
+        f = frame.filename.replace("\\", "/")
+        if "/torch/" not in f and not f.endswith("testing/hot_path.py") and "/contextlib.py" not in f:
+            return f"{f}:{frame.lineno}"
+    return "?"
+
+
+@dataclass
+class SyncingOps:
+    """What `count_syncing_ops` saw: "op at path:line" per syncing op, in order."""
+
+    calls: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+
+@contextlib.contextmanager
+def count_syncing_ops() -> Iterator[SyncingOps]:
+    """Record every aten op inside the block whose CUDA kernel would sync the host (`syncing_reason`).
+
+    A `TorchDispatchMode`, so it sees the ops whatever the device (CPU, meta, fake) and whatever issued them,
+    forward and backward (autograd runs backward ops under the same mode when backward is called inside the
+    block). It does not see ops inside a custom op's kernel, nor Python-level host reads (`count_host_syncs`).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = SyncingOps()
+
+    class _Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            reason = syncing_reason(func, args, kwargs)
+            if reason is not None:
+                seen.calls.append(f"{reason} at {_caller()}")
+            return func(*args, **kwargs)
+
+    with _Watch():
+        yield seen
 
 
 @dataclass

@@ -303,3 +303,30 @@ def test_model_blocks_and_step_make_no_host_syncs():
         # A block issues its SP method's collectives only (tiny model: LASP-2 blocks, an all-gather K/V block).
         assert out["linear block"][1] == {"all_gather_single": 2}, out
         assert out["softmax block"][1] == {"all_gather_single": 2, "all_reduce": 1}, out
+
+
+def test_syncing_op_detector_names_each_denied_op_and_its_line():
+    """The deny-list check the steady-state tests rely on: each syncing op is caught (with this file's line), the
+    sync-free equivalents the SP methods use are not."""
+    from lctrain.testing.hot_path import count_syncing_ops
+
+    x = torch.randn(4, 3, requires_grad=True)
+    mask, reps = torch.tensor([True, False, True, False]), torch.tensor([1, 2])
+    planted = {
+        "isin": lambda: torch.isin(torch.arange(4), reps), "unique": lambda: torch.unique(reps),
+        "nonzero": lambda: mask.nonzero(), "item": lambda: x.sum().item(), "bool": lambda: bool(mask.any()),
+        "mask index": lambda: x[mask], "mask assign": lambda: x.detach().clone().__setitem__(mask, 0.0),
+        "repeat_interleave": lambda: torch.repeat_interleave(reps), "bincount": lambda: torch.bincount(reps),
+        "masked_select": lambda: x.masked_select(mask[:, None]),
+    }
+    for name, fn in planted.items():
+        with count_syncing_ops() as ops:
+            fn()
+        assert ops.count >= 1 and all("test_hot_path.py" in c for c in ops.calls), (name, ops.calls)
+    with count_syncing_ops() as ops:
+        torch.searchsorted(torch.tensor([0, 3, 5]), torch.arange(5), right=True)
+        torch.repeat_interleave(reps, output_size=3)
+        x.repeat_interleave(2, dim=1)
+        torch.where(mask[:, None], x, 0.0).sum().backward()
+        x[:, torch.tensor([0, 2])].cumsum(1)
+    assert ops.calls == [], ops.calls
