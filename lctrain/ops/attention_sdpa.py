@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from lctrain.ops.attention_merge import merge_attention
+from lctrain.ops.registry import is_gpu_tensor
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -31,7 +32,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) ->
         return False
     if q.device.type == "cpu":
         return q.dtype in _CPU_DTYPES
-    if q.device.type == "cuda":
+    if is_gpu_tensor(q):
         d = q.shape[3]
         return q.dtype in _CUDA_DTYPES and d <= 256 and d % 8 == 0
     return False
@@ -88,13 +89,13 @@ def _cuda_backward(do, q, k, v, o, lse, causal, scale):
 
 def _dense_forward(q, k, v, causal, scale):
     """sq == sk when causal (top-left and bottom-right alignment agree)."""
-    if q.device.type == "cuda":
+    if is_gpu_tensor(q):
         return _cuda_forward(q, k, v, causal, scale)[:2]
     return _cpu_forward(q, k, v, causal, scale)
 
 
 def _dense_backward(do, q, k, v, o, lse, causal, scale):
-    if q.device.type == "cuda":
+    if is_gpu_tensor(q):
         return _cuda_backward(do, q, k, v, o, lse, causal, scale)
     return _cpu_backward(do, q, k, v, o, lse, causal, scale)
 

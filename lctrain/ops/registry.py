@@ -50,9 +50,31 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0", "false", "False")
 
 
+#: Device types whose tensors count as GPU tensors for dispatch: "cuda", plus "meta" while a rehearsal runs
+#: (`lctrain.rehearse` stands meta tensors in for the target GPU's, so backends dispatch as they would there).
+_GPU_DEVICE_TYPES = {"cuda"}
+
+
+def is_gpu_tensor(x: object) -> bool:
+    """Whether `x` is a tensor on a GPU, as far as backend selection is concerned (the one place that decides:
+    backends' `supports` and the validated-first rule ask here)."""
+    return isinstance(x, torch.Tensor) and x.device.type in _GPU_DEVICE_TYPES
+
+
+@contextlib.contextmanager
+def meta_as_gpu() -> Iterator[None]:
+    """Inside the block, meta tensors answer `is_gpu_tensor` as CUDA tensors would (the rehearsal's seam)."""
+    added = "meta" not in _GPU_DEVICE_TYPES
+    _GPU_DEVICE_TYPES.add("meta")
+    try:
+        yield
+    finally:
+        if added:
+            _GPU_DEVICE_TYPES.discard("meta")
+
+
 def _on_gpu(case: tuple) -> bool:
-    first = case[0] if case else None
-    return isinstance(first, torch.Tensor) and first.device.type == "cuda"
+    return bool(case) and is_gpu_tensor(case[0])
 
 
 class BackendRegistry(Generic[B]):

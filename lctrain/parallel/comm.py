@@ -144,9 +144,9 @@ def global_rank(group: ProcessGroup | None, group_rank_: int) -> int:
 
 
 def is_fake_group(group: ProcessGroup | None) -> bool:
-    """Whether `group` belongs to torch's "fake" backend (simulation: no data moves, object collectives
-    return nothing)."""
-    return is_distributed() and dist.get_backend(group) == "fake"
+    """Whether `group` belongs to torch's "fake" backend, for any device ("fake", or "meta:fake" as the
+    rehearsal registers it: simulation, no data moves, object collectives return nothing)."""
+    return is_distributed() and str(dist.get_backend(group)).split(":")[-1] == "fake"
 
 
 def _wait(work: dist.Work | None, op: str, group: ProcessGroup | None) -> None:
