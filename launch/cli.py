@@ -20,10 +20,8 @@ import socket
 import sys
 import warnings
 
-import ray
-
-from lctrain.launch.placement import PlacementError
-from lctrain.launch.supervisor import LaunchError, launch
+# Ray, the supervisor (and through it torch's distributed stack) are imported where a cluster is used, not here:
+# `--dry-run` runs the pre-reservation check only and must start in about the time of `import torch`.
 
 
 class ClusterError(RuntimeError):
@@ -63,6 +61,8 @@ def connect_ray(address: str | None) -> None:
                            "`lctrain launch` the head's GCS address (HOST:6379)")
     if address not in ("local", "auto"):
         _check_reachable(address)
+    import ray
+
     try:
         if address == "local":
             # No dashboard, so no job server or HTTP port; Ray 2.60 binds its core ports to the node's
@@ -146,6 +146,11 @@ def launch_main(argv: list[str]) -> int:
                           ray_job=False, dry_run=args.dry_run, one_machine=one_machine, hardware=args.hardware)
     if isinstance(cfg, int):
         return cfg
+    import ray
+
+    from lctrain.launch.placement import PlacementError
+    from lctrain.launch.supervisor import LaunchError, launch
+
     try:
         connect_ray(args.address)
     except ClusterError as err:

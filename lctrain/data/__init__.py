@@ -1,14 +1,14 @@
 """Training data: MQAR and passkey generators, prepared text corpora packed into documents, the DP split by global
-sample index."""
-from lctrain.data.config import DataConfig
-from lctrain.data.mqar import MQARDataset, mqar_sample
-from lctrain.data.packing import pack_pieces
-from lctrain.data.passkey import PasskeyDataset, passkey_sample
-from lctrain.data.permutation import Permutation
-from lctrain.data.sampler import build_dataset, collate, micro_batch_indices
-from lctrain.data.text import IGNORE_INDEX, TextDataset, prepare_text
-from lctrain.data.tokenizer import ByteTokenizer, get_tokenizer
+sample index. The names are imported on first use (lctrain._lazy): `lctrain data prepare` and the config
+need no torch."""
+from lctrain._lazy import lazy_exports
 
-__all__ = ["IGNORE_INDEX", "ByteTokenizer", "DataConfig", "MQARDataset", "PasskeyDataset", "Permutation", "TextDataset",
-           "build_dataset", "collate", "get_tokenizer", "micro_batch_indices", "mqar_sample", "pack_pieces",
-           "passkey_sample", "prepare_text"]
+_EXPORTS = {"DataConfig": "lctrain.data.config", "MQARDataset": "lctrain.data.mqar", "mqar_sample": "lctrain.data.mqar",
+            "pack_pieces": "lctrain.data.packing", "PasskeyDataset": "lctrain.data.passkey",
+            "passkey_sample": "lctrain.data.passkey", "Permutation": "lctrain.data.permutation",
+            "build_dataset": "lctrain.data.sampler", "collate": "lctrain.data.sampler",
+            "micro_batch_indices": "lctrain.data.sampler", "IGNORE_INDEX": "lctrain.data.text",
+            "TextDataset": "lctrain.data.text", "prepare_text": "lctrain.data.text",
+            "ByteTokenizer": "lctrain.data.tokenizer", "get_tokenizer": "lctrain.data.tokenizer"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

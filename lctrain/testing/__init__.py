@@ -1,4 +1,6 @@
-"""Helpers for lctrain's tests and benchmarks: spawned gloo ranks, reference comparisons."""
-from lctrain.testing.distributed import DistributedError, run_distributed, shutdown_pools
+"""Helpers for lctrain's tests and benchmarks: spawned gloo ranks, reference comparisons (imported on first use)."""
+from lctrain._lazy import lazy_exports
 
-__all__ = ["DistributedError", "run_distributed", "shutdown_pools"]
+_EXPORTS = {name: "lctrain.testing.distributed" for name in ("DistributedError", "run_distributed", "shutdown_pools")}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
