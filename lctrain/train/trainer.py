@@ -118,8 +118,11 @@ def resolve_resume(resume: str, ckpt_root: Path, verify: bool = True) -> Path | 
     return path
 
 
-def choose_checkpoint(resume: str, ckpt_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+def choose_checkpoint(resume: str, ckpt_root: Path,
+                      device: torch.device | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
     """Rank 0 picks the checkpoint (checksums verified) and broadcasts it; every rank returns the same choice.
+
+    The broadcast tensor lives on `device` (the training device: a NCCL-only group takes no CPU tensor).
 
     Returns:
         (the checkpoint or None, the newer checkpoints rank 0 skipped with the reason; empty on other ranks).
@@ -128,13 +131,13 @@ def choose_checkpoint(resume: str, ckpt_root: Path) -> tuple[Path | None, list[t
     """
     skipped: list[tuple[Path, str]] = []
     # [status, step]: status 0 = start fresh, 1 = auto-chosen step, 2 = the explicit path, 3 = rejected
-    choice = torch.zeros(2, dtype=torch.int64)
+    choice = torch.zeros(2, dtype=torch.int64, device=device)
     error = None
     if not comm.is_distributed() or torch.distributed.get_rank() == 0:
         if resume == "auto":
             path, skipped = scan_latest(ckpt_root)
             if path is not None:
-                choice[:] = torch.tensor([1, int(path.name.split("_")[-1])])
+                choice[:] = torch.tensor([1, int(path.name.split("_")[-1])], device=device)
         elif resume != "none":
             try:
                 read_meta(resume)
@@ -143,7 +146,7 @@ def choose_checkpoint(resume: str, ckpt_root: Path) -> tuple[Path | None, list[t
                 choice[0], error = 3, err
     if comm.is_distributed():
         choice = comm.broadcast(choice, src=0)
-    status, step = int(choice[0]), int(choice[1])
+    status, step = choice.tolist()
     if status == 3:
         raise error if error is not None else CheckpointError(
             f"checkpoint {resume!r} is missing or corrupt (rank 0 rejected it; see its error)")
@@ -183,7 +186,7 @@ def evaluate(engine, dataset, cfg: Config, mesh: Mesh, plan: Plan, device) -> di
     """Held-out loss and accuracy on the loss-masked tokens (MQAR/passkey: the queried tokens)."""
     tc, seq = cfg.train, cfg.data.seq_len
     pos = position_ids(seq, mesh.cp_group, cfg.parallel.cp_layout, device=device)
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # the all-reduce below takes no CPU tensor on NCCL
     engine.eval()
     with torch.no_grad():
         for k in range(tc.eval_batches):
@@ -193,12 +196,11 @@ def evaluate(engine, dataset, cfg: Config, mesh: Mesh, plan: Plan, device) -> di
                 out = engine(b["input_ids"], pos, b["labels"], loss_mask=b["loss_mask"], return_predictions=True,
                              cu_seqlens=b.get("cu_seqlens"))
                 hit = ((out.predictions == b["labels"]).float() * b["loss_mask"]).sum()
-                totals += torch.stack([out.loss_sum.detach().double().cpu(), hit.double().cpu(),
-                                       b["loss_mask"].sum().double().cpu()])
+                totals += torch.stack([out.loss_sum.detach().double(), hit.double(), b["loss_mask"].sum().double()])
     engine.train()
-    totals = comm.all_reduce(totals, group=mesh.dp_cp_group)
-    n = max(totals[2].item(), 1.0)
-    return {"eval_loss": totals[0].item() / n, "eval_acc": totals[1].item() / n}
+    loss_sum, hits, count = comm.all_reduce(totals, group=mesh.dp_cp_group).tolist()  # one host read
+    n = max(count, 1.0)
+    return {"eval_loss": loss_sum / n, "eval_acc": hits / n}
 
 
 def _save(ckpt: Checkpointer, engine, mesh: Mesh, cfg: Config, plan: Plan, step: int, position: int) -> Path:
@@ -258,6 +260,49 @@ class _Preemption:
             self.active = False
 
 
+def build_run_engine(cfg: Config, mesh: Mesh, plan: Plan, device, builder=build_engine):
+    """The model (lctrain's `build_model` on the mesh) inside its engine; `builder` is `build_engine`
+    (DeepSpeed) in a run, a stand-in with the same interface in `lctrain.rehearse`. Returns (model, engine)."""
+    return builder(lambda: build_model(cfg.model, mesh, cfg.parallel.cp_layout), cfg.train, mesh, plan.grad_accum,
+                   device)
+
+
+def step_batches(dataset, cfg: Config, mesh: Mesh, plan: Plan, position: int, device) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of the step that starts at global sample `position`, its CP slices on `device`."""
+    tc = cfg.train
+    return [_batch_to_rank(collate(dataset, micro_batch_indices(position, tc.micro_batch_size, plan.dp, mesh.dp_rank,
+                                                                m)), mesh, cfg.parallel.cp_layout, device)
+            for m in range(plan.grad_accum)]
+
+
+def train_step(engine, micro: list[dict[str, torch.Tensor]], pos: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """Forward, backward and optimizer step over one step's micro-batches.
+
+    Returns:
+        The step's global token-mean loss as a float64 scalar on the device (summed over the micro-batches in
+        order, as a Python float would); nothing here reads the device, the caller reads it when it logs.
+    """
+    # The step's token count on this rank; global_token_mean sums it over DP x CP.
+    step_tokens = sum(b["loss_mask"].sum() for b in micro).to(torch.float32)
+    total = torch.zeros((), dtype=torch.float64, device=pos.device)
+    for b in micro:
+        out = engine(b["input_ids"], pos, b["labels"], loss_mask=b["loss_mask"], cu_seqlens=b.get("cu_seqlens"))
+        loss = global_token_mean(out.loss_sum, step_tokens, mesh.dp_cp_group)
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+        total += loss.detach().double()
+    return total
+
+
+def read_losses(pending: dict[int, torch.Tensor]) -> dict[int, float]:
+    """The device losses of the `pending` steps as floats, in one host read (`pending` is emptied)."""
+    if not pending:
+        return {}
+    steps = list(pending)
+    values = torch.stack([pending.pop(s) for s in steps]).tolist()
+    return dict(zip(steps, values))
+
+
 def run(cfg: Config, resume: str = "auto") -> TrainResult:
     """Train per `cfg`, resuming per `resume` ("auto" | "none" | checkpoint path); see the module docstring.
 
@@ -275,7 +320,8 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
     heartbeat.beat(0, "init")
 
     mesh = init_mesh(cfg.parallel)
-    resume_path, skipped = choose_checkpoint(resume, ckpt_root)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    resume_path, skipped = choose_checkpoint(resume, ckpt_root, device)
     meta = read_meta(resume_path, verify=False) if resume_path is not None else None
     if meta is not None and _model_dict(meta["config"]["model"]) != _model_dict(cfg.model):
         raise CheckpointError(f"checkpoint {str(resume_path)!r} was saved for a different model config "
@@ -283,11 +329,9 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
     if mesh.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     torch.manual_seed(cfg.train.seed)
-    model, engine = build_engine(lambda: build_model(cfg.model, mesh, cfg.parallel.cp_layout), cfg.train, mesh,
-                                 plan.grad_accum, device)
+    model, engine = build_run_engine(cfg, mesh, plan, device)
     step, position = 0, 0
     if resume_path is not None:
         with heartbeat.phase("load"):
@@ -319,6 +363,7 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
     result = TrainResult(final_step=step, run_dir=str(run_dir), resumed_from=str(resume_path) if resume_path else None,
                          position=position)
     run_tokens, run_time = 0, 0.0
+    pending: dict[int, torch.Tensor] = {}  # step -> its loss on the device, read at the next log point
     if step >= end:
         logger.write(f"nothing to train: the checkpoint is at step {step} of {tc.steps} "
                      f"(use --resume none or another run.out_dir to start over)")
@@ -330,40 +375,36 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
         t0 = time.perf_counter()
         lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup, tc.steps)
         set_lr(engine, lr)
-        micro = [_batch_to_rank(collate(train_data, micro_batch_indices(position, tc.micro_batch_size, plan.dp,
-                                                                        mesh.dp_rank, m)), mesh, layout, device)
-                 for m in range(plan.grad_accum)]
-        # The step's token count on this rank; global_token_mean sums it over DP x CP.
-        step_tokens = sum(b["loss_mask"].sum() for b in micro).to(torch.float32)
-        loss_value = 0.0
-        for b in micro:
-            out = engine(b["input_ids"], pos, b["labels"], loss_mask=b["loss_mask"], cu_seqlens=b.get("cu_seqlens"))
-            loss = global_token_mean(out.loss_sum, step_tokens, mesh.dp_cp_group)
-            engine.backward(loss, scale_wrt_gas=False)
-            engine.step()
-            loss_value += loss.item()
+        micro = step_batches(train_data, cfg, mesh, plan, position, device)
+        pending[step + 1] = train_step(engine, micro, pos, mesh)
         step += 1
         position += tc.global_batch_size
         dt = time.perf_counter() - t0
         tokens = tc.global_batch_size * seq
         run_tokens, run_time = run_tokens + tokens, run_time + dt
-        result.losses[step] = loss_value
+        at_eval = bool(tc.eval_every and step % tc.eval_every == 0) or step == end
+        # train.exit_after always ends with a checkpoint (the next run continues from it).
+        at_end = step == end and (cfg.checkpoint.at_end or end < tc.steps)
+        at_save = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end
+        # The host reads the device only at log points (and evals and saves, which wait anyway): the losses since
+        # the last one, and the ranks' preemption agreement. Other steps issue no host sync.
+        if not (step % tc.log_every == 0 or at_eval or at_save):
+            continue
+        result.losses.update(read_losses(pending))
+        preempted = preempt.agreed()
         grad_norm = engine.get_global_grad_norm()
-        record = {"step": step, "loss": loss_value, "tokens": step * tokens, "tokens_per_s": tokens / dt,
+        record = {"step": step, "loss": result.losses[step], "tokens": step * tokens, "tokens_per_s": tokens / dt,
                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None, "step_time_s": dt}
         if flops is not None and peak is not None:
             record["mfu"] = flops(seq) * tokens / dt / (peak * world)
-        preempted = preempt.agreed()
-        if ((tc.eval_every and step % tc.eval_every == 0) or step == end) and not preempted:
+        if at_eval and not preempted:
             with heartbeat.phase("eval"):
                 ev = evaluate(engine, eval_data, cfg, mesh, plan, device)
             result.evals[step] = ev
             record.update(ev)
         if step % tc.log_every == 0 or step == end or "eval_acc" in record:
             logger.log(record)
-        # train.exit_after always ends with a checkpoint (the next run continues from it).
-        at_end = step == end and (cfg.checkpoint.at_end or end < tc.steps)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or at_end or preempted:
+        if at_save or preempted:
             t_save = time.perf_counter()
             result.checkpoint = str(_save(ckpt, engine, mesh, cfg, plan, step, position))
             result.save_s.append(time.perf_counter() - t_save)
@@ -374,6 +415,7 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
             logger.write(f"preempted (SIGTERM): stopped after step {step} with a checkpoint")
             break
 
+    result.losses.update(read_losses(pending))
     with heartbeat.phase("save"):
         ckpt.close()
     preempt.close()
