@@ -111,17 +111,26 @@ def _release_megatron_groups() -> None:
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
-    """Initialise torch.distributed from the usual env variables (RANK, WORLD_SIZE, MASTER_ADDR/PORT) if needed."""
+    """Initialise torch.distributed from the usual env variables (RANK, WORLD_SIZE, MASTER_ADDR/PORT) if needed.
+
+    NCCL takes only CUDA tensors, so on a GPU the default group carries gloo for CPU tensors beside it
+    ("cpu:gloo,cuda:nccl", as torchtitan does): object collectives and CPU-side checkpoint planning work. The
+    trainer's own control-plane collectives use device tensors anyway (`lctrain rehearse` checks them on a group
+    with no CPU backend at all).
+    """
     if comm.is_distributed():
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device_backend = backend
+    if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-    if backend == "nccl":
+    if device_backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
