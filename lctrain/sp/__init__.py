@@ -2,10 +2,11 @@
 
     from lctrain.sp import (ring_attention, allgather_attention, ulysses_attention,
                             lasp2_linear_attention, lasp1_linear_attention, lasp2_delta_attention,
-                            shard_sequence, unshard_sequence)
+                            halo_attention, shard_sequence, unshard_sequence)
 """
 from lctrain.parallel.sharding import shard_sequence, unshard_sequence
 from lctrain.sp.allgather import allgather_attention
+from lctrain.sp.halo import halo_attention
 from lctrain.sp.lasp1 import lasp1_linear_attention
 from lctrain.sp.lasp1_delta import lasp1_delta_attention
 from lctrain.sp.lasp2 import lasp2_linear_attention
@@ -15,4 +16,4 @@ from lctrain.sp.ulysses import ulysses_attention
 
 __all__ = ["shard_sequence", "unshard_sequence", "ring_attention", "allgather_attention", "ulysses_attention",
            "lasp1_linear_attention", "lasp2_linear_attention", "lasp2_delta_attention",
-           "lasp1_delta_attention"]
+           "lasp1_delta_attention", "halo_attention"]

@@ -11,10 +11,12 @@ it leaves from a zero start and T_g is the product of its per-token maps:
 Forward: each rank computes (T, M) of its chunk(s) (`lctrain.ops.gla.gla_chunk_map`,
 `lctrain.ops.gated_delta.gated_delta_chunk_map`), packs them into one buffer and all-gathers it (both zigzag
 chunks in the same call); every rank then folds the prefix S_0 = S_init, S_(g+1) = T_g S_g + M_g locally in
-float32 (float64 for float64 inputs) and runs its chunks from their entering states S_g through the local
+float32 (float64 for float64 inputs) by a log-depth scan (`affine_scan`), keeps only its own entering states
+S_g and chunk maps T_g (the gathered buffer is dropped), and runs its chunks from S_g through the local
 backend dispatch (fla's kernels on GPU). Backward: the local pass is recomputed and gives D_g = dL/dS_g for the
-rank's chunks; ONE all-gather of the D_g (plus, with output_final_state, each rank's gradient of the final
-state) lets every rank fold the suffix Lambda_G = dL/dS_final, Lambda_g = D_g + T_g^T Lambda_(g+1) locally;
+rank's chunks; ONE all-gather of the D_g together with the rank's own T_g (plus, with output_final_state, each
+rank's gradient of the final state) lets every rank fold the suffix Lambda_G = dL/dS_final,
+Lambda_g = D_g + T_g^T Lambda_(g+1) locally (the same scan);
 dL/dM_g = Lambda_(g+1) and dL/dT_g = Lambda_(g+1) S_g^T flow back through the rank's own chunk maps.
 Derivation, byte counts and alternatives: README_lasp2_gated.md.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lctrain.ops.chunk_recompute import differentiate_now
 from lctrain.ops.debug import debug_checks_enabled
 from lctrain.ops.gated_delta import gated_delta_chunk_map, gated_delta_rule
 from lctrain.ops.gla import check_gate_values, check_gated_inputs, gated_linear_attention, gla_chunk_map
@@ -149,6 +152,35 @@ def _apply(t: torch.Tensor, s: torch.Tensor, variant: str, transpose: bool = Fal
     return (t.transpose(-1, -2) if transpose else t) @ s
 
 
+def _compose(t_after: torch.Tensor, t_before: torch.Tensor, variant: str) -> torch.Tensor:
+    """The T of (x -> t_after x) after (x -> t_before x)."""
+    return t_after @ t_before if variant == "delta" else t_after * t_before
+
+
+def affine_scan(t: torch.Tensor, m: torch.Tensor, start: torch.Tensor,
+                variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states entering and leaving a chain of affine maps x -> T_c x + M_c, c = 0 ... G-1, from `start`.
+
+    A log-depth (Hillis-Steele) scan instead of G dependent steps: the maps compose associatively,
+    (T2, M2) o (T1, M1) = (T2 T1, T2 M1 + M2), and ceil(log2 G) rounds of composing each map with the one
+    `2^r` places before it give every prefix f_c o ... o f_0, applied once to `start`.
+
+    Args:
+        t: `[G, b, h]` (scalar), `[G, b, h, dk]` (vector) or `[G, b, h, dk, dk]` (delta).
+        m: `[G, b, h, dk, dv]`.
+        start: `[b, h, dk, dv]`, the state entering map 0.
+    Returns:
+        entering `[G, b, h, dk, dv]` (entering[c] is the state before map c) and the state after the last map.
+    """
+    span = 1
+    while span < t.shape[0]:
+        t, m = (torch.cat([t[:span], _compose(t[span:], t[:-span], variant)]),
+                torch.cat([m[:span], _apply(t[span:], m[:-span], variant) + m[span:]]))
+        span *= 2
+    after = _apply(t, start, variant) + m  # [G, b, h, dk, dv], the state after each map
+    return torch.cat([start[None], after[:-1]]), after[-1]
+
+
 def _chunk_map(variant: str, k, v, g, beta):
     if variant == "delta":
         return gated_delta_chunk_map(k, v, g, beta)
@@ -204,24 +236,23 @@ class _LASP2ChunkMap(torch.autograd.Function):
             allbuf = _to_global_order(comm.all_gather(buf, group=group), world, layout)  # [G, b, h, |T| + dk*dv]
         t_all = allbuf[..., : -dk * dv].reshape(num_chunks, b, h, *t_shape)
         m_all = allbuf[..., -dk * dv:].reshape(num_chunks, b, h, dk, dv)
-        states = []
-        for c in range(num_chunks):  # prefix fold: S_(c+1) = T_c S_c + M_c
-            states.append(state)
-            state = _apply(t_all[c], state, variant) + m_all[c]
+        del allbuf
+        states, state = affine_scan(t_all, m_all, state, variant)  # prefix fold S_(c+1) = T_c S_c + M_c
         entering = torch.cat([states[c] for c in ids], dim=0)  # [n_loc*b, h, dk, dv]
+        del t_all, m_all, states  # only this rank's entering states and own maps are kept for backward
         o = _local(variant, qs, ks, vs, gs, bs, entering, backend)
-        ctx.save_for_backward(q, k, v, g, beta, entering, t_all)
+        ctx.save_for_backward(q, k, v, g, beta, entering, t_loc)
         return _unstack(o, n_loc), state
 
     @staticmethod
     def backward(ctx, do, d_final):
-        q, k, v, g, beta, entering, t_all = ctx.saved_tensors
+        q, k, v, g, beta, entering, t_own = ctx.saved_tensors
         variant, group, layout, rank, world = ctx.variant, ctx.group, ctx.layout, ctx.rank, ctx.world
         ids = chunk_ids(rank, world, layout)
         n_loc, num_chunks = len(ids), len(ids) * world
         b = q.shape[0]
         need = ctx.needs_input_grad
-        with torch.enable_grad():
+        with torch.enable_grad(), differentiate_now():
             qs, ks, vs = (_stack(x, n_loc).detach().requires_grad_(True) for x in (q, k, v))
             gs = g.detach().requires_grad_(True) if g is not None and need[3] else g
             gs_loc = _stack(gs, n_loc)
@@ -239,27 +270,27 @@ class _LASP2ChunkMap(torch.autograd.Function):
             d_init = d_in if ctx.has_initial and need[5] else None
             return (grads[0].to(q.dtype), grads[1].to(k.dtype), grads[2].to(v.dtype), dg, dbeta, d_init,
                     None, None, None, None, None, None, None, None)
-        # One all-gather: the rank's D_g and (with output_final_state) its share of dL/dS_final.
-        parts = [d_in.reshape(n_loc, b, *d_in.shape[1:])]
-        if ctx.want_final:
-            parts.append(d_final.to(d_in.dtype)[None])
-        slots = len(parts[0]) + len(parts) - 1
-        buf = torch.cat(parts, dim=0)
+        # One all-gather: the rank's D_g, its own chunk maps' T (re-gathered rather than kept from forward: the
+        # suffix fold needs every later chunk's T) and, with output_final_state, its share of dL/dS_final.
+        parts = [d_in, t_own.to(d_in.dtype)] + ([d_final.to(d_in.dtype)] if ctx.want_final else [])
+        sizes = [x.numel() for x in parts]
+        buf = torch.cat([x.reshape(-1) for x in parts])
         with comm.comm_tag(f"{ctx.tag}.bwd"):
-            pending = comm.all_gather(buf, group=group, async_op=True)  # [world * slots, b, h, dk, dv]
+            pending = comm.all_gather(buf, group=group, async_op=True)  # [world * sum(sizes)]
         with torch.enable_grad():
             # While the all-gather is in flight: the rank's own chunk maps S_out = T S_in + M under autograd
             # (S_in held fixed: its gradient is Lambda, formed below).
             t_loc, m_loc = _chunk_map(variant, ks, vs, gs_loc, bs_loc)
             leaving = _apply(t_loc, entering, variant) + m_loc
-        per_rank = pending.wait().view(world, slots, *buf.shape[1:])
-        d_all = _to_global_order(per_rank[:, :n_loc].flatten(0, 1), world, layout)  # [G, b, h, dk, dv]
+        per_rank = pending.wait().view(world, -1).split(sizes, dim=1)
+        d_all = _to_global_order(per_rank[0].reshape(world * n_loc, b, *d_in.shape[1:]), world, layout)
+        t_all = _to_global_order(per_rank[1].reshape(world * n_loc, b, *t_own.shape[1:]), world, layout)
         # Lambda_G = dL/dS_final: the sum of every rank's share (zero without output_final_state).
-        lam = per_rank[:, n_loc].sum(0) if ctx.want_final else torch.zeros_like(d_all[0])
-        after = [None] * num_chunks
-        for c in reversed(range(num_chunks)):  # suffix fold: Lambda_c = D_c + T_c^T Lambda_(c+1)
-            after[c] = lam
-            lam = d_all[c] + _apply(t_all[c], lam, variant, transpose=True)
+        lam = (per_rank[2].sum(0).view_as(d_final) if ctx.want_final else torch.zeros_like(d_all[0]))
+        # Suffix fold Lambda_c = D_c + T_c^T Lambda_(c+1): the same scan over the reversed chain of transposed maps.
+        t_rev = t_all.flip(0).transpose(-1, -2) if variant == "delta" else t_all.flip(0)
+        after_rev, lam = affine_scan(t_rev, d_all.flip(0), lam.to(d_all.dtype), variant)
+        after = after_rev.flip(0)  # after[c] = Lambda_(c+1) = dL/d(state leaving chunk c); lam = Lambda_0
         lam_own = torch.cat([after[c] for c in ids], dim=0)  # dL/d(state leaving each own chunk)
         map_leaves = [ks, vs] + [x for x in (gs, bs) if x is not None and x.requires_grad]
         map_grads = torch.autograd.grad(leaving, map_leaves, lam_own, allow_unused=True)

@@ -1,0 +1,150 @@
+"""Sliding-window softmax attention: query at position i sees keys at positions j with i - W < j <= i.
+
+Two entry points, both returning the log-sum-exp so blocks merge by `merge_attention` like every other local op:
+
+- :func:`band_attention_forward` / :func:`band_attention_backward`: the keys are a contiguous run of positions that
+  ends at the last query (bottom-right aligned, as a causal flash-attn call): a rank's chunk against itself, or
+  a chunk against [halo; chunk]. On CUDA with flash-attn installed this is flash-attn with
+  `window_size=(W - 1, 0)`; otherwise the masked form below.
+- :func:`window_attention_forward` / :func:`window_attention_backward`: any query and key positions (the blocks
+  of ring / all-gather / a halo, zigzag bounding boxes), optionally within documents: the mask
+
+      mask[b, i, j] = pos_k[j] <= pos_q[i]  and  pos_k[j] > pos_q[i] - W  and  (same document)
+
+  through `lctrain.ops.attention_varlen` (PyTorch's fused CPU kernel with an additive mask, or the plain masked
+  definition: exact in float64).
+
+`window_attention` is the differentiable single-process form (the reference of the CP methods and the local
+compute of a window layer at CP 1). A window >= the sequence is plain causal attention.
+"""
+from __future__ import annotations
+
+import torch
+
+from lctrain.ops import attention_flash_attn
+from lctrain.ops.attention_varlen import document_ids, varlen_attention_backward, varlen_attention_forward
+
+
+def check_window(window: int) -> None:
+    """A ValueError unless `window` is a positive int (W = 1: each query sees only itself)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int (query i sees keys i - W < j <= i), got {window!r}")
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, q_doc: torch.Tensor | None = None,
+                k_doc: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool `[b, sq, sk]` (`b` = 1 without documents): key j visible to query i under the window (and document)."""
+    diff = q_pos[:, None] - k_pos[None, :]  # [sq, sk]
+    mask = ((diff >= 0) & (diff < window))[None]
+    if q_doc is not None:
+        mask = mask & (q_doc[:, :, None] == k_doc[:, None, :])
+    return mask
+
+
+def window_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o `[b, sq, h, d]` and lse `[b, h, sq]` under a `window_mask` (broadcast over the batch)."""
+    return varlen_attention_forward(q, k, v, mask.expand(q.shape[0], -1, -1), softmax_scale)
+
+
+def window_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                              lse: torch.Tensor, mask: torch.Tensor,
+                              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of :func:`window_attention_forward` for the given (possibly merged) o and lse."""
+    return varlen_attention_backward(do, q, k, v, o, lse, mask.expand(q.shape[0], -1, -1), softmax_scale)
+
+
+def _flash_band(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return attention_flash_attn.available() and attention_flash_attn.supports(q, k, k, True)
+
+
+def _flash_args(window: int, scale: float) -> dict:
+    args = attention_flash_attn._common(True, scale)
+    args.update(window_size=(window - 1, 0), window_size_left=window - 1, window_size_right=0)
+    return args
+
+
+def _band_mask(sq: int, sk: int, window: int, device: torch.device) -> torch.Tensor:
+    pos = torch.arange(sk, device=device)
+    return window_mask(pos[sk - sq:], pos, window)
+
+
+def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                           softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window attention of the last `sq` of `sk` contiguous positions against all `sk` (bottom-right aligned).
+
+    Returns o `[b, sq, h, d]` and lse `[b, h, sq]` (float32; float64 for float64 inputs).
+    """
+    if _flash_band(q, k):
+        fa = attention_flash_attn._interface()
+        res = attention_flash_attn._call(fa._flash_attn_forward, dict(q=q, k=k, v=v, **_flash_args(window,
+                                                                                                    softmax_scale)))
+        o, lse = (res[0], res[5]) if len(res) == 8 else (res[0], res[1])
+        return o, lse[..., : q.shape[1]]
+    return window_attention_forward(q, k, v, _band_mask(q.shape[1], k.shape[1], window, q.device), softmax_scale)
+
+
+def band_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                            lse: torch.Tensor, window: int,
+                            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of :func:`band_attention_forward` for the given (possibly merged) o and lse."""
+    if _flash_band(q, k):
+        fa = attention_flash_attn._interface()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        attention_flash_attn._call(fa._flash_attn_backward, dict(
+            dout=do.contiguous(), q=q, k=k, v=v, out=o.contiguous(), softmax_lse=lse.float().contiguous(),
+            dq=dq, dk=dk, dv=dv, **_flash_args(window, softmax_scale)))
+        return dq, dk, dv
+    return window_attention_backward(do, q, k, v, o, lse, _band_mask(q.shape[1], k.shape[1], window, q.device),
+                                     softmax_scale)
+
+
+class _WindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale, cu_seqlens):
+        b, s = q.shape[:2]
+        if cu_seqlens is None:
+            o, lse = band_attention_forward(q, k, v, window, scale)
+        else:
+            o, lse = window_attention_forward(q, k, v, _packed_mask(cu_seqlens, b, s, window), scale)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.window, ctx.scale = window, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        b, s = q.shape[:2]
+        if cu_seqlens is None:
+            grads = band_attention_backward(do, q, k, v, o, lse, ctx.window, ctx.scale)
+        else:
+            grads = window_attention_backward(do, q, k, v, o, lse, _packed_mask(cu_seqlens, b, s, ctx.window),
+                                              ctx.scale)
+        return (*grads, None, None, None)
+
+
+def _packed_mask(cu_seqlens: torch.Tensor, b: int, s: int, window: int) -> torch.Tensor:
+    pos = torch.arange(s, device=cu_seqlens.device)
+    doc = document_ids(cu_seqlens, b, s, pos)
+    return window_mask(pos, pos, window, doc, doc)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                     softmax_scale: float | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable causal sliding-window attention on one process.
+
+    Args:
+        q: `[b, s, h, d]`; k, v: `[b, s, h_kv, d]`, `h % h_kv == 0`.
+        window: W >= 1; query i sees keys i - W < j <= i.
+        softmax_scale: default 1/sqrt(d).
+        cu_seqlens: packed documents (int `[n_docs + 1]`, boundaries of the `b * s` tokens laid end to end).
+    Returns:
+        o `[b, s, h, d]`.
+    """
+    check_window(window)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return _WindowAttention.apply(q, k, v, window, scale, cu_seqlens)
+
+
+__all__ = ["band_attention_backward", "band_attention_forward", "check_window", "window_attention",
+           "window_attention_backward", "window_attention_forward", "window_mask"]
