@@ -20,7 +20,7 @@ U0 = (I + A)^-1 diag(beta) V, the chunk's new values are U = U0 - W S and
           = (e^(G_last) I - Kd^T W) S + Kd^T U0      (the chunk's affine map T S + M, T a full dk x dk matrix)
 
 Only the state recurrence between chunks is sequential. Math in float32 (float64 for float64 inputs), backward
-by autograd. Derivation and its use across ranks: lctrain/sp/README_lasp2_gated.md.
+by autograd of a graph rebuilt in backward: forward keeps only the inputs (`lctrain.ops.chunk_recompute`). Derivation and its use across ranks: lctrain/sp/README_lasp2_gated.md.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from lctrain.ops.chunk_recompute import lean_apply
 from lctrain.ops.gated_delta_ref import gated_delta_rule_recurrent
 from lctrain.ops.gated_fla import fla_available, fla_gated_delta_rule, fla_supports_delta
 from lctrain.ops.gla import (GatedBackend, GatedFn, check_gated_inputs, from_chunks, scalar_log_gate,
@@ -84,6 +85,15 @@ def _chunk_gated_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     o = q_dec @ torch.stack(entering, dim=2) + p @ torch.stack(values, dim=2)  # [b, h, nc, c, dv]
     o = from_chunks(o * scale, n)
     return o.to(v.dtype), (state if output_final_state else None)
+
+
+def chunk_gated_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
+                      scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                      chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The "chunk" backend: `_chunk_gated_delta` keeping only its inputs for backward (recomputed there)."""
+    return lean_apply(lambda q, k, v, g, beta, s0: _chunk_gated_delta(q, k, v, g, beta, scale, s0, output_final_state,
+                                                                       chunk_size),
+                      (q, k, v, g, beta, initial_state))
 
 
 def gated_delta_chunk_map(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
@@ -172,6 +182,6 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
 
 
 register_gated_delta_backend("recurrent", gated_delta_rule_recurrent, priority=0, validated_on_gpu=True)
-register_gated_delta_backend("chunk", _chunk_gated_delta, priority=10, validated_on_gpu=True)
+register_gated_delta_backend("chunk", chunk_gated_delta, priority=10, validated_on_gpu=True)
 register_gated_delta_backend("fla", fla_gated_delta_rule, supports=fla_supports_delta, priority=100,
                              is_available=fla_available, validated_on_gpu=True)

@@ -19,7 +19,8 @@ a million tokens: the sums never leave the chunk). Inside a chunk (i, j chunk po
     S_c+1 = diag(exp(G_last)) S_c + sum_j (k_j * exp(G_last - G_j))^T v_j
 
 A vector gate needs the pairwise factors exp(G_i - G_j) per key dimension ([C, C, dk] per chunk), so its
-chunks are shorter (VECTOR_CHUNK_SIZE). Math in float32 (float64 for float64 inputs); autograd backward.
+chunks are shorter (VECTOR_CHUNK_SIZE). Math in float32 (float64 for float64 inputs); autograd backward of a
+graph rebuilt in backward: forward keeps only the inputs (`lctrain.ops.chunk_recompute`, fla's memory model).
 Derivation and the cross-rank use: lctrain/sp/README_lasp2_gated.md.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from lctrain.ops.chunk_recompute import lean_apply
 from lctrain.ops.gated_fla import fla_available, fla_gla, fla_supports_gla
 from lctrain.ops.gla_ref import gate_as_vector, gate_kind, gla_recurrent
 from lctrain.ops.linear_attention_ref import compute_dtype
@@ -140,6 +142,14 @@ def _chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     o = o + q_dec @ torch.stack(entering, dim=2)
     o = from_chunks(o * scale, n)  # [b, n, h, dv]
     return o.to(v.dtype), (state if output_final_state else None)
+
+
+def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None = None, scale: float = 1.0,
+              initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+              chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The "chunk" backend: `_chunk_gla` keeping only its inputs for backward (recomputed there)."""
+    return lean_apply(lambda q, k, v, g, s0: _chunk_gla(q, k, v, g, scale, s0, output_final_state, chunk_size),
+                      (q, k, v, g, initial_state))
 
 
 def gla_chunk_map(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,6 +275,6 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
 
 
 register_gla_backend("recurrent", gla_recurrent, priority=0, validated_on_gpu=True)
-register_gla_backend("chunk", _chunk_gla, priority=10, validated_on_gpu=True)
+register_gla_backend("chunk", chunk_gla, priority=10, validated_on_gpu=True)
 register_gla_backend("fla", fla_gla, supports=fla_supports_gla, priority=100, is_available=fla_available,
                      validated_on_gpu=True)

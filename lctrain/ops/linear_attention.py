@@ -15,7 +15,9 @@ and is loaded on first dispatch if `lctrain.kernels.lightning_attention` exists.
 The "chunk" backend is the lightning-attention split in plain PyTorch: the sequence is cut into chunks of
 `CHUNK_SIZE` tokens; inside a chunk, masked attention with the decay matrix; across chunks, the state
 recurrence S_{c+1} = lambda^L_c S_c + M_c. Math in float32 (float64 for float64 inputs); any length (the last
-chunk may be short); gradients through autograd. The derivation is in lctrain/sp/README_lasp2.md.
+chunk may be short); gradients through autograd. It keeps for backward only its inputs (q, k, v, decay, initial
+state) and recomputes the intra-chunk terms there (`lctrain.ops.chunk_recompute`, fla's memory model). The
+derivation is in lctrain/sp/README_lasp2.md.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from lctrain.ops.chunk_recompute import lean_apply
 from lctrain.ops.debug import debug_checks_enabled, log_decay_problem
 from lctrain.ops.linear_attention_ref import compute_dtype, linear_attention_ref
 from lctrain.ops.registry import BackendRegistry, always
@@ -138,6 +141,14 @@ def _chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         state = mem[:, :, 0]
     o = o.reshape(b, h, nc * c, dv)[:, :, :n].transpose(1, 2)  # [b, n, h, dv]
     return o.to(v.dtype), (state if output_final_state else None)
+
+
+def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
+                           initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                           chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The "chunk" backend: `_chunk_linear_attention` keeping only its inputs for backward (recomputed there)."""
+    return lean_apply(lambda q, k, v, ld, s0: _chunk_linear_attention(q, k, v, ld, s0, output_final_state, chunk_size),
+                      (q, k, v, log_decay, initial_state))
 
 
 def memory_state(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,4 +286,4 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_deca
 
 # Plain PyTorch: the same code on every device.
 register_linear_attention_backend("reference", linear_attention_ref, priority=0, validated_on_gpu=True)
-register_linear_attention_backend("chunk", _chunk_linear_attention, priority=10, validated_on_gpu=True)
+register_linear_attention_backend("chunk", chunk_linear_attention, priority=10, validated_on_gpu=True)

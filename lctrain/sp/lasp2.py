@@ -8,17 +8,16 @@ dispatch (it does not need the other chunks). Then it forms the state entering e
 
     S_g = sum_{j<g} lambda^(C (g-1-j)) M_j,
 
-and adds the inter-chunk term (q_t lambda^(t+1)) S_g, a local einsum. The backward pass forms the gradients
-dS_g of the entering states (one einsum), starts their all-gather (the second and last collective) and
-differentiates the intra-chunk term while it is in flight, from the autograd graph kept in forward (no
-recomputation of the local pass); then each chunk's dM_j = sum_{g>j} lambda^(C (g-1-j)) dS_g is formed
-locally. Non-causal: o = q . (sum of all M). Derivation: README_lasp2.md.
+and adds the inter-chunk term (q_t lambda^(t+1)) S_g, a local einsum. It keeps for backward what LASP-1 keeps:
+q, k, v, the decay and its own entering states S_g (not the gathered M, not the intra-chunk terms). The backward
+pass forms the gradients dS_g of the entering states (one einsum), starts their all-gather (the second and
+last collective) and, while it is in flight, recomputes the intra-chunk term and the rank's memory states and
+differentiates them (fla's memory model: inputs kept, intra-chunk terms recomputed); then each chunk's
+dM_j = sum_{g>j} lambda^(C (g-1-j)) dS_g is formed locally. Non-causal: o = q . (sum of all M). Derivation:
+README_lasp2.md.
 
-Activation checkpointing (non-reentrant): the kept graph is built under identity saved-tensor hooks, so the
-checkpoint's hooks see only this Function's saved tensors. A checkpointed LASP-2 layer then frees its kept graph
-(the stacked q, k, v and the intra-chunk pass's saved tensors, O(S/P) per layer) after forward and rebuilds it
-once in backward: one more forward all-gather of the states and one more intra-chunk pass, as for any
-checkpointed layer (tests/sp/test_lasp2_checkpoint.py).
+Activation checkpointing (non-reentrant): a checkpointed LASP-2 layer keeps nothing of its own and reruns its
+forward once in backward (one more forward all-gather, tests/sp/test_lasp2_checkpoint.py).
 
 Packed documents (`cu_seqlens=`) go through the chunk-map path of `lctrain.sp.lasp2_delta` (a -inf log gate at
 document starts), still one all-gather each way.
@@ -28,11 +27,10 @@ one agreement exchange per call signature (`lctrain.sp.utils.agree_once`).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
+from lctrain.ops.chunk_recompute import differentiate_now
 from lctrain.ops.debug import debug_checks_enabled
 from lctrain.ops.linear_attention import check_linear_attention_inputs, linear_attention, memory_state
 from lctrain.ops.linear_attention_ref import compute_dtype
@@ -137,24 +135,6 @@ def _unstack_chunks(x: torch.Tensor, n_loc: int) -> torch.Tensor:
     return torch.cat(x.chunk(n_loc, dim=0), dim=1) if n_loc > 1 else x
 
 
-def _keep(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-@contextlib.contextmanager
-def _inner_graph():
-    """Grad mode on, with identity saved-tensor hooks: the graph built inside keeps its tensors as they are.
-
-    Saved-tensor hooks nest, the innermost wins. Without this, an enclosing non-reentrant
-    `torch.utils.checkpoint` would drop the kept graph's tensors too and recompute the whole checkpointed
-    region (all-gather included) for each of them during backward. With it, what the kept graph references
-    stays alive only as long as the graph: `save_for_backward` hands its roots to the outer hooks, so under
-    checkpointing the forward frees the graph and the one recompute in backward rebuilds it.
-    """
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-        yield
-
-
 class _LASP2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, group, causal, layout, rank, world):
@@ -170,34 +150,24 @@ class _LASP2(torch.autograd.Function):
 
         b, s, h, _ = q.shape
         chunk_len = s // n_loc
-        decay_grad = bool(ctx.needs_input_grad[3])
-        track = any(ctx.needs_input_grad[:4])
         qs, ks, vs = (_stack_chunks(x, n_loc) for x in (q, k, v))  # [n_loc*b, C, h, d]
-        # The local terms are built under autograd and their graph is kept for backward (O(S/P), no recompute).
-        # The graph's own saved tensors bypass any outer saved-tensor hooks (`_inner_graph`): under activation
-        # checkpointing only this Function's save_for_backward goes through checkpoint's hooks, so the layer is
-        # recomputed once in backward (not once per unpacked tensor of the kept graph).
-        grad_mode = _inner_graph if track else contextlib.nullcontext
-        with grad_mode():
-            leaves = [x.detach().requires_grad_(track) for x in (qs, ks, vs)]
-            ld = log_decay.detach().requires_grad_(decay_grad) if log_decay is not None else None
-            mem = memory_state(leaves[1], leaves[2], ld)  # [n_loc*b, h, dk, dv]
+        mem = memory_state(ks, vs, log_decay)  # [n_loc*b, h, dk, dv]
         with comm.comm_tag("lasp2.fwd"):
-            pending = comm.all_gather(mem.detach().view(n_loc, b, *mem.shape[1:]), group=group, async_op=True)
-        with grad_mode():
-            o_intra, _ = linear_attention(*leaves, ld)  # overlaps the all-gather
+            pending = comm.all_gather(mem.view(n_loc, b, *mem.shape[1:]), group=group, async_op=True)
+        o_intra, _ = linear_attention(qs, ks, vs, log_decay)  # overlaps the all-gather
         mem_all = pending.wait()  # [world*n_loc, b, h, dk, dv], rank-major
         own = _chunk_gids(rank, world, n_loc, q.device)
         weights = _prefix_weights(log_decay, own, _all_gids(world, n_loc, q.device), chunk_len, h, sdt)
         entering = torch.einsum("gjh,jbhkv->gbhkv", weights, mem_all).flatten(0, 1)  # [n_loc*b, h, dk, dv]
+        del mem_all  # the gathered states are not kept: backward needs only this rank's entering states
         q_in = qs.to(sdt)
         q_dec = _q_decay(log_decay, chunk_len, sdt, q.device)
         if q_dec is not None:
             q_in = q_in * q_dec[:, :, None]
-        o = o_intra.detach().to(sdt) + torch.einsum("bshk,bhkv->bshv", q_in, entering)
-        # The graph's roots and leaves go through save_for_backward too, so saved-tensor hooks see what is kept.
-        graph = (o_intra, mem, *leaves, ld) if track else ()
-        ctx.save_for_backward(q, log_decay, entering, mem_all if decay_grad else None, *graph)
+        o = o_intra.to(sdt) + torch.einsum("bshk,bhkv->bshv", q_in, entering)
+        # Kept for backward: the inputs and this rank's entering states only (what LASP-1 keeps); the intra-chunk
+        # terms and the memory states are recomputed there.
+        ctx.save_for_backward(q, k, v, log_decay, entering)
         return _unstack_chunks(o, n_loc).to(v.dtype)
 
     @staticmethod
@@ -215,14 +185,15 @@ class _LASP2(torch.autograd.Function):
             dv = torch.einsum("bshk,bhkv->bshv", k.to(sdt), d_mem)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
-        q, log_decay, entering, mem_all, o_intra, mem, *leaves, ld = ctx.saved_tensors
-        decay_grad = ld is not None and ld.requires_grad
+        q, k, v, log_decay, entering = ctx.saved_tensors
+        decay_grad = bool(ctx.needs_input_grad[3])
         b, s, h, _ = q.shape
         chunk_len = s // n_loc
         sdt = entering.dtype
         dos = _stack_chunks(do, n_loc)  # [n_loc*b, C, h, dv]
         q_dec = _q_decay(log_decay, chunk_len, sdt, q.device)  # [C, h] or None
-        q_in = leaves[0].detach().to(sdt)
+        qs, ks, vs = (_stack_chunks(x, n_loc) for x in (q, k, v))
+        q_in = qs.to(sdt)
         if q_dec is not None:
             q_in = q_in * q_dec[:, :, None]
         # dL/dS_g for this rank's chunks, from the inter-chunk term o += (q_t lambda^(t+1)) S_g.
@@ -230,9 +201,16 @@ class _LASP2(torch.autograd.Function):
         with comm.comm_tag("lasp2.bwd"):
             pending = comm.all_gather(d_in.view(n_loc, b, *d_in.shape[1:]), group=group, async_op=True)
 
-        # While the all-gather is in flight: the intra-chunk gradients (from the kept graph) and the inter dq.
-        wrt = list(leaves) + ([ld] if decay_grad else [])
-        grads = torch.autograd.grad(o_intra, wrt, dos.to(o_intra.dtype))
+        # While the all-gather is in flight: recompute the intra-chunk term and the memory states, differentiate the
+        # intra-chunk term, and form the inter dq.
+        with torch.enable_grad(), differentiate_now():
+            leaves = [x.detach().requires_grad_(True) for x in (qs, ks, vs)]
+            ld = log_decay.detach().requires_grad_(True) if decay_grad else log_decay
+            o_intra, _ = linear_attention(*leaves, ld)
+            wrt = list(leaves) + ([ld] if decay_grad else [])
+            grads = torch.autograd.grad(o_intra, wrt, dos.to(o_intra.dtype))
+            del o_intra
+            mem = memory_state(leaves[1], leaves[2], ld)  # [n_loc*b, h, dk, dv]
         dqs = grads[0].to(sdt)
         dq_raw = torch.einsum("bshv,bhkv->bshk", dos.to(sdt), entering)  # d(q_in) of the inter term
         dqs = dqs + (dq_raw * q_dec[:, :, None] if q_dec is not None else dq_raw)
@@ -251,12 +229,12 @@ class _LASP2(torch.autograd.Function):
         dks = grads[1].to(sdt) + mem_grads[0]
         dvs = grads[2].to(sdt) + mem_grads[1]
         if decay_grad:
-            # The decay also enters through the prefix weights that formed this rank's entering states:
-            # dW[g, j]/dlog(lambda) = C (g-1-j) W[g, j].
-            w_fwd = _prefix_weights(log_decay, own, every, chunk_len, h, sdt)  # [n_loc, G, h]
-            steps = ((own[:, None] - 1 - every[None, :]).clamp_min(0) * chunk_len).to(sdt)
-            d_w = torch.einsum("gbhkv,jbhkv->gjh", d_in.view(n_loc, b, *d_in.shape[1:]), mem_all)
-            d_ld = (d_ld + mem_grads[2] + (d_w * w_fwd * steps[..., None]).sum((0, 1))).to(log_decay.dtype)
+            # The decay also enters through the prefix weights W[g, j] = lambda^(C (g-1-j)), dW/dlog(lambda) =
+            # C (g-1-j) W. Every pair (g, j) is counted once in the group: on the rank that holds chunk j (its own
+            # M_j, every rank's dS_g from the all-gather), so no gathered M is kept from forward.
+            steps = ((every[:, None] - 1 - own[None, :]).clamp_min(0) * chunk_len).to(sdt)  # [G, n_loc]
+            d_w = torch.einsum("gbhkv,jbhkv->gjh", d_in_all, mem.detach().view(n_loc, b, *mem.shape[1:]))
+            d_ld = (d_ld + mem_grads[2] + (d_w * w_back * steps[..., None]).sum((0, 1))).to(log_decay.dtype)
         dq, dk, dv = (_unstack_chunks(x, n_loc) for x in (dqs, dks, dvs))
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(do.dtype), d_ld, None, None, None, None, None
 

@@ -175,14 +175,15 @@ def _bytes_vs_length(seed):
 
 
 def test_bytes_do_not_grow_with_sequence():
-    """Per rank: forward n_loc * b * h * (|T| + dk dv) float32, backward n_loc * b * h * dk dv; a warm call
-    issues exactly these two all-gathers and nothing else."""
+    """Per rank: forward n_loc * b * h * (|T| + dk dv) float32, backward the same (the state gradients and the
+    rank's own T, re-gathered instead of keeping the gathered T from forward); a warm call issues exactly these
+    two all-gathers and nothing else."""
     seed = int(torch.randint(0, 2**31, ()).item())
     for out in run_distributed(_bytes_vs_length, 2, seed):
         for variant, t_size in (("delta", 3 * 3), ("scalar", 1), ("vector", 3)):
             for layout, n_loc in (("contiguous", 1), ("zigzag", 2)):
                 fwd = n_loc * 1 * 2 * (t_size + 3 * 4) * 4
-                bwd = n_loc * 1 * 2 * 3 * 4 * 4
+                bwd = n_loc * 1 * 2 * (t_size + 3 * 4) * 4
                 want = {"all_gather": {"calls": 2, "bytes": fwd + bwd}}
                 x1, x8, warm = (out[(variant, layout, s)] for s in (4, 32, 4))
                 assert warm == want, (variant, layout, warm, want)
