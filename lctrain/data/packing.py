@@ -6,6 +6,7 @@ random order:
 
 - `best_fit`: best-fit decreasing -- pieces longest first (ties in the random order), each into the open
   sequence whose free space is the smallest that still holds it, else a new sequence. Little padding.
+  Vectorised over runs of equal length (`_best_fit`): 10M documents pack in seconds (docs/packed.md).
 - `greedy`: next-fit -- pieces in order; a piece that does not fit closes the current sequence (its tail
   is padded) and opens the next.
 - `concat`: documents end to end, cut wherever a sequence is full (a document may continue in the next
@@ -14,7 +15,9 @@ random order:
 
 Only the packed sequence is padded: padding fills the tail of a sequence and is its own document, so no
 document length needs to divide anything. The result (a pack index) is written once per (split, method,
-seq_len, eval_fraction, seed) under `DIR/packed/` and memory-mapped by every rank:
+seq_len, eval_fraction, seed) under `DIR/packed/` -- by global rank 0 (`lctrain data pack`, or on first use; the
+other ranks wait for it) from the memory-mapped document index, in O(documents) numpy memory -- and
+memory-mapped by every rank:
 
     seq_offsets.npy  int64 [n_seq + 1]   sequence k holds pieces seq_offsets[k] : seq_offsets[k+1]
     pieces.npy       int64 [n_pieces, 2] (start in the token stream, length), in order inside the sequence
@@ -22,9 +25,9 @@ seq_len, eval_fraction, seed) under `DIR/packed/` and memory-mapped by every ran
 """
 from __future__ import annotations
 
+import bisect
 import json
-import os
-import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -48,44 +51,96 @@ def split_long(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarra
     return doc, start, np.minimum(lengths[doc] - start, seq_len)
 
 
-class _FreeSpace:
-    """Open sequences by free space, with `smallest_at_least(n)` in O(log seq_len) (a count tree)."""
+def _next_fit(plen: np.ndarray, seq_len: int) -> np.ndarray:
+    """First piece of each sequence under next-fit: a sequence holds pieces i..j-1 while their sum fits
+    (one searchsorted on the running sum per sequence)."""
+    ends = np.concatenate([[0], np.cumsum(plen)])
+    firsts, i, n = [], 0, len(plen)
+    while i < n:
+        firsts.append(i)
+        i = int(np.searchsorted(ends, ends[i] + seq_len, side="right")) - 1
+    return np.asarray(firsts, dtype=np.int64)
 
-    def __init__(self, seq_len: int):
-        self.size = 1 << (seq_len + 1 - 1).bit_length()
-        self.count = [0] * (2 * self.size)
-        self.bins: dict[int, list[int]] = {}
 
-    def _add(self, free: int, delta: int) -> None:
-        i = free + self.size
-        while i:
-            self.count[i] += delta
-            i //= 2
+def _best_fit(plen: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing, vectorised per run of equal lengths: (piece order longest first, its sequence id).
 
-    def push(self, free: int, bin_id: int) -> None:
-        self.bins.setdefault(free, []).append(bin_id)
-        self._add(free, 1)
+    Pieces of one length L go, one after another, to the open sequence with the least free space f >= L. A
+    sequence that receives one keeps the least free space (f - L < f) while f - L >= L, so it takes
+    k = f // L of them in a row; sequences with the same free space are interchangeable (first opened, first
+    used). So a run of n equal pieces fills whole classes of equal free space, each class with one numpy
+    operation, and opens ceil(rest / (seq_len // L)) new sequences at once: the Python loop runs over
+    (length, free-space class) visits, not over pieces.
+    """
+    order = np.argsort(-plen, kind="stable")  # longest first, ties in the given (random) document order
+    sizes = plen[order]
+    seq_of = np.empty(len(order), dtype=np.int64)
+    classes: dict[int, list[np.ndarray]] = {}  # free space -> sequence ids (FIFO chunks)
+    keys: list[int] = []  # free-space values with open sequences, sorted
+    n_seq = 0
 
-    def pop_smallest_at_least(self, need: int) -> tuple[int, int] | None:
-        """Remove and return (free, bin) with the smallest free >= need, or None."""
-        node, lo, hi = 1, 0, self.size - 1
-        stack = [(1, 0, self.size - 1)]
-        found = -1
-        while stack:
-            node, lo, hi = stack.pop()
-            if hi < need or self.count[node] == 0:
-                continue
-            if lo == hi:
-                found = lo
+    def push(free: int, ids: np.ndarray) -> None:
+        if free <= 0 or not len(ids):
+            return
+        if free not in classes:
+            classes[free] = []
+            bisect.insort(keys, free)
+        classes[free].append(ids)
+
+    run_starts = np.concatenate([[0], np.flatnonzero(np.diff(sizes)) + 1]).tolist()
+    run_ends = run_starts[1:] + [len(sizes)]
+    for a, e in zip(run_starts, run_ends):
+        size, pos = int(sizes[a]), a
+        while pos < e:
+            j = bisect.bisect_left(keys, size)
+            left = e - pos
+            if j == len(keys):  # no open sequence has room: open new ones, seq_len // size pieces each
+                k = seq_len // size
+                full, rem = divmod(left, k)
+                ids = np.arange(n_seq, n_seq + full + (rem > 0), dtype=np.int64)
+                seq_of[pos:e] = np.repeat(ids, k)[:left]
+                push(seq_len - k * size, ids[:full])
+                if rem:
+                    push(seq_len - rem * size, ids[full:])
+                n_seq += len(ids)
                 break
-            mid = (lo + hi) // 2
-            stack.append((2 * node + 1, mid + 1, hi))  # right half after the left one
-            stack.append((2 * node, lo, mid))
-        if found < 0:
-            return None
-        bin_id = self.bins[found].pop()
-        self._add(found, -1)
-        return found, bin_id
+            free = keys[j]
+            ids = np.concatenate(classes.pop(free))
+            del keys[j]
+            k = free // size
+            if len(ids) * k <= left:  # the whole class fills up to below `size`
+                seq_of[pos:pos + len(ids) * k] = np.repeat(ids, k)
+                pos += len(ids) * k
+                push(free - k * size, ids)
+                continue
+            full, rem = divmod(left, k)
+            seq_of[pos:pos + full * k] = np.repeat(ids[:full], k)
+            seq_of[pos + full * k:e] = ids[full] if rem else 0
+            push(free - k * size, ids[:full])
+            if rem:
+                push(free - rem * size, ids[full:full + 1])
+            push(free, ids[full + (rem > 0):])
+            pos = e
+    return order, seq_of
+
+
+def best_fit_reference(plen: np.ndarray, seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing, one piece at a time (the definition `_best_fit` is tested against): the pieces of
+    each sequence, by index. Among sequences with the same free space the one that reached it first is used."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int, int]] = []  # (free space, arrival, sequence), sorted
+    for t, i in enumerate(np.argsort(-np.asarray(plen), kind="stable").tolist()):
+        n = int(plen[i])
+        j = bisect.bisect_left(free, (n, -1, -1))
+        if j == len(free):
+            bins.append([])
+            room, b = seq_len, len(bins) - 1
+        else:
+            room, _, b = free.pop(j)
+        bins[b].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, t, b))
+    return bins
 
 
 def pack_pieces(lengths: np.ndarray, seq_len: int, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -115,30 +170,14 @@ def pack_pieces(lengths: np.ndarray, seq_len: int, method: str) -> tuple[np.ndar
     if method == "pad":
         return np.arange(len(doc) + 1, dtype=np.int64), doc, start, plen
     if method == "greedy":
-        bins: list[list[int]] = []
-        fill = seq_len
-        for i, n in enumerate(plen.tolist()):
-            if fill + n > seq_len:
-                bins.append([])
-                fill = 0
-            bins[-1].append(i)
-            fill += n
-    else:
-        order = np.argsort(-plen, kind="stable")  # longest first, ties in the random document order
-        bins, free = [], _FreeSpace(seq_len)
-        for i in order.tolist():
-            n = int(plen[i])
-            hit = free.pop_smallest_at_least(n)
-            if hit is None:
-                hit = (seq_len, len(bins))
-                bins.append([])
-            room, b = hit
-            bins[b].append(i)
-            if room - n > 0:
-                free.push(room - n, b)
-    flat = np.asarray([i for b in bins for i in b], dtype=np.int64)
-    seq_offsets = np.cumsum([0] + [len(b) for b in bins]).astype(np.int64)
-    return seq_offsets, doc[flat], start[flat], plen[flat]
+        firsts = _next_fit(plen, seq_len)
+        seq_offsets = np.append(firsts, len(plen)).astype(np.int64)
+        return seq_offsets, doc, start, plen
+    order, seq_of = _best_fit(plen, seq_len)
+    inside = np.argsort(seq_of, kind="stable")  # a sequence's pieces in the order they were placed
+    flat = order[inside]
+    seq_offsets = np.concatenate([[0], np.cumsum(np.bincount(seq_of, minlength=int(seq_of.max(initial=-1)) + 1))])
+    return seq_offsets.astype(np.int64), doc[flat], start[flat], plen[flat]
 
 
 def pack_dir(path: str, seq_len: int, method: str, eval_fraction: float, seed: int, split: str) -> Path:
@@ -148,11 +187,12 @@ def pack_dir(path: str, seq_len: int, method: str, eval_fraction: float, seed: i
 def build_pack(path: str, index: dict, seq_len: int, method: str, eval_fraction: float, seed: int,
                split: str) -> Path:
     """Pack the split's documents of a prepared directory; writes the pack index (atomically) and returns its dir."""
-    from lctrain.data.text import eval_threshold, publish
+    from lctrain.data.prepare import publish
+    from lctrain.data.text import eval_threshold
 
     out = pack_dir(path, seq_len, method, eval_fraction, seed, split)
-    offsets = np.load(Path(path) / "doc_offsets.npy")
-    hashes = np.load(Path(path) / "doc_hash.npy")
+    offsets = np.load(Path(path) / "doc_offsets.npy", mmap_mode="r")
+    hashes = np.load(Path(path) / "doc_hash.npy", mmap_mode="r")
     held_out = hashes < np.uint64(eval_threshold(eval_fraction))
     docs = np.flatnonzero(held_out if split == "eval" else ~held_out)
     if len(docs):
@@ -165,8 +205,7 @@ def build_pack(path: str, index: dict, seq_len: int, method: str, eval_fraction:
     meta = {"split": split, "method": method, "seq_len": seq_len, "eval_fraction": eval_fraction, "seed": seed,
             "sequences": n_seq, "documents": len(docs), "pieces": len(plen), "tokens": int(plen.sum()),
             "pad_tokens": int(n_seq * seq_len - plen.sum())}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")  # unique per builder, on any node
     tmp.mkdir(parents=True)
     np.save(tmp / "seq_offsets.npy", seq_offsets)
     np.save(tmp / "pieces.npy", pieces)
@@ -180,8 +219,10 @@ def load_pack(path: str, index: dict, seq_len: int, method: str, eval_fraction: 
     """The split's pack index (built on first use), memory-mapped: (seq_offsets, pieces, meta)."""
     if method not in METHODS:
         raise ValueError(f"data.packing must be one of {METHODS}, got {method!r}")
+    from lctrain.data.text import leader_or_wait
+
     d = pack_dir(path, seq_len, method, eval_fraction, seed, split)
-    if not (d / "meta.json").is_file():
-        d = build_pack(path, index, seq_len, method, eval_fraction, seed, split)
+    leader_or_wait(lambda: (d / "meta.json").is_file(),
+                   lambda: build_pack(path, index, seq_len, method, eval_fraction, seed, split), f"the pack index {d}")
     meta = json.loads((d / "meta.json").read_text())
     return np.load(d / "seq_offsets.npy", mmap_mode="r"), np.load(d / "pieces.npy", mmap_mode="r"), meta

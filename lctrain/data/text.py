@@ -1,10 +1,10 @@
-"""Text corpora: tokenize documents once into memory-mapped shards with a document index, then serve packed samples.
+"""Text corpora: tokenised once into memory-mapped shards with a document index (prepare.py), served as packed samples.
 
-`prepare_text` reads documents (plain text, JSONL, Parquet; see documents.py), tokenizes each one as
-`[bos] + encode(text) + [eos]` (ids from the tokenizer), and writes
+`lctrain data prepare` / :func:`prepare_text` (a pool of processes per node, any number of nodes; see prepare.py)
+tokenises each document as `[bos] + encode(text) + [eos]` (ids from the tokenizer) and publishes, with one rename,
 
-    shard_NNNNN.bin   the token stream (uint16 or uint32), documents end to end
-    doc_offsets.npy   int64 [n_docs + 1]: where each document starts in the stream (offsets per document)
+    shard_PPPPP_KKK.bin   the token stream (uint16 or uint32), documents end to end, in file order
+    doc_offsets.npy   int64 [n_docs + 1]: where each document starts in the stream (memory-mapped by readers)
     doc_hash.npy      uint64 [n_docs]: a hash of each document's text (chooses its split)
     index.json        format, tokenizer (name, fingerprint, special ids), vocab size, counts, shards
 
@@ -16,31 +16,27 @@ A document goes to the eval split when `hash < eval_fraction * 2^64`: by content
 document does not depend on the file order or on the other documents (and duplicates share a split).
 Training order: epoch e visits the sequences in the order of a seeded O(1)-memory permutation
 (`Permutation(n, seed, e)`), so sample i is a pure function of (seed, i) and a resume continues exactly.
+In a training job only global rank 0 prepares a missing corpus (and builds a missing pack index); the other
+ranks wait for it to be published, then only read (`leader_or_wait`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from lctrain.data.documents import iter_documents
 from lctrain.data.permutation import Permutation
-from lctrain.data.tokenizer import get_tokenizer
+from lctrain.data.prepare import FORMAT, INDEX, doc_hash, prepare, publish  # noqa: F401 (re-exported)
 
-INDEX = "index.json"
-FORMAT = "lctrain-tokens-v2"
 #: Label of a position that is not scored (a document's last token, padding); as torch's cross_entropy.
 IGNORE_INDEX = -100
-
-
-def doc_hash(text: str) -> int:
-    """64-bit content hash of a document (blake2b of its UTF-8 text)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+#: How long a rank waits for rank 0 to prepare a corpus or build a pack index (LCTRAIN_DATA_WAIT_S overrides).
+DATA_WAIT_S = 24 * 3600.0
 
 
 def eval_threshold(eval_fraction: float) -> int:
@@ -48,88 +44,29 @@ def eval_threshold(eval_fraction: float) -> int:
     return min(int(eval_fraction * 2.0 ** 64), 2 ** 64 - 1) if eval_fraction > 0 else 0
 
 
-def publish(tmp: Path, out: Path, replace: bool) -> None:
-    """Move the finished directory `tmp` to `out` atomically; with replace=False an existing `out`
-    (written meanwhile by another rank from the same inputs) is kept and `tmp` dropped."""
-    if out.exists():
-        if not replace:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        shutil.rmtree(out)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if replace or not out.exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+def leader_or_wait(ready: Callable[[], bool], build: Callable[[], object], what: str) -> None:
+    """Run `build` in global rank 0 (or outside a distributed job) unless `ready()`; other ranks poll `ready()`
+    until rank 0 has published (a filesystem barrier: preparation can outlast any collective's timeout)."""
+    if ready():
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        build()
+        return
+    timeout = float(os.environ.get("LCTRAIN_DATA_WAIT_S", DATA_WAIT_S))
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {os.environ.get('RANK')}: {what} did not appear within {timeout:.0f} s "
+                               "(rank 0 builds it; is the path on a filesystem every node sees?)")
+        time.sleep(1.0)
 
 
 def prepare_text(inputs: list[str], out_dir: str, tokenizer: str = "byte", shard_tokens: int = 1 << 24,
                  text_field: str = "text", eos_token: str | None = None, bos_token: str | None = None,
-                 replace: bool = True) -> dict:
-    """Tokenize the documents of `inputs` into shards and a document index under `out_dir` (written atomically).
-
-    Args:
-        inputs: files, folders (recursive) and `pkg:NAME` entries; see :func:`iter_documents`.
-        out_dir: output directory; must not exist yet or hold an earlier index.json (it is replaced).
-        tokenizer: "byte" or the path of a local tokenizer.json.
-        shard_tokens: tokens per shard file.
-        text_field: the JSONL field / Parquet column holding a document's text.
-        eos_token, bos_token: override the tokenizer's detected special tokens.
-        replace: replace an existing prepared directory (False: keep it, e.g. when several ranks prepare).
-    Returns:
-        The index (what index.json holds).
-    """
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    tok = get_tokenizer(tokenizer, eos_token, bos_token)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    out = Path(out_dir)
-    if out.exists() and not (out / INDEX).is_file():
-        raise ValueError(f"{out_dir!r} exists and is not a prepared token directory; refusing to overwrite it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards: list[dict] = []
-    pending: list[np.ndarray] = []
-    pending_len = 0
-    offsets, hashes = [0], []
-
-    def flush(final: bool) -> None:
-        nonlocal pending, pending_len
-        if not pending:
-            return
-        stream = np.concatenate(pending)
-        cut = 0
-        while len(stream) - cut >= shard_tokens or (final and cut < len(stream)):
-            chunk = stream[cut:cut + shard_tokens]
-            name = f"shard_{len(shards):05d}.bin"
-            chunk.tofile(tmp / name)
-            shards.append({"file": name, "tokens": len(chunk)})
-            cut += len(chunk)
-        pending, pending_len = [stream[cut:]], len(stream) - cut
-
-    head = [] if tok.bos_id is None else [tok.bos_id]
-    for text in iter_documents(inputs, text_field):
-        ids = np.asarray(head + tok.encode(text) + [tok.eos_id], dtype=dtype)
-        pending.append(ids)
-        pending_len += len(ids)
-        offsets.append(offsets[-1] + len(ids))
-        hashes.append(doc_hash(text))
-        if pending_len >= shard_tokens:
-            flush(final=False)
-    flush(final=True)
-    if not hashes:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"no non-empty documents in {inputs}")
-    np.save(tmp / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64))
-    np.save(tmp / "doc_hash.npy", np.asarray(hashes, dtype=np.uint64))
-    index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "tokenizer": tok.name,
-             "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-             "bos_id": tok.bos_id, "pad_id": tok.pad_id, "total_tokens": int(offsets[-1]),
-             "documents": len(hashes), "text_field": text_field, "shards": shards}
-    (tmp / INDEX).write_text(json.dumps(index, indent=1))
-    publish(tmp, out, replace)
+                 replace: bool = True, **kwargs) -> dict:
+    """Tokenise the documents of `inputs` into shards and a document index under `out_dir` (published atomically);
+    see :func:`lctrain.data.prepare.prepare` for the parallel options (workers, node_rank, num_nodes, job_id)."""
+    prepare(inputs, out_dir, tokenizer, shard_tokens, text_field, eos_token, bos_token, replace, **kwargs)
     return read_index(out_dir)
 
 
@@ -245,8 +182,11 @@ def ensure_prepared(cfg) -> dict:
     it holds no corpus yet; ValueError when it was prepared with another tokenizer than `cfg.tokenizer`."""
     from lctrain.data.tokenizer import tokenizer_fingerprint
 
-    if cfg.inputs and not (Path(cfg.path) / INDEX).is_file():
-        prepare_text(list(cfg.inputs), cfg.path, cfg.tokenizer, text_field=cfg.text_field, replace=False)
+    if cfg.inputs:
+        leader_or_wait(lambda: (Path(cfg.path) / INDEX).is_file(),
+                       lambda: prepare_text(list(cfg.inputs), cfg.path, cfg.tokenizer, text_field=cfg.text_field,
+                                            replace=False, workers=max(1, min(8, os.cpu_count() or 1))),
+                       f"the prepared corpus {cfg.path}")
     index = read_index(cfg.path)
     if index["tokenizer_fingerprint"] != tokenizer_fingerprint(cfg.tokenizer):
         raise ValueError(f"data.path {cfg.path!r} was prepared with the tokenizer {index['tokenizer']!r}, "

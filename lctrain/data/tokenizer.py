@@ -14,8 +14,11 @@ override; a tokenizer with none of these is an error, not a guess.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
+
+import numpy as np
 
 #: Conventional names of the special tokens, most specific first (GPT-2, Llama-3, SentencePiece/Llama-2, Gemma).
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
@@ -38,6 +41,12 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The texts' ids end to end (uint8 view of their UTF-8 bytes) and int64 lengths."""
+        raw = [t.encode("utf-8") for t in texts]
+        lens = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+        return np.frombuffer(b"".join(raw), dtype=np.uint8), lens
 
 
 def _config_token(config: dict, key: str) -> str | None:
@@ -100,6 +109,14 @@ class FileTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The texts' ids end to end (int64) and int64 lengths, from the batch encoder (`encode_batch_fast`:
+        no offsets; threads only when TOKENIZERS_PARALLELISM allows)."""
+        enc = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)(texts, add_special_tokens=False)
+        ids = [e.ids for e in enc]
+        lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lens.sum())), lens
 
 
 def get_tokenizer(spec: str, eos_token: str | None = None, bos_token: str | None = None) -> ByteTokenizer | FileTokenizer:

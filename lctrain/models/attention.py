@@ -14,7 +14,7 @@ from megatron.core.tensor_parallel import RowParallelLinear
 
 from lctrain import sp
 from lctrain.models.config import ModelConfig
-from lctrain.models.packing import Documents, packed_mode, per_document
+from lctrain.models.packing import Documents, packed_argument, packed_mode, per_document
 from lctrain.models.qkv import GroupedQKV
 from lctrain.models.rope import apply_rope
 from lctrain.models.tensor_parallel import scaled_init
@@ -51,7 +51,7 @@ class SoftmaxAttention(torch.nn.Module):
         if docs is None:
             o = self.sp_fn(q, k, v, layout=self.cp_layout, **kw)
         elif self.packed_mode == "native":
-            o = self.sp_fn(q, k, v, layout=self.cp_layout, cu_seqlens=docs.cu_seqlens, **kw)
+            o = self.sp_fn(q, k, v, layout=self.cp_layout, cu_seqlens=packed_argument(self.sp_fn, docs), **kw)
         else:  # one CP rank: each document on its own
             o = per_document(self.sp_fn, q, k, v, docs.bounds, layout="contiguous", **kw)
         out, _ = self.out(o.reshape(b, s, -1).contiguous())  # [b, s, hidden]

@@ -100,7 +100,7 @@ class GatedLinearMixer(torch.nn.Module):
         documents (convolution and state restart at each), or None."""
         b, s, _ = x.shape
         pos = docs.positions if docs is not None else None
-        cu = {"cu_seqlens": docs.cu_seqlens} if docs is not None else {}
+        cu = {"cu_seqlens": docs} if docs is not None else {}
         q, k, v = self.qkv(x)  # [b, s, h/tp, d], [b, s, h_kv/tp, d] x 2
         q, k, v = (self._conv(t, w, pos) for t, w in ((q, self.conv_q), (k, self.conv_k), (v, self.conv_v)))
         if self.q_per_group > 1:

@@ -39,7 +39,7 @@ from lctrain.models.linear_attention import LinearAttention
 from lctrain.models.loss import LMOutput, lm_loss
 from lctrain.models.mlp import SwiGLU
 from lctrain.models.norm import RMSNorm
-from lctrain.models.packing import Documents, check_cu_seqlens, document_tables
+from lctrain.models.packing import Documents, check_cu_seqlens
 from lctrain.models.rope import rope_cos_sin
 from lctrain.models.tensor_parallel import megatron_config, normal_init
 from lctrain.parallel.mesh import Mesh, get_mesh
@@ -111,7 +111,7 @@ class HybridLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 loss_mask: torch.Tensor | None = None, return_predictions: bool = False,
-                cu_seqlens: torch.Tensor | None = None) -> LMOutput:
+                cu_seqlens: torch.Tensor | Documents | None = None) -> LMOutput:
         """Loss of this rank's tokens.
 
         Args:
@@ -122,7 +122,8 @@ class HybridLM(torch.nn.Module):
             return_predictions: also return the argmax over the full vocabulary.
             cu_seqlens: packed documents: int `[n_docs + 1]`, boundaries of the b sequences laid end to end
                 (0 ... b * s_global), the same on every rank; a CPU tensor is checked and read without a device
-                sync. Negative labels (the data pipeline's ignore index) are never scored.
+                sync. Or the batch's `Documents` (`lctrain.sp.documents.PackedDocuments.from_host`), built by the
+                data path before the step. Negative labels (the data pipeline's ignore index) are never scored.
         Returns:
             LMOutput(loss_sum, num_tokens, predictions); reduce with `lctrain.models.loss.global_token_mean`.
         """
@@ -132,13 +133,23 @@ class HybridLM(torch.nn.Module):
             if self.packed_problem:
                 raise NotImplementedError(self.packed_problem)
             b, s_local = input_ids.shape
-            check_cu_seqlens(cu_seqlens, b, s_local * self.mesh.cp)
-            # Once per batch, for every layer: positions within documents, document ends (no longer scored).
-            bounds = cu_seqlens.tolist() if self._bounds_on_host else None
-            cu_seqlens = cu_seqlens.to(input_ids.device, non_blocking=True)  # the SP methods take it on q's device
-            positions, last = document_tables(cu_seqlens, position_ids, b, s_local * self.mesh.cp)  # [b, s_local]
-            docs = Documents(cu_seqlens, bounds, positions, last)
-            position_ids, labels = positions, labels.masked_fill(last, -100)
+            args = (b, s_local * self.mesh.cp, self.mesh.cp_rank, self.mesh.cp, self.cp_layout)
+            # Once per batch, for every layer: document ids, positions within documents, starts, ends (no longer
+            # scored), from the host boundaries in one host-to-device copy; every mixer gets this one object.
+            if isinstance(cu_seqlens, Documents):  # built by the data path already
+                docs = cu_seqlens
+                problem = docs.problem(input_ids, args[2], args[3], self.cp_layout)
+                if problem:
+                    raise ValueError(problem)
+            elif cu_seqlens.device.type == "cpu":
+                check_cu_seqlens(cu_seqlens, *args[:2])
+                docs = Documents.from_host(cu_seqlens, *args, device=input_ids.device)
+            else:  # already on the device: derived there, sync-free
+                check_cu_seqlens(cu_seqlens, *args[:2])
+                docs = Documents.on_device(cu_seqlens.to(input_ids.device), *args)
+            if docs.bounds is None and self._bounds_on_host:  # the per-document path (one CP rank) reads them
+                docs.bounds = docs.cu_seqlens.tolist()
+            position_ids, labels = docs.positions, labels.masked_fill(docs.last, -100)
         x = self.embed(input_ids)  # [b, s, hidden]
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # [(b,) s, d] each
         for layer in self.layers:

@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from lctrain import sp
 from lctrain.models.config import ModelConfig
 from lctrain.models.norm import rms_norm
-from lctrain.models.packing import Documents, packed_mode, per_document
+from lctrain.models.packing import Documents, packed_argument, packed_mode, per_document
 from lctrain.models.qkv import GroupedQKV
 from lctrain.models.tensor_parallel import mark_tp_split, normal_init, scaled_init
 from lctrain.ops.linear_attention import default_log_decay
@@ -96,7 +96,7 @@ class LinearAttention(torch.nn.Module):
         if docs is None:
             o = self.sp_fn(q, k, v, **layout, **kw)  # [b, s, h/tp, d]
         elif self.packed_mode == "native":
-            o = self.sp_fn(q, k, v, cu_seqlens=docs.cu_seqlens, **layout, **kw)
+            o = self.sp_fn(q, k, v, cu_seqlens=packed_argument(self.sp_fn, docs), **layout, **kw)
         else:  # one CP rank: each document on its own (a fresh state per document)
             one_rank = {} if self.method == "lasp1" else {"layout": "contiguous"}
             o = per_document(self.sp_fn, q, k, v, docs.bounds, **one_rank, **kw)

@@ -9,33 +9,23 @@ model derives, for this CP rank's tokens (global in-sequence positions `p` from 
     position in the document  f - cu[j]            (RoPE restarts at every document)
     last token of a document  f == cu[j + 1] - 1   (its label would be the next document's first token: not scored)
 
-Every mixer passes `cu_seqlens` to its SP call. How, is decided once when the mixer is built (:func:`packed_mode`):
-"native" when the SP function takes `cu_seqlens=`; with one CP rank and an SP function without it,
+The tables are one `lctrain.sp.documents.PackedDocuments` (here `Documents`), built by the model once per
+batch from the host boundaries; every mixer passes that object to its SP call as `cu_seqlens=` (so no layer
+derives anything from the boundaries again, and nothing reads a device tensor back). How the mixer takes the
+packing is decided once when it is built (:func:`packed_mode`): "native" when the SP function takes `cu_seqlens=`; with one CP rank and an SP function without it,
 "per_document": one call per document (exact, slower; the boundaries are read on the host once per batch);
 otherwise packing is unsupported and the model raises NotImplementedError for a packed batch.
 """
 from __future__ import annotations
 
+import functools
 import inspect
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-
-@dataclass
-class Documents:
-    """One packed batch's document tables for this rank (built once per batch, shared by every layer)."""
-
-    cu_seqlens: torch.Tensor
-    """int `[n_docs + 1]`, global boundaries over the b sequences end to end, on the activations' device (as the
-    SP methods take it)."""
-    bounds: list[int] | None
-    """The same boundaries as host ints, for the per-document path (None when no mixer needs them)."""
-    positions: torch.Tensor
-    """int64 `[b, s_local]`: each local token's position within its document."""
-    last: torch.Tensor
-    """bool `[b, s_local]`: the token is the last of its document."""
+from lctrain.sp.documents import PackedDocuments as Documents  # the per-batch tables every mixer receives
+from lctrain.sp.documents import check_boundaries, token_tables
 
 
 def takes_cu_seqlens(fn: Callable) -> bool:
@@ -44,6 +34,23 @@ def takes_cu_seqlens(fn: Callable) -> bool:
         return "cu_seqlens" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def takes_documents(fn: Callable) -> bool:
+    """Whether `fn`'s `cu_seqlens=` takes the batch's `PackedDocuments` (lctrain's SP methods annotate it so);
+    other functions (a user's or a test's SP method) get the boundaries tensor, as DESIGN.md specifies."""
+    try:
+        param = inspect.signature(fn).parameters.get("cu_seqlens")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and "PackedDocuments" in str(param.annotation)
+
+
+def packed_argument(fn: Callable, docs: Documents) -> "Documents | torch.Tensor":
+    """What a mixer passes as `fn(..., cu_seqlens=...)`: the tables themselves when `fn` takes them, else the
+    boundaries tensor on the device."""
+    return docs if takes_documents(fn) else docs.cu_seqlens
 
 
 def packed_mode(fn: Callable, cp: int) -> str | None:
@@ -63,17 +70,9 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device.type != "cpu":
         return
-    cu = cu_seqlens.tolist()
-    total = batch * seq_len
-    if cu[0] != 0 or cu[-1] != total:
-        raise ValueError(f"cu_seqlens must run from 0 to batch * seq_len = {batch} * {seq_len} = {total}, "
-                         f"got {cu[0]} ... {cu[-1]}")
-    if any(b <= a for a, b in zip(cu, cu[1:])):
-        raise ValueError("cu_seqlens must be strictly increasing (no empty documents)")
-    missing = sorted(set(range(seq_len, total, seq_len)) - set(cu))
-    if missing:
-        raise ValueError(f"cu_seqlens must have a boundary at every sequence end (multiples of {seq_len}); "
-                         f"missing {missing[:4]}")
+    problem = check_boundaries(cu_seqlens.tolist(), batch, seq_len)
+    if problem:
+        raise ValueError(problem)
 
 
 def document_tables(cu_seqlens: torch.Tensor, position_ids: torch.Tensor, batch: int,
@@ -86,11 +85,9 @@ def document_tables(cu_seqlens: torch.Tensor, position_ids: torch.Tensor, batch:
         batch: sequences in the batch.
         seq_len: global sequence length.
     """
-    cu = cu_seqlens.to(device=position_ids.device, dtype=torch.int64)
-    rows = torch.arange(batch, device=position_ids.device, dtype=torch.int64)[:, None]
-    flat = rows * seq_len + position_ids.to(torch.int64)[None, :]  # [b, s_local]
-    doc = torch.searchsorted(cu, flat, right=True) - 1  # [b, s_local]
-    return flat - cu[doc], flat == cu[doc + 1] - 1
+    cu = cu_seqlens.to(position_ids.device)
+    _, positions, last = token_tables(cu, position_ids.to(torch.int64), batch, seq_len)
+    return positions, last
 
 
 def per_document(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int],

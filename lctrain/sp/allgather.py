@@ -21,12 +21,13 @@ import torch
 import torch.distributed as dist
 
 from lctrain.ops.attention import attention_backward, attention_forward
-from lctrain.ops.attention_varlen import (document_ids, document_mask, varlen_attention_backward,
+from lctrain.ops.attention_varlen import (document_mask, varlen_attention_backward,
                                           varlen_attention_forward)
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import Layout
-from lctrain.sp.utils import (check_inputs, compute_dtype, merge_attention, rank_major_positions, rank_positions,
+from lctrain.sp.documents import PackedDocuments, as_documents
+from lctrain.sp.utils import (check_inputs, compute_dtype, merge_attention, rank_major_positions,
                               resolve_scale)
 
 #: (local query rows, first key, end key) of one remote block, in the coordinates of the gathered K/V.
@@ -90,16 +91,16 @@ def _keys(kv: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.T
 class _Docs:
     """Packed documents: masks for the blocks of one rank (positions from the layout, ids on the device)."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, rank: int, size: int, s: int, b: int, causal: bool, layout: str,
-                 zigzag: bool, device: torch.device):
-        self.cu, self.b, self.total, self.causal = cu_seqlens, b, s * size, causal
-        self.q_pos = rank_positions(rank, size, s, layout, device)  # [s]
+    def __init__(self, docs: PackedDocuments, causal: bool, zigzag: bool):
+        self.docs, self.causal = docs, causal
+        size, s, device = docs.world, docs.s_local, docs.token_positions.device
+        self.q_pos = docs.token_positions  # [s]
         # Positions of the gathered keys: global order for causal zigzag (reordered), else rank-major.
         self.k_pos = (torch.arange(s * size, device=device) if zigzag
-                      else rank_major_positions(size, s, layout, device))
+                      else rank_major_positions(size, s, docs.layout, device))
 
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        ids = (document_ids(self.cu, self.b, self.total, pos) for pos in (q_pos, k_pos))
+        ids = (self.docs.ids_at(pos) for pos in (q_pos, k_pos))  # searchsorted: no sync
         return document_mask(q_pos, k_pos, *ids, self.causal)
 
     def diagonal(self, n: int) -> torch.Tensor:
@@ -126,13 +127,12 @@ def _bwd(do, q, k, v, o, lse, causal, scale, mask):
 
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout, cu_seqlens):
+    def forward(ctx, q, k, v, group, causal, scale, layout, packed):
         size, rank = comm.group_size(group), comm.group_rank(group)
         s = q.shape[1]
         zigzag = _zigzag(size, causal, layout)
         n = 2 if zigzag else 1
-        docs = (None if cu_seqlens is None
-                else _Docs(cu_seqlens, rank, size, s, q.shape[0], causal, layout, zigzag, q.device))
+        docs = None if packed is None else _Docs(packed, causal, zigzag)
         with comm.comm_tag("allgather.fwd"):
             pending = comm.all_gather(_pack_kv(k, v), group, async_op=True) if size > 1 else None
         # While K/V travel: the rank's own (diagonal) blocks.
@@ -147,20 +147,19 @@ class _AllGatherAttention(torch.autograd.Function):
                 merge_attention(out[:, rows], lse[:, :, rows], o_b, lse_b)
             del kv
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.causal, ctx.scale, ctx.layout, ctx.packed = group, causal, scale, layout, packed
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         group, causal, scale = ctx.group, ctx.causal, ctx.scale
         size, rank = comm.group_size(group), comm.group_rank(group)
         s = q.shape[1]
         zigzag = _zigzag(size, causal, ctx.layout)
         n = 2 if zigzag else 1
-        docs = (None if cu_seqlens is None
-                else _Docs(cu_seqlens, rank, size, s, q.shape[0], causal, ctx.layout, zigzag, q.device))
+        docs = None if ctx.packed is None else _Docs(ctx.packed, causal, zigzag)
         do = do.contiguous()
         with comm.comm_tag("allgather.bwd"):
             # Re-gather (nothing full-length is kept from forward).
@@ -196,7 +195,8 @@ class _AllGatherAttention(torch.autograd.Function):
 @torch.compiler.disable
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
                         causal: bool = True, softmax_scale: float | None = None,
-                        layout: Layout = "zigzag", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                        layout: Layout = "zigzag",
+                        cu_seqlens: torch.Tensor | PackedDocuments | None = None) -> torch.Tensor:
     """Exact softmax attention over the CP-sharded sequence with one K/V all-gather (one dK/dV reduce-scatter).
 
     Args:
@@ -207,7 +207,8 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
         softmax_scale: default 1/sqrt(d).
         layout: how the sequence was sharded ("zigzag" or "contiguous").
         cu_seqlens: packed documents (int `[n_docs + 1]`, global boundaries of the un-sharded `batch * seq`
-            tokens, the same on every rank, on q's device): attention stays within a document (every block above
+            tokens, the same on every rank, on q's device), or the batch's `lctrain.sp.documents.PackedDocuments`:
+            attention stays within a document (every block above
             under a document mask, `lctrain.ops.attention_varlen`; same blocks, collectives and overlap).
     Returns:
         This rank's output `[b, s_local, h, d]`.
@@ -218,4 +219,6 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
     group = cp_group_or_default(group)
     scale = resolve_scale(softmax_scale, q.shape[-1])
     check_inputs("allgather_attention", q, k, v, group, causal, layout, scale, cu_seqlens=cu_seqlens)
-    return _AllGatherAttention.apply(q, k, v, group, causal, scale, layout, cu_seqlens)
+    docs = None if cu_seqlens is None else as_documents(cu_seqlens, q, comm.group_rank(group),
+                                                        comm.group_size(group), layout)
+    return _AllGatherAttention.apply(q, k, v, group, causal, scale, layout, docs)

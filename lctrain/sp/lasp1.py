@@ -20,6 +20,7 @@ from lctrain.ops.linear_attention import linear_attention, memory_state
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
 from lctrain.parallel.mesh import cp_group_or_default
+from lctrain.sp.documents import PackedDocuments
 from lctrain.sp.lasp1_delta import lasp1_chunk_map_attention
 from lctrain.sp.lasp2 import check_linear_sp_inputs
 
@@ -125,7 +126,7 @@ def _chunk_decay(log_decay: torch.Tensor, chunk_len: int, like: torch.Tensor) ->
 
 def lasp1_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
                            group: dist.ProcessGroup | None = None, causal: bool = True,
-                           cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                           cu_seqlens: torch.Tensor | PackedDocuments | None = None) -> torch.Tensor:
     """Linear attention over a contiguously sharded sequence, the state passed serially rank to rank (LASP-1).
 
     Args:

@@ -18,8 +18,9 @@ from lctrain.ops.linear_attention_ref import compute_dtype
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
 from lctrain.parallel.mesh import cp_group_or_default
+from lctrain.sp.documents import PackedDocuments, as_documents
 from lctrain.sp.lasp2_delta import (DOCUMENT_BACKEND, VARIANTS, _apply, _chunk_map, _local, check_chunk_map_inputs,
-                                    document_log_gate, document_starts)
+                                    document_log_gate)
 
 
 def _recv(like: torch.Tensor, peer: int, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -98,7 +99,7 @@ class _LASP1ChunkMap(torch.autograd.Function):
 def lasp1_chunk_map_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                               beta: torch.Tensor | None, variant: str, group: dist.ProcessGroup | None = None,
                               initial_state: torch.Tensor | None = None, name: str = "lasp1",
-                              tag: str = "lasp1", cu_seqlens: torch.Tensor | None = None,
+                              tag: str = "lasp1", cu_seqlens: torch.Tensor | PackedDocuments | None = None,
                               problem: str | None = None) -> torch.Tensor:
     """LASP-1 for a recurrence given by its chunk maps (`variant`: "scalar", "vector" or "delta"), contiguous.
 
@@ -112,7 +113,7 @@ def lasp1_chunk_map_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                          False, cu_seqlens, problem)
     backend = None
     if cu_seqlens is not None:
-        starts = document_starts(cu_seqlens, q.shape[0], q.shape[1], rank, world, "contiguous")
+        starts = as_documents(cu_seqlens, q, rank, world, "contiguous").starts  # [b, s_local], no sync
         g, backend = document_log_gate(g, starts, q, variant == "vector"), DOCUMENT_BACKEND
     return _LASP1ChunkMap.apply(q, k, v, g, beta, initial_state, variant, group, rank, world, tag, backend)
 
@@ -120,7 +121,7 @@ def lasp1_chunk_map_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def lasp1_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                           log_decay: torch.Tensor | None = None, group: dist.ProcessGroup | None = None,
                           initial_state: torch.Tensor | None = None,
-                          cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                          cu_seqlens: torch.Tensor | PackedDocuments | None = None) -> torch.Tensor:
     """The gated delta rule over a contiguously sharded sequence, the state passed serially rank to rank (LASP-1).
 
     Args:

@@ -37,6 +37,7 @@ from lctrain.ops.linear_attention_ref import compute_dtype
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import LAYOUTS
+from lctrain.sp.documents import PackedDocuments
 from lctrain.sp.lasp2_delta import lasp2_chunk_map_attention
 from lctrain.sp.utils import agree_once
 
@@ -241,7 +242,8 @@ class _LASP2(torch.autograd.Function):
 
 def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
                            group: dist.ProcessGroup | None = None, causal: bool = True,
-                           layout: str = "contiguous", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                           layout: str = "contiguous",
+                           cu_seqlens: torch.Tensor | PackedDocuments | None = None) -> torch.Tensor:
     """Linear attention over a sequence sharded across the CP group, exchanging only memory states (LASP-2).
 
     Args:
@@ -260,7 +262,8 @@ def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
         layout: "contiguous" (rank r holds chunk r of P) or "zigzag" (chunks r and 2P-1-r of 2P).
         cu_seqlens: packed documents (int `[n_docs + 1]` on q's device, the same on every rank: global
             boundaries of the un-sharded batch laid end to end, 0 ... b * seq_len, every sequence end a
-            boundary; causal only): the state restarts at each document start, as a log gate -inf there added to
+            boundary; causal only), or the batch's `lctrain.sp.documents.PackedDocuments`: the state restarts at
+            each document start, as a log gate -inf there added to
             the decay (`lctrain.sp.lasp2_delta.document_log_gate`), through the chunk-map path: still one
             all-gather each way. Values are checked only with debug checks on.
     Returns:

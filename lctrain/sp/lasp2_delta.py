@@ -22,7 +22,8 @@ Derivation, byte counts and alternatives: README_lasp2_gated.md.
 
 Packed documents (`cu_seqlens=`): the state restarts from zero at every document start. That is a transition
 with gate a_t = 0, so the boundaries become a data-dependent log gate that is -inf at document starts
-(`document_log_gate`, added to any given gate) and everything above runs unchanged: a document may span any
+(`document_log_gate`, added to any given gate; the starts come from `lctrain.sp.documents`, built once per
+batch or derived sync-free from a bare cu_seqlens) and everything above runs unchanged: a document may span any
 number of ranks or chunks, the communication is the same one all-gather each way. -inf is exact here because
 every exponent the plain-PyTorch forms take is a masked cumulative sum of gates, never a difference of two
 (`lctrain.ops.gla.segment_log_decay`): exp(-inf) = 0 exactly and its gradient exp(x) dx = 0. fla's chunk
@@ -42,26 +43,14 @@ from lctrain.ops.linear_attention_ref import compute_dtype
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import LAYOUTS, chunk_ids
-from lctrain.sp.utils import agree_once, cu_seqlens_problem, rank_positions
+from lctrain.sp.documents import PackedDocuments, as_documents
+from lctrain.sp.utils import agree_once, cu_seqlens_problem
 
 #: The recurrences this module carries across ranks, by the shape of their chunk map's T.
 VARIANTS = ("scalar", "vector", "delta")
 
 #: The local backend used when a call has document resets (-inf log gates): the plain-PyTorch chunked form.
 DOCUMENT_BACKEND = "chunk"
-
-
-def document_starts(cu_seqlens: torch.Tensor, batch: int, s_local: int, rank: int, world: int,
-                    layout: str) -> torch.Tensor:
-    """bool `[b, s_local]`: this rank's token is the first of a document (device ops only, no host sync).
-
-    Global position p of each local token from the sharding helper; flat index f = row * S + p (S = s_local * world);
-    a start is f in cu_seqlens.
-    """
-    pos = rank_positions(rank, world, s_local, layout, cu_seqlens.device)  # [s_local]
-    rows = torch.arange(batch, device=cu_seqlens.device)[:, None]
-    flat = (rows * (s_local * world) + pos[None, :]).to(cu_seqlens.dtype)
-    return torch.isin(flat, cu_seqlens)
 
 
 def document_log_gate(g: torch.Tensor | None, starts: torch.Tensor, q: torch.Tensor, vector: bool) -> torch.Tensor:
@@ -80,7 +69,8 @@ def document_log_gate(g: torch.Tensor | None, starts: torch.Tensor, q: torch.Ten
 def check_chunk_map_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                            beta: torch.Tensor | None, initial_state: torch.Tensor | None, variant: str,
                            group: dist.ProcessGroup | None, layout: str, output_final_state: bool,
-                           cu_seqlens: torch.Tensor | None = None, problem: str | None = None) -> tuple[int, int]:
+                           cu_seqlens: torch.Tensor | PackedDocuments | None = None,
+                           problem: str | None = None) -> tuple[int, int]:
     """Validate inputs before any collective; returns (rank, world).
 
     Shapes are checked on every call (host metadata, no sync); the ranks' agreement is exchanged once per call
@@ -107,19 +97,20 @@ def check_chunk_map_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
         if cu_seqlens is not None and initial_state is not None:
             raise ValueError("initial_state and cu_seqlens together are not supported (every document starts "
                              "from a zero state)")
-        problem = cu_seqlens_problem(cu_seqlens, q, world)
+        problem = cu_seqlens_problem(cu_seqlens, q, world, rank, layout)
         if problem is not None:
             raise ValueError(problem)
         if debug:
             check_gate_values(g, beta)
     except ValueError as err:
         problem = str(err)
+    cu = cu_seqlens.cu_seqlens if isinstance(cu_seqlens, PackedDocuments) else cu_seqlens
+    cu = cu if isinstance(cu, torch.Tensor) else None
     fields = (("q shape", tuple(q.shape)), ("v shape", tuple(v.shape)), ("dtype", str(q.dtype)),
               ("device", q.device.type), ("layout", layout), ("variant", variant),
               ("gate", None if g is None else (tuple(g.shape), str(g.dtype))),
               ("initial state", initial_state is not None), ("final state", bool(output_final_state)),
-              ("cu_seqlens", None if not isinstance(cu_seqlens, torch.Tensor)
-               else (tuple(cu_seqlens.shape), str(cu_seqlens.dtype))))
+              ("cu_seqlens", None if cu is None else (tuple(cu.shape), str(cu.dtype))))
 
     def hint(values: list[tuple]) -> str:
         lens = [val[0][1] if len(val[0]) > 1 else None for val in values]
@@ -316,7 +307,7 @@ def lasp2_chunk_map_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               beta: torch.Tensor | None, variant: str, group: dist.ProcessGroup | None = None,
                               layout: str = "contiguous", initial_state: torch.Tensor | None = None,
                               output_final_state: bool = False, name: str = "lasp2",
-                              tag: str = "lasp2", cu_seqlens: torch.Tensor | None = None,
+                              tag: str = "lasp2", cu_seqlens: torch.Tensor | PackedDocuments | None = None,
                               problem: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LASP-2 for a recurrence given by its chunk maps (`variant`: "scalar", "vector" or "delta").
 
@@ -331,8 +322,8 @@ def lasp2_chunk_map_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                          output_final_state, cu_seqlens, problem)
     backend = None
     if cu_seqlens is not None:
-        g = document_log_gate(g, document_starts(cu_seqlens, q.shape[0], q.shape[1], rank, world, layout), q,
-                              variant == "vector")
+        starts = as_documents(cu_seqlens, q, rank, world, layout).starts  # [b, s_local], no sync
+        g = document_log_gate(g, starts, q, variant == "vector")
         backend = DOCUMENT_BACKEND
     o, final = _LASP2ChunkMap.apply(q, k, v, g, beta, initial_state, variant, group, layout, rank, world, tag,
                                     bool(output_final_state), backend)
@@ -343,7 +334,8 @@ def lasp2_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bet
                           log_decay: torch.Tensor | None = None, group: dist.ProcessGroup | None = None,
                           layout: str = "contiguous", initial_state: torch.Tensor | None = None,
                           output_final_state: bool = False,
-                          cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                          cu_seqlens: torch.Tensor | PackedDocuments | None = None
+                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over a sequence sharded across the CP group (LASP-2: one all-gather each way).
 
         S_t = a_t (I - beta_t k_t k_t^T) S_(t-1) + beta_t k_t v_t^T,   o_t = S_t^T q_t,   a_t = exp(log_decay_t)
@@ -363,8 +355,9 @@ def lasp2_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bet
             rank gets it; the gradients that flow into it on the different ranks are summed).
         cu_seqlens: packed documents (int `[n_docs + 1]` on q's device, the same on every rank: global
             boundaries of the un-sharded batch laid end to end, 0 ... b * seq_len, every sequence end a
-            boundary): the state restarts from zero at each document start (a gate a_t = 0 there). Not with
-            initial_state. Its values are checked only with debug checks on.
+            boundary), or the batch's `lctrain.sp.documents.PackedDocuments` (built once per batch): the state
+            restarts from zero at each document start (a gate a_t = 0 there). Not with initial_state. Its
+            values are checked only with debug checks on.
     Returns:
         `o` `[b, s_local, h, dv]` in v's dtype, or `(o, final_state)` with `output_final_state`.
 

@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 from lctrain.ops.attention import attention_backward, attention_forward
-from lctrain.ops.attention_varlen import (document_ids, document_mask, varlen_attention_backward,
+from lctrain.ops.attention_varlen import (document_mask, varlen_attention_backward,
                                           varlen_attention_forward)
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import Layout
+from lctrain.sp.documents import PackedDocuments, as_documents
 from lctrain.sp.utils import check_inputs, compute_dtype, merge_attention, rank_positions, resolve_scale
 
 _ALL = slice(None)
@@ -54,23 +55,21 @@ def _shift(buf: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
     return incoming, handle
 
 
-def _doc_block(rank: int, src: int, size: int, s: int, b: int, causal: bool, layout: str,
-               cu_seqlens: torch.Tensor, device: torch.device) -> tuple[slice, slice, torch.Tensor] | None:
-    """Packed documents: (query rows, key rows, mask) of rank `rank`'s queries against rank `src`'s keys, on the
-    rows the causal plan (`_block`) leaves; None: nothing visible."""
-    plan = _block(rank, src, causal, layout, s)
+def _doc_block(docs: PackedDocuments, src: int, causal: bool) -> tuple[slice, slice, torch.Tensor] | None:
+    """Packed documents: (query rows, key rows, mask) of this rank's queries against rank `src`'s keys, on the
+    rows the causal plan (`_block`) leaves; None: nothing visible. Key document ids: searchsorted, no sync."""
+    plan = _block(docs.rank, src, causal, docs.layout, docs.s_local)
     if plan is None:
         return None
     qs, ks, _ = plan
-    q_pos = rank_positions(rank, size, s, layout, device)[qs]
-    k_pos = rank_positions(src, size, s, layout, device)[ks]
-    docs = (document_ids(cu_seqlens, b, s * size, pos) for pos in (q_pos, k_pos))
-    return qs, ks, document_mask(q_pos, k_pos, *docs, causal)
+    q_pos = docs.token_positions[qs]
+    k_pos = rank_positions(src, docs.world, docs.s_local, docs.layout, q_pos.device)[ks]
+    return qs, ks, document_mask(q_pos, k_pos, docs.doc_ids[:, qs], docs.ids_at(k_pos), causal)
 
 
 def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, causal: bool,
                   scale: float, layout: str,
-                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  docs: PackedDocuments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     size, rank = comm.group_size(group), comm.group_rank(group)
     b, s, h, d = q.shape
     acc = compute_dtype(q.dtype)
@@ -80,8 +79,8 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist
     for step in range(size):
         incoming, handle = _shift(kv, group, rank, size) if step + 1 < size else (None, None)
         src = (rank - step) % size
-        if cu_seqlens is not None:
-            if (blk := _doc_block(rank, src, size, s, b, causal, layout, cu_seqlens, q.device)) is not None:
+        if docs is not None:
+            if (blk := _doc_block(docs, src, causal)) is not None:
                 qs, ks, mask = blk
                 o_b, lse_b = varlen_attention_forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], mask, scale)
                 merge_attention(out[:, qs], lse[:, :, qs], o_b, lse_b)
@@ -98,7 +97,7 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist
 def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, group: dist.ProcessGroup | None, causal: bool, scale: float,
                    layout: str,
-                   cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   docs: PackedDocuments | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     size, rank = comm.group_size(group), comm.group_rank(group)
     s = q.shape[1]
     acc = compute_dtype(q.dtype)
@@ -109,8 +108,8 @@ def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         incoming, kv_handle = _shift(kv, group, rank, size) if step + 1 < size else (None, None)
         src = (rank - step) % size
         grads, ks = None, _ALL
-        if cu_seqlens is not None:
-            if (blk := _doc_block(rank, src, size, s, q.shape[0], causal, layout, cu_seqlens, q.device)) is not None:
+        if docs is not None:
+            if (blk := _doc_block(docs, src, causal)) is not None:
                 qs, ks, mask = blk
                 grads = varlen_attention_backward(do[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
                                                   lse[:, :, qs], mask, scale)
@@ -143,26 +142,26 @@ def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout, cu_seqlens):
+    def forward(ctx, q, k, v, group, causal, scale, layout, docs):
         with comm.comm_tag("ring.fwd"):
-            out, lse = _ring_forward(q, k, v, group, causal, scale, layout, cu_seqlens)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
+            out, lse = _ring_forward(q, k, v, group, causal, scale, layout, docs)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.causal, ctx.scale, ctx.layout, ctx.docs = group, causal, scale, layout, docs
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         with comm.comm_tag("ring.bwd"):
             dq, dk, dv = _ring_backward(do.contiguous(), q, k, v, out, lse, ctx.group, ctx.causal, ctx.scale,
-                                        ctx.layout, cu_seqlens)
+                                        ctx.layout, ctx.docs)
         return dq, dk, dv, None, None, None, None, None
 
 
 @torch.compiler.disable
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
                    causal: bool = True, softmax_scale: float | None = None, layout: Layout = "zigzag",
-                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                   cu_seqlens: torch.Tensor | PackedDocuments | None = None) -> torch.Tensor:
     """Exact softmax attention over the sequence sharded across the CP group, K/V passed around a ring.
 
     Args:
@@ -173,12 +172,15 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
         softmax_scale: default 1/sqrt(d).
         layout: how the sequence was sharded ("zigzag" or "contiguous", see `shard_sequence`).
         cu_seqlens: packed documents (int `[n_docs + 1]`, global boundaries of the un-sharded `batch * seq`
-            tokens, the same on every rank, on q's device): attention stays within a document. Each block is
-            then masked by document and position (`lctrain.ops.attention_varlen`, plain PyTorch).
+            tokens, the same on every rank, on q's device), or the batch's `lctrain.sp.documents.PackedDocuments`:
+            attention stays within a document. Each block is then masked by document and position
+            (`lctrain.ops.attention_varlen`).
     Returns:
         This rank's output `[b, s_local, h, d]`.
     """
     group = cp_group_or_default(group)
     scale = resolve_scale(softmax_scale, q.shape[-1])
     check_inputs("ring_attention", q, k, v, group, causal, layout, scale, cu_seqlens=cu_seqlens)
-    return _RingAttention.apply(q, k, v, group, causal, scale, layout, cu_seqlens)
+    docs = None if cu_seqlens is None else as_documents(cu_seqlens, q, comm.group_rank(group),
+                                                        comm.group_size(group), layout)
+    return _RingAttention.apply(q, k, v, group, causal, scale, layout, docs)

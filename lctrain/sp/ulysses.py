@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 
 from lctrain.ops.attention import attention
-from lctrain.ops.attention_varlen import document_ids, varlen_attention
+from lctrain.ops.attention_varlen import varlen_attention
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import Layout
+from lctrain.sp.documents import PackedDocuments, as_documents
 from lctrain.sp.utils import check_inputs, rank_major_positions, resolve_scale
 
 
@@ -91,7 +92,8 @@ def _head_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: int) ->
 @torch.compiler.disable
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
                       causal: bool = True, softmax_scale: float | None = None,
-                      layout: Layout = "zigzag", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                      layout: Layout = "zigzag",
+                      cu_seqlens: torch.Tensor | PackedDocuments | None = None) -> torch.Tensor:
     """Exact softmax attention over the CP-sharded sequence by exchanging sequence shards for head shards.
 
     Args:
@@ -102,7 +104,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
         softmax_scale: default 1/sqrt(d).
         layout: how the sequence was sharded ("zigzag" or "contiguous"); only matters when causal.
         cu_seqlens: packed documents (int `[n_docs + 1]`, global boundaries of the un-sharded `batch * seq`
-            tokens, the same on every rank, on q's device): attention stays within a document (the gathered
+            tokens, the same on every rank, on q's device), or the batch's `lctrain.sp.documents.PackedDocuments`:
+            attention stays within a document (the gathered
             sequence stays in rank-major order under a document mask, `lctrain.ops.attention_varlen`).
     Returns:
         This rank's output `[b, s_local, h, d]`.
@@ -125,7 +128,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
         oh = attention(qh, kvh[..., 0, :], kvh[..., 1, :], causal, scale)  # [b, S, h/P, d]
     else:
         pos = rank_major_positions(size, q.shape[1], layout, q.device)
-        docs = document_ids(cu_seqlens, q.shape[0], q.shape[1] * size, pos)
+        docs = as_documents(cu_seqlens, q, comm.group_rank(group), size, layout).ids_at(pos)  # [b, S], no sync
         oh = varlen_attention(qh, kvh[..., 0, :], kvh[..., 1, :], pos, pos, docs, docs, causal, scale)
     with comm.comm_tag("ulysses.fwd"):
         return _HeadsToSeq.apply(oh, group, zigzag)  # [b, s_local, h, d]

@@ -30,6 +30,7 @@ from lctrain.ops.attention_ref import compute_dtype
 from lctrain.ops.debug import debug_checks_enabled
 from lctrain.parallel import comm
 from lctrain.parallel.sharding import LAYOUTS, shard_positions
+from lctrain.sp.documents import PackedDocuments
 
 #: Optional per-method check: (q, k, v, cp) -> an error message or None.
 ExtraCheck = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], "str | None"]
@@ -124,10 +125,17 @@ def agree_once(method: str, group: dist.ProcessGroup | None, problem: str | None
         _AGREED[key] = None
 
 
-def cu_seqlens_problem(cu_seqlens: torch.Tensor | None, q: torch.Tensor, cp: int) -> str | None:
-    """What is wrong with a `cu_seqlens=` argument (metadata; its values only under debug checks)."""
+def cu_seqlens_problem(cu_seqlens: "torch.Tensor | PackedDocuments | None", q: torch.Tensor, cp: int,
+                       rank: int | None = None, layout: str | None = None) -> str | None:
+    """What is wrong with a `cu_seqlens=` argument: a boundaries tensor or the batch's `PackedDocuments`
+    (metadata; the boundaries' values only under debug checks)."""
     if cu_seqlens is None:
         return None
+    if isinstance(cu_seqlens, PackedDocuments):
+        problem = cu_seqlens.problem(q, cu_seqlens.rank if rank is None else rank, cp, layout)
+        if problem is not None:
+            return problem
+        cu_seqlens = cu_seqlens.cu_seqlens
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         return "cu_seqlens must be a 1-D integer tensor [n_docs + 1] (0, ..., batch * seq_len)"
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -146,19 +154,21 @@ def cu_seqlens_problem(cu_seqlens: torch.Tensor | None, q: torch.Tensor, cp: int
 
 def check_inputs(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None,
                  causal: bool, layout: str | None, scale: float, extra: ExtraCheck | None = None,
-                 cu_seqlens: torch.Tensor | None = None) -> None:
+                 cu_seqlens: "torch.Tensor | PackedDocuments | None" = None) -> None:
     """Raise the same ValueError on every rank of `group` when any rank's inputs are bad or ranks disagree.
 
     Called before the method's first collective; the agreement exchange happens once per signature (see the
     module docstring), whatever the local inputs, so no rank waits for one that raised.
     """
     cp = comm.group_size(group)
-    problem = _local_problem(q, k, v, cp, layout, extra) or cu_seqlens_problem(cu_seqlens, q, cp)
+    problem = _local_problem(q, k, v, cp, layout, extra) or cu_seqlens_problem(cu_seqlens, q, cp,
+                                                                                 comm.group_rank(group), layout)
+    cu = cu_seqlens.cu_seqlens if isinstance(cu_seqlens, PackedDocuments) else cu_seqlens
     fields = (("q shape", tuple(q.shape)), ("k shape", tuple(k.shape)), ("v shape", tuple(v.shape)),
               ("q dtype", str(q.dtype)), ("k dtype", str(k.dtype)), ("v dtype", str(v.dtype)),
               ("device", q.device.type), ("causal", bool(causal)),
               ("layout", layout), ("softmax_scale", float(scale)),
-              ("cu_seqlens", None if cu_seqlens is None else str(cu_seqlens.dtype)))
+              ("cu_seqlens", None if cu is None else str(cu.dtype)))
     # The document boundaries' values are data (they change every batch): checked only under debug checks, which
     # then also exchange on every call.
     agree_once(method, group, problem, fields, (q, k, v), cache=cu_seqlens is None or not debug_checks_enabled())
