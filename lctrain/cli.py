@@ -5,6 +5,7 @@
     lctrain submit CONFIG.yaml --address http://HEAD:8265 ...
     lctrain job status|logs|stop ID
     lctrain data prepare ...      lctrain plot RUN_DIR      lctrain bench sp ...
+    lctrain rehearse CONFIG.yaml --gpus N [--rank R] [--steps K] [--hardware h100] [--json]
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ COMMANDS = {
     "plot": ("lctrain.train.plot:main", "plot a run's loss/accuracy curves to PNG"),
     "bench": ("lctrain.bench:main", "benchmarks (sequence-parallel attention)"),
     "plan": ("lctrain.plan.cli:main", "predict memory, step time and tokens/s of a job at 8-1024 GPUs"),
+    "rehearse": ("lctrain.rehearse.cli:main", "run one rank of an N-GPU job on CPU (meta tensors): memory, syncs"),
 }
 
 
