@@ -10,10 +10,14 @@ keys form a square causal problem (one causal call); the two are merged by log-s
 differentiates both with the merged (o, lse). Measured on CPU (512 queries, 4096 keys) this split is about
 twice as fast as passing a `[sq, sk]` additive mask, which the op also accepts.
 
-CUDA: `aten._scaled_dot_product_flash_attention` (float16/bfloat16, head dim <= 256, equal heads: kv heads
-are repeated and their gradients summed back). Its backward needs the forward's auxiliary outputs, which the
-dispatch does not keep, so the backward re-runs the block forward to obtain them and then differentiates
-with the given (possibly merged) out and lse.
+CUDA: `aten._scaled_dot_product_flash_attention` (float16/bfloat16, head dim <= 256 and a multiple of 8) and its
+backward, the two halves of the kernel `F.scaled_dot_product_attention` runs. GQA is native (what `enable_gqa=True`
+selects): K/V keep their kv heads, no copies, and dK/dV come back with kv heads. The backward starts from the
+given (possibly merged) out and lse -- the same inputs flash-attn's backward takes -- so nothing of the forward
+is re-run: its other auxiliary outputs are empty for dense inputs (cumulative lengths, None), the lengths
+themselves, and the RNG state, which is not read without dropout (placeholders of the forward's shapes). Meta
+tensors take this branch when `lctrain.ops.registry.meta_as_gpu` makes them answer as GPU tensors (the
+rehearsal; tests/ops/test_attention.py checks there that the backward issues no forward op and no K/V copy).
 """
 from __future__ import annotations
 
@@ -46,17 +50,6 @@ def _t(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)  # [b, s, h, d] <-> [b, h, s, d]
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
-
-
-def _sum_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return dx
-    b, s, h, d = dx.shape
-    return dx.view(b, s, h // groups, groups, d).sum(3)
-
-
 def _cpu_forward(q, k, v, causal, scale):
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(_t(q), _t(k), _t(v), 0.0, causal,
                                                                           scale=scale)
@@ -70,27 +63,23 @@ def _cpu_backward(do, q, k, v, o, lse, causal, scale):
 
 
 def _cuda_forward(q, k, v, causal, scale):
-    g = q.shape[2] // k.shape[2]
-    res = torch.ops.aten._scaled_dot_product_flash_attention(
-        _t(q), _t(_repeat_kv(k, g)), _t(_repeat_kv(v, g)), 0.0, causal, False, scale=scale)
-    return _t(res[0]), res[1], res
+    res = torch.ops.aten._scaled_dot_product_flash_attention(_t(q), _t(k), _t(v), 0.0, causal, False, scale=scale)
+    return _t(res[0]), res[1]  # [b, sq, h, d], [b, h, sq] float32
 
 
 def _cuda_backward(do, q, k, v, o, lse, causal, scale):
-    g = q.shape[2] // k.shape[2]
-    kr, vr = _repeat_kv(k, g), _repeat_kv(v, g)
-    _, _, aux = _cuda_forward(q, k, v, causal, scale)
-    _, _, cum_q, cum_k, max_q, max_k, seed, offset, _ = aux
+    # RNG state placeholders, shaped as the forward returns them (rng_state, unused): not read without dropout.
+    rng, unused = (torch.empty(shape, dtype=torch.uint64, device=q.device) for shape in ((2,), ()))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        _t(do), _t(q), _t(kr), _t(vr), _t(o), lse.float().contiguous(), cum_q, cum_k, max_q, max_k, 0.0, causal,
-        seed, offset, scale=scale)
-    return _t(dq), _sum_kv(_t(dk), g), _sum_kv(_t(dv), g)
+        _t(do), _t(q), _t(k), _t(v), _t(o), lse.float().contiguous(), None, None, q.shape[1], k.shape[1], 0.0,
+        causal, rng, unused, scale=scale)
+    return _t(dq), _t(dk), _t(dv)  # dk, dv with kv heads
 
 
 def _dense_forward(q, k, v, causal, scale):
     """sq == sk when causal (top-left and bottom-right alignment agree)."""
     if is_gpu_tensor(q):
-        return _cuda_forward(q, k, v, causal, scale)[:2]
+        return _cuda_forward(q, k, v, causal, scale)
     return _cpu_forward(q, k, v, causal, scale)
 
 

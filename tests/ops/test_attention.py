@@ -241,3 +241,45 @@ def test_broken_flash_attn_install_is_not_swallowed_on_a_gpu_machine(monkeypatch
     monkeypatch.setenv("LCTRAIN_ALLOW_KERNEL_FALLBACK", "1")
     with pytest.warns(UserWarning, match="fails to import"):
         assert not fa.available()
+
+
+def _ops_of(fn):
+    """aten ops (overload names) that `fn()` dispatches, in order, with their tensor arguments' shapes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class _Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append((str(func), [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+            return func(*args, **(kwargs or {}))
+
+    with _Log():
+        out = fn()
+    return seen, out
+
+
+@pytest.mark.parametrize("sq,sk", [(64, 64), (32, 64), (64, 32)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_sdpa_backward_reuses_the_saved_lse_and_reads_gqa_natively(sq, sk, causal):
+    """The CUDA branch, on meta tensors answering as GPU tensors (the rehearsal's seam): the flash op in forward,
+    its backward from the saved (o, lse) with no forward op re-run, K/V with their kv heads (no repeat, no copy),
+    dK/dV back with kv heads."""
+    from lctrain.ops.registry import meta_as_gpu
+
+    b, h, hk, d = 2, 8, 2, 64
+    q = torch.empty(b, sq, h, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.empty(b, sk, hk, d, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    with meta_as_gpu():
+        assert select_backend(q, k, v, causal).name == "sdpa"
+        fwd_ops, o = _ops_of(lambda: attention(q, k, v, causal))
+        bwd_ops, _ = _ops_of(lambda: o.backward(torch.empty_like(o)))
+    flash = "aten._scaled_dot_product_flash_attention.default"
+    assert any(name == flash for name, _ in fwd_ops), fwd_ops
+    assert not any(name == flash for name, _ in bwd_ops), bwd_ops  # no forward re-run in backward
+    grads = [shapes for name, shapes in bwd_ops if name == "aten._scaled_dot_product_flash_attention_backward.default"]
+    assert grads and all(shapes[2][1] == hk and shapes[3][1] == hk for shapes in grads), grads  # k, v: kv heads
+    for name, _ in fwd_ops + bwd_ops:  # no GQA copy of K/V
+        assert "repeat_interleave" not in name and "aten.repeat." not in name, name
+    assert not any("expand" in name and shapes and shapes[0][2] == hk for name, shapes in fwd_ops + bwd_ops)
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
