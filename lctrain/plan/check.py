@@ -1,10 +1,10 @@
 """The predicted-memory check that runs before any hardware is reserved (`lctrain.preflight`).
 
-Fast by construction: the parameter, gradient and optimizer bytes per GPU follow from the model's shapes and
-the ZeRO stage (timemodel.zero_state_bytes); the activation peak is the planner's simulation of exactly this
-job when one is in the cache (`lctrain plan` with the same config, sequence and layout leaves it there),
-otherwise the lower bound every checkpointing mode keeps (the block inputs). So the check never passes a job
-the bound already rules out, and says which of the two it used.
+It predicts exactly this job's memory per GPU: the parameter, gradient and optimizer bytes per GPU from the
+model's shapes and the ZeRO stage (timemodel.zero_state_bytes), the activation peak of the simulated step
+(the planner's composed simulation: from the cache when `lctrain plan` left it there, else simulated now --
+1- and 2-layer models of each mixer type, seconds for small configs, tens of seconds at 1M tokens), and the
+device's OOM margin (allocator fragmentation + reserve, hardware.py). A job passes only when all of it fits.
 """
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ def predicted_memory(cfg: Config, world_size: int, hardware: str) -> tuple[float
     Raises:
         ValueError: unknown hardware, or a layout that does not divide (the other preflight checks say why).
     """
-    from lctrain.models.flops import num_parameters
     from lctrain.plan.hardware import get_hardware
-    from lctrain.plan.search import SimCache, memory_lower_bound
-    from lctrain.plan.simulate import SimSpec, layer_variant, simulate_composed, spec_key
+    from lctrain.plan.search import SimCache
+    from lctrain.plan.simulate import SimSpec, keep_fake_world, layer_variant, simulate_composed, spec_key
     from lctrain.plan.timemodel import zero_state_bytes
 
     hw = get_hardware(hardware)
@@ -29,18 +28,20 @@ def predicted_memory(cfg: Config, world_size: int, hardware: str) -> tuple[float
     model, seq, mb = cfg.model, cfg.data.seq_len, cfg.train.micro_batch_size
     spec = SimSpec(model, tp=tp, cp=cp, cp_layout=cfg.parallel.cp_layout, seq_len=seq, micro_batch=mb,
                    activation_checkpointing=model.activation_checkpointing)
+    spec.validate()
     cache = SimCache()
     keys = [spec_key(layer_variant(spec, m, n)) for m in set(model.mixers) for n in (1, 2)]
-    if all(k in cache for k in keys):
+    cached = all(k in cache for k in keys)
+    with keep_fake_world():
         sim = simulate_composed(spec, cache)
-        total = zero_state_bytes(sim.params_local, cfg.train.zero_stage, cp * dp) + sim.activation_peak_bytes
-        how = "simulated activation peak (cached lctrain plan)"
-    else:
-        states = zero_state_bytes(num_parameters(model) // tp, cfg.train.zero_stage, cp * dp)
-        total = states + memory_lower_bound(model, tp, cp, dp, seq, mb) - zero_state_bytes(
-            num_parameters(model) // tp, 3, cp * dp)
-        how = "lower bound: states + block inputs (run `lctrain plan` on this config for the simulated peak)"
-    return total, hw.memory_gb * 1e9, how
+    states = zero_state_bytes(sim.params_local, cfg.train.zero_stage, cp * dp)
+    if cfg.train.zero_stage == 3:
+        states += 2 * 2 * sim.params_local / max(1, model.num_layers)
+    act = sim.activation_peak_bytes
+    margin = hw.fragmentation * act + hw.memory_reserve_gb * 1e9
+    how = (f"states {states / 1e9:.1f} GB + simulated activation peak {act / 1e9:.1f} GB + OOM margin "
+           f"{margin / 1e9:.1f} GB ({'cached lctrain plan' if cached else 'simulated now'})")
+    return states + act + margin, hw.memory_gb * 1e9, how
 
 
 def memory_problems(cfg: Config, world_size: int, hardware: str | None) -> list[str]:

@@ -37,6 +37,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--linear-sp", nargs="+", default=None, help="--search only these linear SP methods")
     p.add_argument("--checkpointing", nargs="+", default=None, help="--search only these: none selective full")
     p.add_argument("--zero", type=int, nargs="+", default=None, help="--search only these ZeRO stages")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per optimizer step (default: train.global_batch_size); sets the accumulation")
+    p.add_argument("--doc-len", type=int, default=None,
+                   help="packed documents of this many tokens (attention FLOPs summed per document)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size: not modelled (only 1 is accepted)")
     return p.parse_args(argv)
 
 
@@ -60,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     from lctrain.plan.hardware import get_hardware
     from lctrain.plan.search import (SimCache, check_plan_inputs, plan_rows, recommend, search)
     from lctrain.plan.simulate import SimSpec
+    from lctrain.plan.timemodel import Job
 
     try:
+        if args.pp != 1:
+            raise ValueError(f"pipeline parallelism (--pp {args.pp}) is not modelled by the planner: it simulates "
+                             "TP x CP x DP layouts only (lctrain trains without pipeline stages)")
         hw = get_hardware(args.hardware)
         cfg = load_config(args.config, args.overrides)
         seq = args.seq or cfg.data.seq_len
@@ -69,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         tp, cp, layout = cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.cp_layout
         check_plan_inputs(model, args.gpus, args.gpus_per_node, seq,
                           None if args.search else tp, None if args.search else cp, layout)
+        job = Job(global_batch=args.global_batch or cfg.train.global_batch_size, doc_len=args.doc_len)
+        job.attention_factor(seq)
+        if not args.search:
+            job.accumulation(cfg.train.micro_batch_size, args.gpus // (tp * cp))
     except ValueError as err:
         print(f"lctrain plan: {err}", file=sys.stderr)
         return 2
@@ -80,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         progress = None if args.json else (lambda msg: print(f"  simulating {msg}", file=sys.stderr, flush=True))
         try:
             rows = search(model, args.gpus, args.gpus_per_node, seq, hw, micro_batch=mb, cache=cache,
-                          progress=progress, tps=args.tp, cps=args.cp, softmax_sps=args.softmax_sp,
+                          progress=progress, job=job, tps=args.tp, cps=args.cp, softmax_sps=args.softmax_sp,
                           linear_sps=args.linear_sp,
                           checkpointing=args.checkpointing or ("none", "selective", "full"),
                           zero_stages=args.zero or (0, 1, 2, 3))
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         spec = SimSpec(model, tp=tp, cp=cp, cp_layout=layout, seq_len=seq, micro_batch=mb,
                        activation_checkpointing=model.activation_checkpointing)
-        sim, rows = plan_rows(spec, args.gpus, args.gpus_per_node, hw, [cfg.train.zero_stage], cache)
+        sim, rows = plan_rows(spec, args.gpus, args.gpus_per_node, hw, [cfg.train.zero_stage], cache, job)
         r = rows[0]
         if args.json:
             print(json.dumps([_jsonable(r.to_dict())], indent=1))
@@ -115,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             print(_HEADER)
             print(_fmt_row(r))
             print(f"\nper GPU: states {r.states_gb:.1f} GB (ZeRO-{r.zero_stage} over DPxCP={r.dp * r.cp}) + "
-                  f"activation peak {r.activations_gb:.1f} GB; {sim.params_local / 1e9:.3f} B parameters per TP shard")
-            print(f"step {r.step_s:.3f} s = compute {r.compute_s:.3f} s + exposed communication "
-                  f"{r.comm_exposed_s:.3f} s (of {r.comm_total_s:.3f} s) + optimizer")
+                  f"activation peak {r.activations_gb:.1f} GB + OOM margin {r.margin_gb:.1f} GB "
+                  f"({hw.fragmentation:.0%} fragmentation + {hw.memory_reserve_gb:.0f} GB reserve); "
+                  f"{sim.params_local / 1e9:.3f} B parameters per TP shard")
+            print(breakdown(r))
             print("simulated rank's collectives (per micro-batch):")
             for c in sim.comm:
                 print(f"  {c.group:<2} {c.tag:<16} {c.op:<14} x{c.calls:<5} {c.bytes / 2**20:12.1f} MiB "
@@ -132,6 +146,25 @@ def main(argv: list[str] | None = None) -> int:
                            cache=cache)
         print(f"plot: {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def breakdown(r) -> str:
+    """Where the step's time goes (the table under a plan)."""
+    lines = [f"step {r.step_s:.4f} s = {r.accumulation} micro-batch(es) x compute + exposed communication "
+             f"{r.comm_exposed_s:.4f} s (of {r.comm_total_s:.4f} s) + optimizer {r.optimizer_s:.4f} s",
+             "", "| part | seconds per step | share |", "|---|---:|---:|"]
+
+    def row(name: str, t: float) -> None:
+        lines.append(f"| {name} | {t:.4g} | {100 * t / r.step_s:.1f}% |")
+
+    for cls, t in sorted(r.compute_by_class_s.items()):
+        row(f"compute: {'memory-bound' if cls == 'memory' else cls}", t)
+    for scope, t in sorted(r.compute_by_mixer_s.items()):
+        row(f"compute by mixer: {scope}", t)
+    for kind, t in sorted(r.comm_exposed_by_kind_s.items()):
+        row(f"exposed comm: {kind} (total {r.comm_total_by_kind_s.get(kind, 0.0):.4g})", t)
+    row("optimizer", r.optimizer_s)
+    return "\n".join(lines)
 
 
 def _jsonable(d: dict) -> dict:

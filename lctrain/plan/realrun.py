@@ -75,15 +75,19 @@ def validation_table(seq: dict[str, int] | None = None, micro_batch: int = 2) ->
                              calls_real=sum(c for c, _ in real_comm.values()),
                              calls_sim=sum(c for c, _ in sim_comm.values()), comm_equal=real_comm == sim_comm,
                              peak_real=r["peak"], peak_sim=sim.activation_peak_bytes,
+                             mb_real=r["memory_bound_bytes"], mb_sim=sim.memory_bound_bytes,
+                             mb_error=sim.memory_bound_bytes / r["memory_bound_bytes"] - 1,
                              peak_error=sim.activation_peak_bytes / r["peak"] - 1))
     return rows
 
 
 if __name__ == "__main__":
     print("| config | tp x cp | layout | methods | checkpointing | CP rank | calls real / sim | bytes real / sim "
-          "| equal | peak real KiB | peak sim KiB | error |\n|---|---|---|---|---|---:|---|---|---|---:|---:|---:|")
+          "| equal | memory-bound MB real / sim | error | peak real KiB | peak sim KiB | error |\n"
+          "|---|---|---|---|---|---:|---|---|---|---|---:|---:|---:|---:|")
     for r in validation_table():
         print(f"| {r['config']} | {r['tp']}x{r['cp']} | {r['layout']} | {r['methods']} | {r['checkpointing']} "
               f"| {r['cp_rank']} | {r['calls_real']} / {r['calls_sim']} | {r['bytes_real']} / {r['bytes_sim']} "
-              f"| {'yes' if r['comm_equal'] else 'NO'} | {r['peak_real'] / 1024:.1f} | {r['peak_sim'] / 1024:.1f} "
+              f"| {'yes' if r['comm_equal'] else 'NO'} | {r['mb_real'] / 1e6:.3f} / {r['mb_sim'] / 1e6:.3f} "
+              f"| {100 * r['mb_error']:+.2f}% | {r['peak_real'] / 1024:.1f} | {r['peak_sim'] / 1024:.1f} "
               f"| {100 * r['peak_error']:+.1f}% |")

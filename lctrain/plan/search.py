@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -30,7 +30,7 @@ from lctrain.models.config import LINEAR_SP, SOFTMAX_SP, ModelConfig
 from lctrain.plan.hardware import Hardware
 from lctrain.plan.simulate import (ACTIVATION_CHECKPOINTING, CommStat, RankSim, SimSpec, keep_fake_world,
                                    simulate_composed, spec_key)
-from lctrain.plan.timemodel import ZERO_STAGES, StepEstimate, estimate_step, zero_state_bytes
+from lctrain.plan.timemodel import ZERO_STAGES, Job, StepEstimate, estimate_step, zero_state_bytes
 
 
 @dataclass
@@ -58,6 +58,22 @@ class PlanRow:
     comm_total_s: float = 0.0
     simulated: bool = True
     """False: the lower bound alone showed OOM (memory is that bound; times are not computed)."""
+    margin_gb: float = 0.0
+    """OOM margin included in mem_gb: fragmentation x activations + the device's reserve."""
+    accumulation: int = 1
+    """Micro-batches per optimizer step on each DP rank."""
+    memory_bound_s: float = 0.0
+    optimizer_s: float = 0.0
+    compute_by_class_s: dict = field(default_factory=dict)
+    """Step compute by op class: matmul, attention, linear_attention, memory (memory-bound)."""
+    compute_by_mixer_s: dict = field(default_factory=dict)
+    """Step compute by scope: A, L, D, G (each mixer type's layers), MLP, embed/loss."""
+    comm_exposed_by_kind_s: dict = field(default_factory=dict)
+    comm_total_by_kind_s: dict = field(default_factory=dict)
+    memory_bound_bytes: dict = field(default_factory=dict)
+    """Memory-bound bytes of one micro-batch by op class (elementwise, reduction, copy, fill)."""
+    flops_by_class_dtype: dict = field(default_factory=dict)
+    """FLOPs of one micro-batch by "class|dtype"."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,7 +128,8 @@ class SimCache:
                           activation_peak_bytes=d["activation_peak_bytes"],
                           activation_after_forward_bytes=d["activation_after_forward_bytes"], flops=d["flops"],
                           memory_bound_bytes=d["memory_bound_bytes"], comm=[CommStat(**c) for c in d["comm"]],
-                          sim_seconds=0.0, ops=d.get("ops", 0))
+                          sim_seconds=0.0, ops=d.get("ops", 0), flops_detail=d.get("flops_detail", {}),
+                          bytes_detail=d.get("bytes_detail", {}))
             self.memory[key] = sim
             return sim
         return None
@@ -155,20 +172,30 @@ def simulate(spec: SimSpec, cache: SimCache | None = None) -> RankSim:
 
 def make_row(sim: RankSim, est: StepEstimate, dp: int, zero: int) -> PlanRow:
     s = sim.spec
+    by_cd: dict[str, float] = {}
+    for key, v in sim.flops_detail.items():
+        _, cls, dtype = key.split("|")
+        by_cd[f"{cls}|{dtype}"] = by_cd.get(f"{cls}|{dtype}", 0.0) + v
     return PlanRow(tp=s.tp, cp=s.cp, dp=dp, cp_layout=s.cp_layout, softmax_sp=s.model.softmax_sp,
                    linear_sp=s.model.linear_sp, zero_stage=zero, activation_checkpointing=s.activation_checkpointing,
                    mem_gb=est.mem_total_bytes / 1e9, oom=est.oom, step_s=est.step_s, tokens_per_s=est.tokens_per_s,
                    mfu=est.mfu, comm_frac=est.comm_frac, states_gb=est.mem_states_bytes / 1e9,
                    activations_gb=est.mem_activation_bytes / 1e9, compute_s=est.compute_s,
-                   comm_exposed_s=est.comm_exposed_s, comm_total_s=est.comm_total_s)
+                   comm_exposed_s=est.comm_exposed_s, comm_total_s=est.comm_total_s,
+                   margin_gb=est.mem_margin_bytes / 1e9, accumulation=est.accumulation,
+                   memory_bound_s=est.memory_bound_s, optimizer_s=est.optimizer_s,
+                   compute_by_class_s=dict(est.compute_by_class_s), compute_by_mixer_s=dict(est.compute_by_scope_s),
+                   comm_exposed_by_kind_s=dict(est.comm_exposed_by_kind_s),
+                   comm_total_by_kind_s=dict(est.comm_total_by_kind_s), memory_bound_bytes=sim.bytes_by("class"),
+                   flops_by_class_dtype=by_cd)
 
 
 def plan_rows(spec: SimSpec, gpus: int, gpus_per_node: int, hw: Hardware, zero_stages: Iterable[int] = ZERO_STAGES,
-              cache: SimCache | None = None) -> tuple[RankSim, list[PlanRow]]:
+              cache: SimCache | None = None, job: Job | None = None) -> tuple[RankSim, list[PlanRow]]:
     """Simulate `spec` once and predict every requested ZeRO stage at DP = gpus / (tp cp)."""
     dp = gpus // (spec.tp * spec.cp)
     sim = simulate(spec, cache)
-    rows = [make_row(sim, estimate_step(sim, hw, dp, z, gpus_per_node), dp, z) for z in zero_stages]
+    rows = [make_row(sim, estimate_step(sim, hw, dp, z, gpus_per_node, job), dp, z) for z in zero_stages]
     return sim, rows
 
 
@@ -227,7 +254,7 @@ def memory_lower_bound(cfg: ModelConfig, tp: int, cp: int, dp: int, seq: int, mi
 
 def search(cfg: ModelConfig, gpus: int, gpus_per_node: int, seq: int, hw: Hardware, micro_batch: int = 1,
            checkpointing: Iterable[str] = ACTIVATION_CHECKPOINTING, zero_stages: Iterable[int] = ZERO_STAGES,
-           cache: SimCache | None = None, progress: Callable[[str], None] | None = None,
+           cache: SimCache | None = None, progress: Callable[[str], None] | None = None, job: Job | None = None,
            **layout_filters) -> list[PlanRow]:
     """Rows for every valid layout x checkpointing x ZeRO stage (pruned as the module docstring says),
     best first (fitting rows by tokens/s, then OOM rows by memory)."""
@@ -236,23 +263,25 @@ def search(cfg: ModelConfig, gpus: int, gpus_per_node: int, seq: int, hw: Hardwa
     zero_stages = list(zero_stages)
     order = [a for a in ("full", "selective", "none") if a in set(checkpointing)]
     rows: list[PlanRow] = []
-    layouts = candidate_layouts(cfg, gpus, gpus_per_node, seq, **layout_filters)
+    job = job or Job()
+    layouts = [lay for lay in candidate_layouts(cfg, gpus, gpus_per_node, seq, **layout_filters)
+               if job.global_batch is None or job.global_batch % (micro_batch * gpus // (lay[0] * lay[1])) == 0]
     if not layouts:
         raise ValueError(f"no valid layout of {gpus} GPUs ({gpus_per_node} per node) for sequence length {seq}: "
                          "check that the sequence splits into 2*CP chunks and the model over TP")
     with keep_fake_world():
         _search_layouts(layouts, cfg, gpus, gpus_per_node, seq, hw, micro_batch, order, zero_stages, cache,
-                        progress, rows)
+                        progress, rows, job)
     return sort_rows(rows)
 
 
 def _search_layouts(layouts, cfg, gpus, gpus_per_node, seq, hw, micro_batch, order, zero_stages, cache, progress,
-                    rows) -> None:
+                    rows, job) -> None:
     for i, (tp, cp, layout, ssp, lsp) in enumerate(layouts):
         dp = gpus // (tp * cp)
         model = replace(cfg, softmax_sp=ssp, linear_sp=lsp)
         bound = memory_lower_bound(model, tp, cp, dp, seq, micro_batch)
-        if bound > hw.memory_gb * 1e9:
+        if bound + hw.memory_reserve_gb * 1e9 > hw.memory_gb * 1e9:
             for ac in order:
                 for z in zero_stages:
                     rows.append(PlanRow(tp, cp, dp, layout, ssp, lsp, z, ac, bound / 1e9, True, float("inf"), 0.0,
@@ -271,7 +300,7 @@ def _search_layouts(layouts, cfg, gpus, gpus_per_node, seq, hw, micro_batch, ord
                          f"checkpointing={ac}")
             spec = SimSpec(model, tp=tp, cp=cp, cp_layout=layout, seq_len=seq, micro_batch=micro_batch,
                            activation_checkpointing=ac)
-            _, new = plan_rows(spec, gpus, gpus_per_node, hw, zero_stages, cache)
+            _, new = plan_rows(spec, gpus, gpus_per_node, hw, zero_stages, cache, job)
             rows += new
             if ac == "full":
                 fits_full = any(not r.oom for r in new)
@@ -279,10 +308,12 @@ def _search_layouts(layouts, cfg, gpus, gpus_per_node, seq, hw, micro_batch, ord
 
 
 def sort_rows(rows: list[PlanRow]) -> list[PlanRow]:
-    return sorted(rows, key=lambda r: (r.oom, -r.tokens_per_s if not r.oom else r.mem_gb))
+    """Fitting rows by tokens/s (ties: the lower ZeRO stage, then less memory), then OOM rows by memory."""
+    return sorted(rows, key=lambda r: (r.oom, -r.tokens_per_s if not r.oom else r.mem_gb,
+                                       r.zero_stage, r.mem_gb))
 
 
 def recommend(rows: list[PlanRow]) -> PlanRow | None:
     """The fastest row that fits in memory (ties: less memory), or None when none fits."""
     fitting = [r for r in rows if not r.oom and r.simulated]
-    return min(fitting, key=lambda r: (-r.tokens_per_s, r.mem_gb)) if fitting else None
+    return min(fitting, key=lambda r: (-r.tokens_per_s, r.zero_stage, r.mem_gb)) if fitting else None

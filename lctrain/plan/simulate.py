@@ -21,7 +21,8 @@ a rank of the job does.
 
 Which rank: under the zigzag layout every CP rank does the same work (causal balance); under the
 contiguous layout the last CP rank does the most attention work (its queries see every block), so it is
-the one simulated (LASP-1's middle ranks send and receive; its serial chain is timed in timemodel.py).
+the one simulated, except with LASP-1: there a middle rank (CP-2) is, because it both receives and sends the
+state and in backward recomputes the state it passed on (the chain itself is timed in timemodel.py).
 
 Activation checkpointing ("none" | "selective" | "full") is the model's own (`model.activation_checkpointing`,
 lctrain/models/hybrid.py): the simulated step recomputes, and re-issues collectives, exactly as training does.
@@ -30,11 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import sys
 import time
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -127,6 +129,11 @@ class RankSim:
     comm: list[CommStat]
     sim_seconds: float
     ops: int = 0
+    flops_detail: dict[str, float] = field(default_factory=dict)
+    """FLOPs by "scope|class|dtype": scope = the mixer letter of the layer (A, L, D, G), "MLP" or "embed/loss";
+    class = matmul | attention | linear_attention; dtype = bf16 | fp16 | fp32 | fp64 (the inputs')."""
+    bytes_detail: dict[str, float] = field(default_factory=dict)
+    """Memory-bound bytes by "scope|class|": class = elementwise | reduction | copy | fill."""
 
     @property
     def tokens(self) -> int:
@@ -146,7 +153,27 @@ class RankSim:
                 "activation_peak_bytes": self.activation_peak_bytes,
                 "activation_after_forward_bytes": self.activation_after_forward_bytes,
                 "flops": dict(self.flops), "memory_bound_bytes": self.memory_bound_bytes,
-                "comm": [vars(c) for c in self.comm], "sim_seconds": self.sim_seconds}
+                "comm": [vars(c) for c in self.comm], "sim_seconds": self.sim_seconds,
+                "flops_detail": dict(self.flops_detail), "bytes_detail": dict(self.bytes_detail),
+                "memory_bound_bytes_by_class": self.bytes_by("class"), "flops_by_scope": self.flops_by("scope")}
+
+    def bytes_by(self, part: str) -> dict[str, float]:
+        """Memory-bound bytes summed by "scope" or "class"."""
+        i = ("scope", "class").index(part)
+        out: dict[str, float] = {}
+        for key, v in self.bytes_detail.items():
+            k = split_key(key)[i]
+            out[k] = out.get(k, 0.0) + v
+        return out
+
+    def flops_by(self, part: str) -> dict[str, float]:
+        """FLOPs summed by "scope", "class" or "dtype"."""
+        i = ("scope", "class", "dtype").index(part)
+        out: dict[str, float] = {}
+        for key, v in self.flops_detail.items():
+            k = split_key(key)[i]
+            out[k] = out.get(k, 0.0) + v
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
@@ -239,6 +266,95 @@ def _plan_linear_attention(q, k, v, log_decay=None, initial_state=None, output_f
     return o, (final if output_final_state else None)
 
 
+#: Chunk length of fla's chunk kernels (chunk_gated_delta_rule, chunk_gla: BT = 64).
+FLA_CHUNK = 64
+
+
+def gated_delta_flops_fwd(b: int, s: int, h: int, dk: int, dv: int, chunk: int = FLA_CHUNK) -> float:
+    """fla's chunk_gated_delta_rule forward per token and head, by kernel: A = beta K K^T within the chunk
+    (2 C dk), its unit-triangular inverse (C^2 / 3), W = A (beta e^g K) and U = A (beta V) (2 C dk + 2 C dv),
+    the state pass v_new = U - W S, S = e^g S + K^T v_new (4 dk dv), the output q S + (q K^T masked) v_new
+    (2 dk dv + 2 C dk + 2 C dv): 6 C dk + 4 C dv + C^2/3 + 6 dk dv."""
+    return float(b * s * h * (6 * chunk * dk + 4 * chunk * dv + chunk * chunk / 3 + 6 * dk * dv))
+
+
+def gated_delta_flops_bwd(b: int, s: int, h: int, dk: int, dv: int, chunk: int = FLA_CHUNK) -> float:
+    """Backward: twice the forward's products plus the recomputed W, U and state pass (fla recomputes them
+    in backward instead of saving them): 2 fwd + (2 C dk + 2 C dv + 4 dk dv) per token and head."""
+    return 2 * gated_delta_flops_fwd(b, s, h, dk, dv, chunk) + float(
+        b * s * h * (2 * chunk * dk + 2 * chunk * dv + 4 * dk * dv))
+
+
+def gla_flops_fwd(b: int, s: int, h: int, dk: int, dv: int, chunk: int = FLA_CHUNK) -> float:
+    """fla's chunk_gla forward per token and head: gated q k^T and scores v within the chunk (2 C (dk + dv)),
+    q S and the state update k^T v (4 dk dv) -- the lightning kernel's count; backward twice that."""
+    return lightning_flops_fwd(b, s, h, dk, dv, chunk)
+
+
+def _register_gated_plan_ops() -> None:
+    """Opaque ops for fla's chunk kernels: saved tensors q, k, v, g, beta, state (what fla keeps), FLOPs by
+    the formulas above; absent optional inputs come back as empty gradients."""
+    if "gated" in _PLAN_OPS:
+        return
+    lib = torch.library.Library("lctrain_plan_gated", "DEF")
+    lib.define("gated(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? beta, Tensor? state, int kind) "
+               "-> (Tensor, Tensor)")
+    lib.define("gated_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? beta, Tensor? state, "
+               "int kind) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+    def fwd_meta(q, k, v, g, beta, state, kind):
+        b, _, h, dk = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        return torch.empty_like(v), q.new_empty((b, h, dk, v.shape[-1]), dtype=acc)
+
+    def bwd_meta(do, q, k, v, g, beta, state, kind):
+        def like(t):
+            return torch.empty_like(t) if t is not None else q.new_empty((0,))
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(g), like(beta), like(state))
+
+    for key in ("Meta", "CPU"):
+        lib.impl("gated", fwd_meta, key)
+        lib.impl("gated_bwd", bwd_meta, key)
+    _register_gated_plan_ops.lib = lib
+    _PLAN_OPS.update(gated=torch.ops.lctrain_plan_gated.gated, gated_bwd=torch.ops.lctrain_plan_gated.gated_bwd)
+
+
+class _PlanGated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, state, kind):
+        o, final = torch.ops.lctrain_plan_gated.gated(q, k, v, g, beta, state, kind)
+        ctx.kind = kind
+        ctx.save_for_backward(q, k, v, g, beta, state)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, g, beta, state = ctx.saved_tensors
+        grads = torch.ops.lctrain_plan_gated.gated_bwd(do, q, k, v, g, beta, state, ctx.kind)
+        dq, dk, dv, dg, dbeta, ds = grads
+        return (dq, dk, dv, dg if g is not None else None, dbeta if beta is not None else None,
+                ds if state is not None else None, None)
+
+
+def _plan_gated_delta(q, k, v, g, beta, scale=1.0, initial_state=None, output_final_state=False):
+    o, final = _PlanGated.apply(q, k, v, g, beta, initial_state, 1)
+    return o, (final if output_final_state else None)
+
+
+def _plan_gla(q, k, v, g=None, scale=1.0, initial_state=None, output_final_state=False):
+    o, final = _PlanGated.apply(q, k, v, g, None, initial_state, 0)
+    return o, (final if output_final_state else None)
+
+
+def _solve_triangular_flops(args) -> float:
+    """A [.., n, n] triangular solve against B [.., n, k]: forward substitution does n (n - 1) / 2
+    multiply-adds per right-hand column, ~n^2 k FLOPs per matrix."""
+    a, rhs = args[0], args[1]
+    n = a.shape[-1]
+    batch = rhs.numel() // (rhs.shape[-2] * rhs.shape[-1])
+    return float(batch * n * n * rhs.shape[-1])
+
+
 def _flop_formula(func, args, out) -> tuple[str, float] | None:
     """(class, FLOPs) of one aten/plan op, or None for memory-bound ops."""
     packet = func._overloadpacket
@@ -254,7 +370,16 @@ def _flop_formula(func, args, out) -> tuple[str, float] | None:
         q, k = args[0], args[1]
         return "attention", _attention_flops(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3],
                                              bool(args[4] if len(args) > 4 else False))
-    if _PLAN_OPS:
+    if packet is aten.linalg_solve_triangular:
+        return "linear_attention", _solve_triangular_flops(args)
+    if "gated" in _PLAN_OPS and packet in (_PLAN_OPS["gated"], _PLAN_OPS["gated_bwd"]):
+        bwd = packet is _PLAN_OPS["gated_bwd"]
+        q, v, kind = args[1 if bwd else 0], args[3 if bwd else 2], args[-1]
+        shape = (q.shape[0], q.shape[1], q.shape[2], q.shape[3], v.shape[3])
+        if kind == 1:
+            return "linear_attention", gated_delta_flops_bwd(*shape) if bwd else gated_delta_flops_fwd(*shape)
+        return "linear_attention", (2 if bwd else 1) * gla_flops_fwd(*shape)
+    if "fwd" in _PLAN_OPS:
         if packet is _PLAN_OPS["fwd"]:
             q, v = args[0], args[2]
             return "linear_attention", lightning_flops_fwd(q.shape[0], q.shape[1], q.shape[2], q.shape[3], v.shape[3])
@@ -265,6 +390,87 @@ def _flop_formula(func, args, out) -> tuple[str, float] | None:
     return None
 
 
+# ------------------------------------------------------------------------------------- memory-bound bytes
+#
+# Which ops move tensor data, and how many bytes (read + written) each moves. An explicit list per op, tested op
+# by op in tests/plan/test_membytes.py; an op not named below is an elementwise-like op that reads its inputs and
+# writes its outputs.
+
+#: Ops that move no tensor data: views and aliases, metadata queries, allocation without initialisation.
+NO_DATA_OPS = frozenset({
+    "detach", "alias", "lift_fresh", "_unsafe_view", "view", "t", "expand", "as_strided", "_reshape_alias",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_", "device",
+    "promote_types", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "result_type",
+    "_has_compatible_shallow_copy_type", "size", "stride", "dim", "is_contiguous", "_local_scalar_dense",
+    "record_stream", "_conj", "_neg_view", "resolve_conj", "resolve_neg",
+})
+#: Ops that only write their output (memset, iota): output bytes.
+FILL_OPS = frozenset({
+    "zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "new_zeros", "new_ones", "new_full", "fill_",
+    "zero_", "arange", "scalar_tensor", "eye", "linspace", "tril_indices", "triu_indices",
+})
+#: Ops that read only the rows their index selects: index bytes + 2 x output bytes (read the rows, write them).
+GATHER_OPS = frozenset({"embedding", "index", "index_select", "gather", "_unsafe_index", "take"})
+#: In-place scatters into a larger tensor: they read index + source and write the source's size into `self`.
+SCATTER_OPS = frozenset({"index_put_", "index_put", "index_copy_", "index_copy", "index_add_", "index_add",
+                         "scatter_", "scatter", "scatter_add_", "scatter_add", "_index_put_impl_",
+                         "index_fill_", "masked_scatter_"})
+COPY_OPS = frozenset({"copy_", "_to_copy", "clone", "cat", "stack", "constant_pad_nd", "slice_backward",
+                      "select_backward", "slice_scatter", "select_scatter", "repeat", "flip", "roll", "contiguous",
+                      "embedding_dense_backward", "_copy_from", "_copy_from_and_resize", "tril", "triu",
+                      "diagonal_backward", "as_strided_scatter", "unfold_backward"})
+REDUCTION_OPS = frozenset({"sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "norm",
+                           "linalg_vector_norm", "logsumexp", "cumsum", "cumprod", "prod", "all", "any", "argmax",
+                           "argmin", "_softmax", "_log_softmax", "_softmax_backward_data",
+                           "_log_softmax_backward_data", "nll_loss_forward", "nll_loss_backward",
+                           "nll_loss2d_forward", "nll_loss2d_backward", "logcumsumexp", "aminmax"})
+MEMORY_CLASSES = ("elementwise", "reduction", "copy", "fill")
+
+
+def _touched_bytes(t: torch.Tensor) -> int:
+    """Bytes of distinct elements a kernel touches in `t`: a broadcast (stride-0) dimension is read once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    flat, _ = tree_flatten(x)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def memory_op_bytes(func, args, kwargs, out) -> tuple[str, int] | None:
+    """(memory class, bytes read + written) of one op that is not a FLOP op, or None when it moves no data."""
+    if func.is_view or func.namespace == "prim":
+        return None
+    name = func._overloadpacket.__name__
+    if name in NO_DATA_OPS:
+        return None
+    outs = _tensors(out)
+    if name in FILL_OPS:
+        return "fill", sum(_touched_bytes(t) for t in outs)
+    if name == "copy_":  # copy_(dst, src): read src, write dst
+        return "copy", _touched_bytes(args[1]) + _touched_bytes(args[0]) if isinstance(args[1], torch.Tensor) \
+            else _touched_bytes(args[0])
+    kwargs = dict(kwargs or {})
+    written = kwargs.pop("out", None)
+    ins = _tensors((args, kwargs))
+    if name in GATHER_OPS:
+        index = sum(_touched_bytes(t) for t in ins if not t.is_floating_point())
+        return "copy", index + 2 * sum(_touched_bytes(t) for t in outs)
+    if name in SCATTER_OPS:
+        target = args[0]
+        src = [t for t in ins if t is not target]
+        return "copy", sum(_touched_bytes(t) for t in src) + sum(
+            _touched_bytes(t) for t in src if t.is_floating_point())
+    if written is not None:
+        outs = _tensors(written)
+    cls = ("copy" if name in COPY_OPS else "reduction" if name in REDUCTION_OPS else "elementwise")
+    return cls, sum(_touched_bytes(t) for t in ins) + sum(_touched_bytes(t) for t in outs)
+
+
 # ---------------------------------------------------------------------------------------------- the tracker
 
 
@@ -272,22 +478,80 @@ def _is_c10d(func) -> bool:
     return func.namespace in ("c10d", "_c10d_functional", "c10d_functional")
 
 
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+#: Where an op's cost is booked (the breakdown by mixer): the layer's mixer letter (A, L, D, G), "MLP", or
+#: "embed/loss" (embedding, final norm, output layer, loss and anything outside a decoder layer).
+SCOPE_OTHER = "embed/loss"
+_LAYER = re.compile(r"\.layers\.(\d+)(\.mlp)?")
+
+
+def _flop_dtype(args) -> str:
+    for x in args:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return DTYPE_NAMES.get(x.dtype, "fp32")
+    return "fp32"
+
+
+def detail_key(scope: str, cls: str, dtype: str = "") -> str:
+    """Key of one entry of RankSim.flops_detail ("scope|class|dtype") or bytes_detail ("scope|class|")."""
+    return f"{scope}|{cls}|{dtype}"
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    scope, cls, dtype = key.split("|")
+    return scope, cls, dtype
+
+
 class StepTracker(TorchDispatchMode):
-    """Counts FLOPs, memory-bound bytes and live storages of everything dispatched inside it.
+    """Counts FLOPs (by scope, class and dtype), memory-bound bytes (by scope and class) and live storages of
+    everything dispatched inside it.
 
     Storages are keyed by identity and released by a weakref finalizer, so a storage is counted from the op
-    that created it until its last tensor dies -- the same on fake and on real tensors.
+    that created it until its last tensor dies -- the same on fake and on real tensors. The scope of an op is
+    the decoder layer (its mixer letter, or "MLP") whose forward or backward is running, from torch's
+    ModuleTracker when `mixers` (the model's layer letters) is given.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, mixers: str | None = None) -> None:
         super().__init__()
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
         self.flops: dict[str, float] = defaultdict(float)
+        self.flops_detail: dict[str, float] = defaultdict(float)
+        self.bytes_detail: dict[str, float] = defaultdict(float)
         self.memory_bytes = 0.0
         self.ops = 0
         self.excluded: set[int] = set()
+        self.mixers = mixers
+        self.modules = None
+        if mixers is not None:
+            from torch.utils.module_tracker import ModuleTracker
+
+            self.modules = ModuleTracker()
+
+    def __enter__(self):
+        if self.modules is not None:
+            self.modules.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        if self.modules is not None:
+            self.modules.__exit__(*exc)
+        return out
+
+    def scope(self) -> str:
+        if self.modules is None:
+            return SCOPE_OTHER
+        best = SCOPE_OTHER
+        for name in self.modules.parents:
+            m = _LAYER.search(name)
+            if m:
+                if m.group(2):
+                    return "MLP"
+                best = self.mixers[int(m.group(1))]
+        return best
 
     def _release(self, key: int) -> None:
         nbytes = self.live.pop(key, None)
@@ -318,11 +582,14 @@ class StepTracker(TorchDispatchMode):
         if not _is_c10d(func):
             counted = _flop_formula(func, args, out)
             if counted is not None:
-                self.flops[counted[0]] += counted[1]
-            elif not func.is_view:
-                flat_in, _ = tree_flatten((args, kwargs))
-                self.memory_bytes += sum(x.numel() * x.element_size() for x in flat_in + flat_out
-                                         if isinstance(x, torch.Tensor))
+                cls, n = counted
+                self.flops[cls] += n
+                self.flops_detail[detail_key(self.scope(), cls, _flop_dtype(args))] += n
+            else:
+                moved = memory_op_bytes(func, args, kwargs, out)
+                if moved is not None:
+                    self.memory_bytes += moved[1]
+                    self.bytes_detail[detail_key(self.scope(), moved[0])] += moved[1]
         for x in flat_out:
             if isinstance(x, torch.Tensor):
                 self._track(x)
@@ -448,7 +715,18 @@ def _worst_cp_rank(spec: SimSpec) -> int:
         if not 0 <= spec.cp_rank < spec.cp:
             raise ValueError(f"cp_rank {spec.cp_rank} out of range for CP={spec.cp}")
         return spec.cp_rank
-    return spec.cp - 1 if spec.cp_layout == "contiguous" else 0
+    if spec.cp_layout != "contiguous":
+        return 0
+    mixers = spec.model.mixers
+    if spec.model.linear_sp == "lasp1" and set(mixers) & set("LDG"):
+        # LASP-1's middle ranks receive and send; in backward they also recompute and differentiate the state
+        # they passed on (the work each hop of the chain waits for): the critical rank is a middle one, the one
+        # with the most causal attention among them.
+        if spec.cp >= 3:
+            return spec.cp - 2
+        if "A" not in mixers:
+            return 0
+    return spec.cp - 1
 
 
 @contextlib.contextmanager
@@ -458,14 +736,23 @@ def _kernels(kind: str) -> Iterator[None]:
     if kind == "cpu":
         yield
         return
+    from lctrain.ops import gated_delta as gd
+    from lctrain.ops import gla
+
     _register_plan_op()
+    _register_gated_plan_ops()
     la.register_linear_attention_backend("plan_gpu", _plan_linear_attention, supports=lambda *a: False,
                                          priority=-100)
+    gd.register_gated_delta_backend("plan_gpu", _plan_gated_delta, supports=lambda *a: False, priority=-100)
+    gla.register_gla_backend("plan_gpu", _plan_gla, supports=lambda *a: False, priority=-100)
     try:
-        with la.use_linear_attention_backend("plan_gpu"):
+        with la.use_linear_attention_backend("plan_gpu"), gd.use_gated_delta_backend("plan_gpu"), \
+                gla.use_gla_backend("plan_gpu"):
             yield
     finally:
         la.REGISTRY.unregister("plan_gpu")
+        gd.REGISTRY.unregister("plan_gpu")
+        gla.REGISTRY.unregister("plan_gpu")
 
 
 def run_step(model: torch.nn.Module, spec: SimSpec, mesh, make_tensor) -> tuple[StepTracker, Any, int]:
@@ -480,7 +767,7 @@ def run_step(model: torch.nn.Module, spec: SimSpec, mesh, make_tensor) -> tuple[
     input_ids = make_tensor((b, s_local), torch.int64)
     labels = make_tensor((b, s_local), torch.int64)
     pos = shard_positions(spec.seq_len, mesh.cp_rank, spec.cp, spec.cp_layout)
-    tracker = StepTracker()
+    tracker = StepTracker(spec.model.mixers)
     watch = _CommWatch(mesh.tp_group)
 
     def drop_grad(p: torch.Tensor) -> None:
@@ -548,7 +835,8 @@ def simulate_rank(spec: SimSpec) -> RankSim:
                    param_bytes=param_bytes, activation_peak_bytes=tracker.peak,
                    activation_after_forward_bytes=after_fwd, flops=dict(tracker.flops),
                    memory_bound_bytes=tracker.memory_bytes, comm=_collect_comm(rec, rec.megatron, spec.cp),
-                   sim_seconds=time.perf_counter() - t0, ops=tracker.ops)
+                   sim_seconds=time.perf_counter() - t0, ops=tracker.ops,
+                   flops_detail=dict(tracker.flops_detail), bytes_detail=dict(tracker.bytes_detail))
 
 
 def _combine(parts: list[tuple[float, RankSim]], spec: SimSpec, seconds: float) -> RankSim:
@@ -561,6 +849,9 @@ def _combine(parts: list[tuple[float, RankSim]], spec: SimSpec, seconds: float) 
             acc.calls += w * c.calls
             acc.bytes += w * c.bytes
     classes = sorted({k for _, sim in parts for k in sim.flops})
+
+    def keys(name: str) -> list[str]:
+        return sorted({k for _, sim in parts for k in getattr(sim, name)})
 
     def lin(get) -> float:
         return sum(w * get(sim) for w, sim in parts)
@@ -577,7 +868,9 @@ def _combine(parts: list[tuple[float, RankSim]], spec: SimSpec, seconds: float) 
         flops={c: lin(lambda r, c=c: r.flops.get(c, 0.0)) for c in classes},
         memory_bound_bytes=lin(lambda r: r.memory_bound_bytes),
         comm=sorted(stats, key=lambda c: (c.group, c.tag, c.op)),
-        sim_seconds=seconds, ops=sum(sim.ops for _, sim in parts))
+        sim_seconds=seconds, ops=sum(sim.ops for _, sim in parts),
+        flops_detail={k: lin(lambda r, k=k: r.flops_detail.get(k, 0.0)) for k in keys("flops_detail")},
+        bytes_detail={k: lin(lambda r, k=k: r.bytes_detail.get(k, 0.0)) for k in keys("bytes_detail")})
 
 
 def spec_key(spec: SimSpec) -> str:
@@ -631,11 +924,11 @@ def simulate_composed(spec: SimSpec, cache: dict | None = None) -> RankSim:
     return _combine(parts, spec, time.perf_counter() - t0)
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, doc_len: int | None = None) -> float:
     """The model's training FLOPs per token (lctrain.models.flops), the numerator of MFU."""
     from lctrain.models.flops import flops_per_token
 
-    return flops_per_token(cfg, seq_len)
+    return flops_per_token(cfg, seq_len, doc_len)
 
 
 __all__ = ["ACTIVATION_CHECKPOINTING", "CommStat", "RankSim", "SimSpec", "StepTracker",

@@ -49,6 +49,9 @@ def test_simulation_matches_real_gloo_run(config, tp, cp, layout, over, ac):
         assert _comm(sim.comm) == _comm(r["comm"]), f"cp rank {r['cp_rank']}"
         assert sim.activation_peak_bytes == pytest.approx(r["peak"], rel=0.10), f"cp rank {r['cp_rank']}"
         assert sim.flops == pytest.approx(r["flops"], rel=1e-9)
+        # Memory-bound bytes and collective bytes, counted by the same rules (simulate.memory_op_bytes): within 5%.
+        assert sim.memory_bound_bytes == pytest.approx(r["memory_bound_bytes"], rel=0.05), f"cp rank {r['cp_rank']}"
+        assert sim.comm_bytes() == pytest.approx(sum(c["bytes"] for c in r["comm"]), rel=0.05)
 
 
 # The peak composes when it is reached at the start of backward (every layer's saved tensors alive), as at scale.
