@@ -4,7 +4,8 @@
     for each layer (mixer from the layer pattern):
         x = x + mixer(rmsnorm(x))             LinearAttention (LASP-2/1) | SoftmaxAttention (all-gather/ring/Ulysses)
         x = x + swiglu(rmsnorm(x))
-    logits = rmsnorm(x) W_out^T               ColumnParallelLinear, vocab split over TP (tied: W_out = embedding)
+    logits = rmsnorm(x) W_out^T               ColumnParallelLinear's weight, vocab split over TP (tied: W_out = embedding),
+                                              fused with the loss in chunks of tokens (lctrain.models.loss)
     loss_sum = sum(loss_mask * vocab_parallel_cross_entropy(logits, labels))
 
 Packed documents (`cu_seqlens`, see packing.py): RoPE positions restart at every document, every mixer
@@ -36,7 +37,7 @@ from lctrain.models.config import ModelConfig
 from lctrain.models.flops import flops_per_token, num_parameters
 from lctrain.models.gated_linear import GATED_MIXERS, GatedLinearMixer
 from lctrain.models.linear_attention import LinearAttention
-from lctrain.models.loss import LMOutput, lm_loss
+from lctrain.models.loss import LMOutput, lm_loss_from_hidden
 from lctrain.models.mlp import SwiGLU
 from lctrain.models.norm import RMSNorm
 from lctrain.models.packing import Documents, check_cu_seqlens
@@ -155,8 +156,9 @@ class HybridLM(torch.nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, docs)
         x = self.norm(x)
-        logits, _ = self.output(x, weight=self.embed.weight if self.cfg.tie_embeddings else None)  # [b, s, V/tp]
-        return lm_loss(logits, labels, loss_mask, self.mesh.tp_group, return_predictions)
+        # The output projection fused with the loss, in chunks of tokens: the [b, s, V/tp] logits never exist whole.
+        weight = self.embed.weight if self.cfg.tie_embeddings else self.output.weight  # [V/tp, hidden]
+        return lm_loss_from_hidden(x, weight, labels, loss_mask, self.mesh.tp_group, return_predictions)
 
     def _check_inputs(self, input_ids, position_ids, labels, loss_mask) -> None:
         if input_ids.dim() != 2:

@@ -3,6 +3,14 @@
 The model returns the SUM of masked per-token cross-entropies over this rank's tokens and the number of
 tokens (`LMOutput`); :func:`global_token_mean` turns those into the mean over every token of the global
 batch (all DP and CP ranks), exactly as one process holding the whole batch would compute it.
+
+:func:`lm_loss_from_hidden` is what the model calls: the output projection and the vocabulary-parallel
+cross-entropy fused and computed in sequence chunks (Liger's fused linear cross-entropy, adapted to a
+vocabulary split over TP), so the `[tokens, V/tp]` logits never exist whole -- at Llama-3's 128K vocabulary
+and 16K local tokens one float32 copy is 8 GiB. Forward produces and consumes the logits chunk by chunk and
+keeps three numbers per token; the TP reductions run once over all tokens (one MAX and one SUM all-reduce,
+whatever the number of chunks); backward recomputes each chunk's logits, turns them into the gradient
+softmax - onehot and accumulates dW in float32. :func:`lm_loss` (logits given) is its plain reference.
 """
 from __future__ import annotations
 
@@ -27,6 +35,10 @@ class LMOutput:
     """int64 `[b, s_local]`: argmax over the full vocabulary, or None when not asked for."""
 
 
+#: Tokens per chunk of :func:`lm_loss_from_hidden`: float32 logits of 2048 tokens x 128K vocabulary are 1 GiB.
+LOSS_CHUNK_TOKENS = 2048
+
+
 def vocab_parallel_argmax(logits: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """Argmax over the full vocabulary of logits split over TP along the last dim (one all-gather).
 
@@ -39,10 +51,16 @@ def vocab_parallel_argmax(logits: torch.Tensor, tp_group: dist.ProcessGroup | No
         int64 `[...]` global vocabulary ids.
     """
     local_max, local_idx = logits.detach().max(dim=-1)
+    return _argmax_over_shards(local_max, local_idx, logits.shape[-1], tp_group)
+
+
+def _argmax_over_shards(local_max: torch.Tensor, local_idx: torch.Tensor, shard: int,
+                        tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Global argmax from each TP rank's max and arg-max over its `shard` vocabulary ids."""
     tp = comm.group_size(tp_group)
     if tp == 1:
         return local_idx
-    offset = comm.group_rank(tp_group) * logits.shape[-1]
+    offset = comm.group_rank(tp_group) * shard
     # Values and ids travel in one float64 all-gather (exact for any float logits and any vocab id < 2^53).
     mine = torch.stack([local_max.to(torch.float64), (local_idx + offset).to(torch.float64)])[None]  # [1, 2, ...]
     every = comm.all_gather(mine, group=tp_group, dim=0)  # [tp, 2, ...]
@@ -68,18 +86,121 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
     return LMOutput(loss_sum=loss_sum, num_tokens=num_tokens, predictions=predictions)
 
 
+def _logits(x: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    # The projection in the activations' dtype (as ColumnParallelLinear), the loss math in float32 (as Megatron's
+    # vocab_parallel_cross_entropy; float64 for float64 inputs).
+    return (x @ weight.t()).to(cdt)
+
+
+class _ChunkedVocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, labels, tp_group, chunk, want_argmax):
+        n, shard = x.shape[0], weight.shape[0]
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        start = comm.group_rank(tp_group) * shard
+        local = labels - start
+        mine = (local >= 0) & (local < shard)  # [n]: the target id lies in this rank's vocabulary shard
+        local = local.clamp(0, shard - 1)[:, None]
+        top = x.new_empty(n, dtype=cdt)
+        sum_exp = x.new_empty(n, dtype=cdt)
+        target = x.new_empty(n, dtype=cdt)
+        arg = x.new_empty(n, dtype=torch.int64) if want_argmax else None
+        for i in range(0, n, chunk):
+            logits = _logits(x[i:i + chunk], weight, cdt)  # [c, V/tp], the only logits that exist at a time
+            top_c, arg_c = logits.max(-1)
+            top[i:i + chunk] = top_c
+            sum_exp[i:i + chunk] = torch.exp(logits - top_c[:, None]).sum(-1)
+            target[i:i + chunk] = logits.gather(-1, local[i:i + chunk])[:, 0]
+            if arg is not None:
+                arg[i:i + chunk] = arg_c
+            del logits
+        local_top = top.clone() if want_argmax else None
+        target = target * mine
+        if comm.group_size(tp_group) > 1:
+            glob = comm.all_reduce(top.clone(), op=dist.ReduceOp.MAX, group=tp_group)
+            sums = comm.all_reduce(torch.stack([sum_exp * torch.exp(top - glob), target]), group=tp_group)
+            top, sum_exp, target = glob, sums[0], sums[1]
+        lse = torch.log(sum_exp) + top  # [n]
+        ctx.save_for_backward(x, weight, lse, local, mine)
+        ctx.tp_group, ctx.chunk = tp_group, chunk
+        loss = lse - target
+        if want_argmax:
+            ctx.mark_non_differentiable(local_top, arg)
+            return loss, local_top, arg
+        return loss
+
+    @staticmethod
+    def backward(ctx, d_loss, *_):
+        x, weight, lse, local, mine = ctx.saved_tensors
+        cdt = lse.dtype
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        hot = mine.to(cdt)[:, None]
+        for i in range(0, x.shape[0], ctx.chunk):
+            xc = x[i:i + ctx.chunk]
+            # d loss_t / d logits_t = softmax(logits_t) - onehot(label_t), scaled by the token's incoming gradient.
+            g = torch.exp(_logits(xc, weight, cdt) - lse[i:i + ctx.chunk, None])
+            g.scatter_add_(-1, local[i:i + ctx.chunk], -hot[i:i + ctx.chunk])
+            g = (g * d_loss[i:i + ctx.chunk, None]).to(x.dtype)  # [c, V/tp]
+            if need_x:
+                dx[i:i + ctx.chunk] = g @ weight
+            if need_w:
+                dw += (g.t() @ xc).to(cdt)
+            del g
+        if need_x and comm.group_size(ctx.tp_group) > 1:
+            dx = comm.all_reduce(dx, group=ctx.tp_group)  # the input is replicated over TP: sum its gradients
+        return dx, (dw.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def lm_loss_from_hidden(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        loss_mask: torch.Tensor | None, tp_group: dist.ProcessGroup | None,
+                        return_predictions: bool = False, chunk_tokens: int | None = None) -> LMOutput:
+    """:func:`lm_loss` of the logits `x W^T`, computed in chunks of tokens (see the module docstring).
+
+    Args:
+        x: `[b, s, hidden]`, the final hidden states (replicated over TP; their gradient is all-reduced over
+            `tp_group` here, as ColumnParallelLinear's input would be).
+        weight: `[V/tp, hidden]`, this TP rank's contiguous slice of the output projection (or tied embedding).
+        labels, loss_mask, tp_group, return_predictions: as :func:`lm_loss`.
+        chunk_tokens: tokens per chunk (default `LOSS_CHUNK_TOKENS`).
+    Returns:
+        LMOutput, equal to `lm_loss(x @ weight.T, ...)`.
+    """
+    if x.dim() != 3 or weight.dim() != 2 or x.shape[-1] != weight.shape[-1] or labels.shape != x.shape[:2]:
+        raise ValueError(f"lm_loss_from_hidden: x [b, s, hidden], weight [V/tp, hidden], labels [b, s] expected, "
+                         f"got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+    chunk = chunk_tokens or LOSS_CHUNK_TOKENS
+    if chunk < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk}")
+    b, s, hidden = x.shape
+    scored = labels >= 0
+    out = _ChunkedVocabParallelCE.apply(x.reshape(b * s, hidden), weight, labels.clamp_min(0).reshape(-1), tp_group,
+                                        chunk, return_predictions)
+    per_token, predictions = (out[0], _argmax_over_shards(out[1], out[2], weight.shape[0], tp_group)
+                              ) if return_predictions else (out, None)
+    per_token = per_token.view(b, s)
+    weight_t = scored.to(per_token.dtype) if loss_mask is None else loss_mask * scored
+    loss_sum = (per_token * weight_t).sum()
+    num_tokens = weight_t.sum().to(loss_sum.dtype)
+    return LMOutput(loss_sum=loss_sum, num_tokens=num_tokens,
+                    predictions=None if predictions is None else predictions.view(b, s))
+
+
 class _GlobalTokenMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss_sum, num_tokens, group):
         totals = torch.stack([loss_sum.detach(), num_tokens.detach()]).to(torch.float64)
         totals = comm.all_reduce(totals, group=group)  # [sum of losses, sum of tokens] over the group
-        count = totals[1] if totals[1] > 0 else totals.new_tensor(1.0)
-        ctx.scale = comm.group_size(group) / count.item()
+        # On the device, no host read: N = 0 counts as 1 (the loss is then 0).
+        count = torch.where(totals[1] > 0, totals[1], torch.ones_like(totals[1]))
+        ctx.save_for_backward(comm.group_size(group) / count)
         return (totals[0] / count).to(loss_sum.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * ctx.scale, None, None
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None, None
 
 
 def global_token_mean(loss_sum: torch.Tensor, num_tokens: torch.Tensor,
