@@ -136,7 +136,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 def launch_main(argv: list[str]) -> int:
-    """`lctrain launch`: returns 0 when the job finished, 1 when it failed, 2 on a usage or config error."""
+    """`lctrain launch`: returns 0 when the job finished, 1 when it failed, 2 on a usage or config error, 75
+    (lctrain.checkpoint.preempt.REQUEUE_EXIT) when it was preempted (SIGTERM/SIGUSR1) and saved a checkpoint."""
     args = _parse(_launch_parser(), argv)
     if isinstance(args, int):
         return args
@@ -166,6 +167,12 @@ def launch_main(argv: list[str]) -> int:
         return 2
     finally:
         ray.shutdown()
+    if out.preempted:
+        from lctrain.checkpoint.preempt import REQUEUE_EXIT
+
+        print(f"[lctrain launch] preempted: checkpoint saved; exiting with {REQUEUE_EXIT} (requeue the job)",
+              flush=True)
+        return REQUEUE_EXIT
     losses = getattr(out.result, "losses", None)
     if isinstance(losses, dict) and losses:
         last = max(losses)

@@ -35,6 +35,9 @@ class LaunchConfig:
     """CPUs reserved for each rank (its placement-group bundle)."""
     gpus_per_rank: float | None = None
     """GPUs reserved for each rank; None = 1 when the cluster has GPUs, else 0 (CPU simulation)."""
+    termination_grace_s: float = 0.0
+    """The scheduler's delay between its stop signal and its kill (Kubernetes terminationGracePeriodSeconds, SLURM
+    --signal lead time); 0 = unknown. Checked (--dry-run) >= train.preempt_grace_s + 15 s."""
 
     def __post_init__(self) -> None:
         if ":" not in self.entrypoint or not all(self.entrypoint.split(":", 1)):
@@ -47,5 +50,7 @@ class LaunchConfig:
         if not 1024 <= self.port_min <= self.port_max <= 65535:
             raise ValueError(f"launch.port_min..port_max must be a range inside 1024..65535, "
                              f"got {self.port_min}..{self.port_max}")
+        if self.termination_grace_s < 0:
+            raise ValueError(f"launch.termination_grace_s must be >= 0, got {self.termination_grace_s}")
         if self.cpus_per_rank < 0 or (self.gpus_per_rank is not None and self.gpus_per_rank < 0):
             raise ValueError("launch.cpus_per_rank and launch.gpus_per_rank must be >= 0")

@@ -19,7 +19,16 @@ replaced). If the cluster cannot hold it by then and `launch.elastic` is on, the
 nodes: the largest node count the alive nodes can hold whose world size fits the layout (tp * cp divides it)
 and the global batch (train.global_batch_size divisible by micro_batch_size * dp). DP shrinks, gradient
 accumulation grows, the global batch (hence the loss curve, up to float32 summation order) stays the same;
-the checkpoint is resharded onto the new layout when loaded.
+the checkpoint is resharded onto the new layout when loaded. Growing back: while a shrunk gang runs, the
+supervisor checks every few seconds whether the cluster holds the original node count again; if so it asks the
+ranks to stop at the next step with a checkpoint (the preemption path below) and restarts on all the nodes.
+
+Preemption: `launch` installs lctrain's preemption handler (SIGTERM, SIGUSR1: what Kubernetes and
+`sbatch --signal=B:USR1@<grace>` send) in the driver. On its own notice the supervisor passes it to every rank
+(`RankWorker.preempt`); the ranks save at the next step end and return, and `launch` returns with `preempted` set
+(`lctrain launch` exits with preempt.REQUEUE_EXIT for the scheduler to requeue). A notice that reached a rank
+directly (SIGTERM to a Ray worker process: a node drained) ends the attempt the same way, with a checkpoint, and
+the supervisor restarts from it at once (not counted against launch.max_restarts).
 
 run.out_dir must be visible to every node at the same path (a shared filesystem) for a restart on other
 nodes to find the checkpoint; a relative out_dir is resolved against the launching process's directory.
@@ -38,6 +47,7 @@ from typing import Any, Callable
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from lctrain.checkpoint import preempt
 from lctrain.launch.placement import Placement, PlacementError, cluster_has_gpus, reserve_gang
 from lctrain.launch.worker import RankWorker
 
@@ -72,6 +82,8 @@ class LaunchResult:
     """Nodes of the last attempt."""
     failures: list[str] = field(default_factory=list)
     """One line per failed attempt."""
+    preempted: bool = False
+    """The launcher itself got a preemption notice: the ranks saved a checkpoint and stopped (requeue the job)."""
 
 
 def _short(err: BaseException, limit: int = 400) -> str:
@@ -100,19 +112,33 @@ class Gang:
                  log: Callable[[str], None]) -> None:
         self.cfg = cfg
         self.lcfg = cfg.launch
+        self.gpus = gpus
         self.attempt = attempt
         self.log = log
         worker_cls = ray.remote(RankWorker)
         self.actors = [
             worker_cls.options(
                 name=f"lctrain-{tag}-rank{rank}", num_cpus=self.lcfg.cpus_per_rank, num_gpus=gpus,
-                max_concurrency=3, max_restarts=0,
+                max_concurrency=4, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     slot.group, placement_group_bundle_index=slot.bundle_index),
             ).remote(self.lcfg.entrypoint)
             for rank, slot in enumerate(placement.slots)
         ]
         self.placement = placement
+        self.told = False
+        """The ranks were asked to stop at the next step with a checkpoint (preemption or growing back)."""
+        self.grow_to = 0
+        """Restart on this many nodes once this attempt has stopped (growing back); 0: no."""
+
+    def tell_stop(self, reason: str) -> None:
+        """Ask every rank to save at the next step end and return (once)."""
+        if self.told:
+            return
+        self.told = True
+        self.log(f"{reason}: asking the ranks to save a checkpoint after this step and stop")
+        for a in self.actors:
+            a.preempt.remote(reason)
 
     def _get(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         """ray.get of one call per rank, turning the first failure into a RankFailure."""
@@ -190,8 +216,23 @@ class Gang:
                 for line in lines:
                     self._report(line)
             if pending:
+                if preempt.requested():
+                    self.tell_stop(f"preemption notice ({preempt.reason()})")
+                self._check_growth()
                 self._check_heartbeats(beats, set(pending.values()))
         return results[0]
+
+    def _check_growth(self) -> None:
+        """After an elastic shrink: when the cluster holds the original gang again, stop this attempt to grow."""
+        nodes, target = len(self.placement.groups), getattr(self, "target_nodes", 0)
+        now = time.monotonic()
+        if self.told or nodes >= target or now < getattr(self, "_next_growth_check", 0.0):
+            return
+        self._next_growth_check = now + max(self.lcfg.poll_s, 5.0)
+        per_node = len(self.actors) // nodes
+        if _nodes_that_fit(per_node, self.lcfg.cpus_per_rank, self.gpus) >= target:
+            self.grow_to = target
+            self.tell_stop(f"{target} nodes are available again (running on {nodes})")
 
     def _check_heartbeats(self, beats: dict[int, tuple[ray.ObjectRef, float]], running: set[int]) -> None:
         """Ask every running rank for its heartbeat (one call in flight per rank); RankFailure if one is hung."""
@@ -301,26 +342,49 @@ def launch(cfg: Any, nodes: int, procs_per_node: int, resume: str = "auto",
     gpus = lcfg.gpus_per_rank if lcfg.gpus_per_rank is not None else (1.0 if cluster_has_gpus() else 0.0)
     tag = uuid.uuid4().hex[:8]
     failures: list[str] = []
-    for attempt in range(lcfg.max_restarts + 1):
-        if attempt:
-            log(f"restart {attempt}/{lcfg.max_restarts} from the latest checkpoint in {cfg.run.out_dir}")
-        placement = _reserve(cfg, nodes, procs_per_node, gpus, attempt, log)
-        nodes = len(placement.groups)
-        gang = None
-        try:
-            gang = Gang(placement, cfg, gpus, attempt, f"{tag}-a{attempt}", log)
-            result = gang.supervise(resume if attempt == 0 else "auto")
-            log(f"finished after {attempt} restart(s)")
-            return LaunchResult(result, attempt, nodes * procs_per_node, failures, nodes)
-        except RankFailure as failure:
-            if failure.fatal:
-                raise LaunchError(f"{failure} (not restarted: a restart would fail the same way)") from None
-            failures.append(f"attempt {attempt}: {failure}")
-            log(f"attempt {attempt} failed: {failure}")
-        finally:
-            if gang is not None:
-                gang.stop()
-            placement.remove()
+    target, attempt, restart_reason = nodes, 0, None
+    own_handler = not preempt.installed() and preempt.install()
+    preempt.arm()
+    try:
+        while True:
+            if restart_reason is not None:
+                log(f"restart {len(failures)}/{lcfg.max_restarts} from the latest checkpoint in {cfg.run.out_dir}"
+                    if restart_reason == "failure" else
+                    f"restart from the latest checkpoint in {cfg.run.out_dir} ({restart_reason})")
+            placement = _reserve(cfg, target, procs_per_node, gpus, attempt, log)
+            nodes = len(placement.groups)
+            gang = None
+            try:
+                gang = Gang(placement, cfg, gpus, attempt, f"{tag}-a{attempt}", log)
+                gang.target_nodes = target if lcfg.elastic else 0
+                result = gang.supervise(resume if attempt == 0 else "auto")
+                stopped = bool(getattr(result, "preempted", False))
+                if stopped and preempt.requested():
+                    log(f"preempted: the ranks saved a checkpoint and stopped ({preempt.reason()}); requeue the job")
+                    preempt.clear()  # acted on: a later launch in this process starts clean
+                    return LaunchResult(result, attempt, nodes * procs_per_node, failures, nodes, preempted=True)
+                if not stopped:
+                    log(f"finished after {attempt} restart(s)")
+                    return LaunchResult(result, attempt, nodes * procs_per_node, failures, nodes)
+                restart_reason = (f"growing back to {gang.grow_to} node(s)" if gang.grow_to
+                                  else "a rank was preempted and saved a checkpoint")
+            except RankFailure as failure:
+                if failure.fatal:
+                    raise LaunchError(f"{failure} (not restarted: a restart would fail the same way)") from None
+                failures.append(f"attempt {attempt}: {failure}")
+                log(f"attempt {attempt} failed: {failure}")
+                if len(failures) > lcfg.max_restarts:
+                    break
+                restart_reason = "failure"
+            finally:
+                if gang is not None:
+                    gang.stop()
+                placement.remove()
+            attempt += 1
+    finally:
+        preempt.disarm()
+        if own_handler:
+            preempt.uninstall()
     raise LaunchError(f"giving up after {lcfg.max_restarts} restart(s) (launch.max_restarts); failures:\n  "
                       + "\n  ".join(failures))
 

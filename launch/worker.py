@@ -2,8 +2,14 @@
 
 Each actor is its own worker process, so the torch.distributed variables it sets in os.environ are local
 to its rank. `run` joins torch.distributed from them (nccl on GPU, gloo on CPU) before calling the
-entrypoint, which then finds the default group ready. The actor is threaded (max_concurrency=3) so the
-supervisor can read each rank's heartbeat and rank 0's progress while `run` is busy training.
+entrypoint, which then finds the default group ready. The actor is threaded (max_concurrency=4) so the
+supervisor can read each rank's heartbeat and rank 0's progress, and pass on a preemption notice, while `run` is
+busy training.
+
+Preemption: `run` executes in an actor method thread, where Python cannot install signal handlers; `__init__`
+runs in the worker process's main thread and installs lctrain's preemption handler there (SIGTERM/SIGUSR1 to the
+worker process set the process-wide flag the trainer reads; outside a training loop they do what Ray's handler
+does). The supervisor's own notice arrives through :meth:`RankWorker.preempt`.
 """
 from __future__ import annotations
 
@@ -33,7 +39,16 @@ class RankWorker:
     """One rank of the gang (wrapped with ray.remote by the supervisor)."""
 
     def __init__(self, entrypoint: str) -> None:
+        from lctrain.checkpoint import preempt
+
         self.entrypoint = entrypoint
+        preempt.install()
+
+    def preempt(self, reason: str = "preempted by the launcher") -> None:
+        """Pass a preemption notice to the training loop (it saves at the next step end and returns)."""
+        from lctrain.checkpoint import preempt
+
+        preempt.request(reason)
 
     def preflight(self) -> dict[str, Any]:
         """Check the entrypoint imports here and report where this actor runs."""

@@ -213,10 +213,17 @@ def check_memory(cfg: Config, target: Target) -> list[str]:
     return memory_problems(cfg, target.world_size, hardware)
 
 
+def check_preemption(cfg: Config, target: Target) -> list[str]:
+    """The scheduler's kill delay covers the preemption grace (lctrain.checkpoint.preempt.check_preemption)."""
+    from lctrain.checkpoint.preempt import check_preemption as check
+
+    return check(cfg)
+
+
 #: The checks, in the order their problems are listed. Issue 12's predicted-memory check is appended here.
 CHECKS: list[Callable[[Config, Target], list[str]]] = [
     check_target, check_settings, check_layout, check_sequence, check_model_split, check_batch, check_data,
-    check_node_shape, check_run_dir, check_gpu_kernels, check_memory,
+    check_node_shape, check_run_dir, check_gpu_kernels, check_memory, check_preemption,
 ]
 
 

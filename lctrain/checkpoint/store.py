@@ -3,8 +3,20 @@
 Layout of a run's `checkpoints/` directory:
 
     step_00000006/      DCP shards (`__<rank>_0.distcp`, one per rank) + `.metadata` + `meta.json`
-    latest              name of the newest complete checkpoint (written last)
+    step_00000009-b1/   a checkpoint of branch 1 (a run resumed from an older checkpoint: a rewind)
+    latest              name of the newest checkpoint of the current lineage (written last)
+    lineage             the current lineage, newest first: `latest`, its parent, ... (written with `latest`)
     .tmp-step_.../      a save in progress (never read; removed by the next save)
+
+Lineage: every checkpoint records its parent (the checkpoint its run resumed from, or that run's previous save).
+Resuming "auto" follows `lineage` newest-first and never falls over to another branch: train to 12, rewind to 6,
+train to 9 resumes from 9 (`step_00000009-b1`), not from the abandoned 12, which is kept until retention
+removes it. Retention keeps the `keep` most recently saved complete checkpoints; a checkpoint found corrupt
+(marked by a `CORRUPT` file when a resume rejects it) or incomplete never counts toward them.
+
+Verification scales with the world: each rank hashes its shard files while DCP writes them (no re-read), and on
+resume rank r verifies only the files assigned to it (:func:`assigned_files`: the shard files of saved ranks
+r, r + N, ...), so the work per rank is the checkpoint size / N; the ranks agree with one 4-byte all-reduce.
 
 A save writes everything into a temporary directory. Each rank hashes the shard files it wrote (sha256) into
 a sidecar; DCP's coordinator writes `.metadata` only after every rank's shards are written, and then rank 0
@@ -27,6 +39,7 @@ import shutil
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
 
@@ -44,7 +58,11 @@ FORMAT = "lctrain-ckpt-v2"
 META = "meta.json"
 LATEST = "latest"
 PREFIX = "step_"
+LINEAGE = "lineage"
+CORRUPT = "CORRUPT"
 SIDECAR = ".sha256-rank"
+#: Names of ancestors kept in a checkpoint's meta.json and in `lineage`.
+MAX_LINEAGE = 1000
 #: test hook: every rank SIGKILLs itself after writing its shards of this step's save, before the rename.
 KILL_ENV = "LCTRAIN_KILL_DURING_SAVE"
 
@@ -93,8 +111,23 @@ def _rank() -> int:
     return dist.get_rank() if comm.is_distributed() else 0
 
 
+def checkpoint_name(step: int, branch: int = 0) -> str:
+    """Directory name of checkpoint `step` of `branch` (branch 0: `step_00000006`; else `step_00000006-b2`)."""
+    return f"{PREFIX}{step:08d}" + (f"-b{branch}" if branch else "")
+
+
+def parse_name(name: str) -> tuple[int, int] | None:
+    """(step, branch) of a checkpoint directory name, None for anything else."""
+    if not name.startswith(PREFIX):
+        return None
+    body, _, branch = name[len(PREFIX):].partition("-b")
+    if not body.isdigit() or (branch and not branch.isdigit()) or (_ and not branch):
+        return None
+    return int(body), int(branch or 0)
+
+
 def _step_of(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
+    return parse_name(path.name)[0]
 
 
 def file_sha256(path: Path) -> str:
@@ -146,20 +179,95 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=_step_of, reverse=True)
+    found = [p for p in root.iterdir() if p.is_dir() and parse_name(p.name) is not None]
+    return sorted(found, key=lambda p: parse_name(p.name), reverse=True)
+
+
+def read_lineage(root: str | Path) -> list[str] | None:
+    """The current lineage's checkpoint names, newest first (from `lineage`, else `latest`); None without either."""
+    root = Path(root)
+    for name in (LINEAGE, LATEST):
+        f = root / name
+        if f.is_file():
+            names = [n.strip() for n in f.read_text().splitlines() if parse_name(n.strip()) is not None]
+            if names:
+                return names
+    return None
+
+
+def lineage_candidates(root: str | Path) -> list[Path]:
+    """The checkpoints `--resume auto` may use, in order: the current lineage newest first (from `lineage` /
+    `latest`; those retention removed are skipped), or every checkpoint newest first for a directory without them."""
+    root = Path(root)
+    names = read_lineage(root)
+    if names is None:
+        return list_checkpoints(root)
+    return [root / n for n in names if (root / n).is_dir()]
+
+
+def check_complete(path: str | Path) -> dict:
+    """meta.json of `path` after the cheap checks (manifest parses, every file has its size, not marked corrupt)."""
+    meta = read_meta(path, verify=False)
+    marker = Path(path) / CORRUPT
+    if marker.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {marker.read_text().strip()}")
+    return meta
+
+
+def assigned_files(meta: dict, rank: int, world: int) -> list[str]:
+    """The manifest files rank `rank` of `world` verifies: the shard files `__<k>_*.distcp` with k % world == rank
+    (its own shard when the layout is unchanged), and the rest (`.metadata`) on rank 0. Every file is assigned once."""
+    out = []
+    for name in sorted(meta["files"]):
+        owner = 0
+        if name.startswith("__") and name.endswith(".distcp"):
+            k = name[2:].split("_", 1)[0]
+            owner = int(k) % world if k.isdigit() else 0
+        if owner == rank:
+            out.append(name)
+    return out
+
+
+def verify_share(path: str | Path, meta: dict, rank: int, world: int) -> list[str]:
+    """Check the sha256 of the files assigned to this rank (:func:`assigned_files`); the problems found."""
+    path = Path(path)
+    problems = []
+    for name in assigned_files(meta, rank, world):
+        f = path / name
+        try:
+            ok = f.stat().st_size == meta["files"][name]["size"] and file_sha256(f) == meta["files"][name]["sha256"]
+        except OSError as err:
+            problems.append(f"checkpoint {str(path)!r} is corrupt: {name} cannot be read ({err})")
+            continue
+        if not ok:
+            problems.append(f"checkpoint {str(path)!r} is corrupt: the sha256 of {name} does not match its manifest "
+                            f"entry")
+    return problems
+
+
+def mark_corrupt(path: str | Path, why: str) -> None:
+    """Record that `path` failed verification (it stops counting toward checkpoint.keep and is never resumed)."""
+    try:
+        _write_atomic(Path(path) / CORRUPT, why + "\n")
+    except OSError:
+        pass
 
 
 def scan_latest(root: str | Path, verify: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete checkpoint under `root` (or None) and the newer ones skipped, with the reason.
+    """The newest complete checkpoint of the current lineage under `root` (or None) and the newer ones of the
+    lineage skipped, with the reason (one process; the trainer verifies in parallel: lctrain.train.trainer).
 
-    A directory without meta.json (a save that never finished) is skipped silently as "incomplete"; the
-    caller decides how loudly to report the others.
+    A directory without meta.json (a save that never finished) is skipped as "incomplete"; the caller decides
+    how loudly to report it.
     """
     skipped = []
-    for path in list_checkpoints(root):
+    for path in lineage_candidates(root):
         try:
-            read_meta(path, verify=verify)
+            meta = check_complete(path)
+            if verify:
+                problems = verify_share(path, meta, 0, 1)
+                if problems:
+                    raise CheckpointError(problems[0])
         except CheckpointError as err:
             skipped.append((path, str(err)))
             continue
@@ -172,14 +280,73 @@ def find_latest(root: str | Path, verify: bool = True) -> Path | None:
     return scan_latest(root, verify)[0]
 
 
+class _HashingStream(io.RawIOBase):
+    """A write stream that hashes (sha256) and counts the bytes on their way to the file (written in order)."""
+
+    def __init__(self, raw, done):
+        super().__init__()
+        self.raw, self.sha, self.size, self._done = raw, hashlib.sha256(), 0, done
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = self.raw.write(b)
+        view = memoryview(b).cast("B")
+        self.sha.update(view[:n] if n is not None and n < len(view) else view)
+        self.size += n if n is not None else len(view)
+        return n
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._done(self.size, self.sha.hexdigest())
+        super().close()
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system whose data files are hashed while they are written (no re-read on save)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.digests: dict[str, dict] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        with super().create_stream(path, mode) as raw:
+            if "w" not in mode or not str(path).endswith(".distcp"):
+                yield raw
+                return
+            name = Path(path).name
+            stream = _HashingStream(raw, lambda size, sha: self.digests.__setitem__(name, {"size": size,
+                                                                                           "sha256": sha}))
+            try:
+                yield stream
+            finally:
+                stream.close()
+
+
 class _HashingWriter(FileSystemWriter):
-    """DCP's file writer that also records the sha256 of the files this rank wrote (in a sidecar)."""
+    """DCP's file writer that records the size and sha256 of the files this rank wrote, computed while writing
+    (:class:`_HashingFileSystem`), in a sidecar for the manifest."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fs = _HashingFileSystem()
 
     def write_data(self, plan, planner) -> Future:
         fut = super().write_data(plan, planner)
         names = sorted({r.storage_data.relative_path for r in fut.wait()})
         root = Path(self.path)
-        digests = {n: {"size": (root / n).stat().st_size, "sha256": file_sha256(root / n)} for n in names}
+        digests = {n: self.fs.digests[n] for n in names}
         _write_atomic(root / f"{SIDECAR}{_rank()}.json", json.dumps(digests))
         return fut
 
@@ -224,6 +391,30 @@ class Checkpointer:
         """The newest checkpoint this object completed."""
         self.wait_s = 0.0
         """Seconds the training thread spent waiting for in-flight saves."""
+        self.branch = 0
+        """Branch of the next saves (0 unless this run rewound: see :meth:`continue_from`)."""
+        self.ancestors: list[str] = read_lineage(self.root) or []
+        """The lineage the next save descends from, newest first (its parent first)."""
+
+    def continue_from(self, path: str | Path | None) -> None:
+        """Make the next saves descend from `path`, the checkpoint this run resumed from (None: a fresh start).
+
+        Resuming the head of the current lineage continues it. Resuming an older checkpoint (a rewind), one from
+        elsewhere, or starting fresh where checkpoints exist starts a new branch: its checkpoints get new names
+        (`step_00000009-b1`), so the abandoned ones are kept (until retention removes them) and never resumed by
+        "auto". No communication: every rank reads the same files.
+        """
+        names = read_lineage(self.root) or []
+        branches = [parse_name(p.name)[1] for p in list_checkpoints(self.root)]
+        path = Path(path) if path is not None else None
+        if path is not None and path.parent.resolve() == self.root.resolve() and names and names[0] == path.name:
+            self.branch, self.ancestors = parse_name(path.name)[1], names
+            return
+        self.branch = 1 + max(branches) if branches or names else 0
+        self.ancestors = []
+        if path is not None and path.parent.resolve() == self.root.resolve():
+            meta = read_meta(path, verify=False)
+            self.ancestors = [path.name] + [n for n in meta.get("lineage", []) if parse_name(n) is not None]
 
     def save(self, step: int, state: dict[str, Any], meta: dict) -> Path:
         """Write `state` (DCP state dict: tensors and :class:`Shards`) and `meta` as checkpoint `step`.
@@ -232,7 +423,7 @@ class Checkpointer:
         returns (synchronous) or once :meth:`wait` returns (asynchronous).
         """
         self.wait()
-        name = f"{PREFIX}{step:08d}"
+        name = checkpoint_name(step, self.branch)
         tmp, final = self.root / f".tmp-{name}", self.root / name
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -264,6 +455,7 @@ class Checkpointer:
         if barrier:
             comm.barrier()
         self.last = final
+        self.ancestors = [final.name] + [n for n in self.ancestors if n != final.name][:MAX_LINEAGE - 1]
         return final
 
     def _finalize(self, step: int, tmp: Path, final: Path, meta: dict) -> None:
@@ -274,15 +466,30 @@ class Checkpointer:
         for f in tmp.iterdir():
             if f.is_file() and f.name not in files:
                 files[f.name] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+        ancestors = [n for n in self.ancestors if n != final.name][:MAX_LINEAGE - 1]
         body = dict(meta, format=FORMAT, step=step, saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    files=files)
+                    saved_ns=time.time_ns(), branch=self.branch, parent=ancestors[0] if ancestors else None,
+                    lineage=ancestors, files=files)
         _write_atomic(tmp / META, json.dumps(body, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _write_atomic(self.root / LINEAGE, "\n".join([final.name, *ancestors]) + "\n")
         _write_atomic(self.root / LATEST, final.name + "\n")
-        complete = [p for p in list_checkpoints(self.root) if (p / META).is_file()]
-        for old in complete[self.keep:]:
+        self._retain()
+
+    def _retain(self) -> None:
+        """Delete all but the `keep` most recently saved complete checkpoints (corrupt or incomplete ones are not
+        counted, so they never push a good one out)."""
+        complete = []
+        for path in list_checkpoints(self.root):
+            try:
+                meta = check_complete(path)
+            except CheckpointError:
+                continue
+            complete.append((meta.get("saved_ns", 0), parse_name(path.name), path))
+        complete.sort(reverse=True)
+        for *_, old in complete[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
 
     def wait(self) -> Path | None:
@@ -300,6 +507,9 @@ class Checkpointer:
         """Wait for the save in flight and release the background thread and process group."""
         try:
             self.wait()
+            if self.group is not None:
+                # Rank 0 finalises an async save after the others' writes: nobody returns before it has.
+                dist.barrier(group=self.group)
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)

@@ -2,8 +2,9 @@
 
 Runs in this process when started by a launcher (torchrun sets RANK/WORLD_SIZE) or without --nproc;
 with --nproc N it spawns N local ranks (gloo on CPU, nccl on GPU) on a free port and waits for them.
-If one rank fails the others are stopped and the exit code is non-zero. SIGTERM to this process is passed on to
-the ranks, which save a checkpoint and exit 0 (train.preempt_grace_s).
+If one rank fails the others are stopped and the exit code is non-zero. SIGTERM (or SIGUSR1) to this process is passed
+on to the ranks; a rank that gets one tells the others at the next step end, they save one checkpoint and exit with
+lctrain.checkpoint.preempt.REQUEUE_EXIT (75), the code the recipes requeue on (train.preempt_grace_s).
 """
 from __future__ import annotations
 
@@ -31,19 +32,24 @@ def _rank_main(local_rank: int, nproc: int, port: int, threads: int, cfg: Config
     import torch
 
     torch.set_num_threads(threads)
-    _run_here(cfg, resume)
+    code = _run_here(cfg, resume)
+    if code:
+        sys.exit(code)
 
 
-def _run_here(cfg: Config, resume: str) -> None:
+def _run_here(cfg: Config, resume: str) -> int:
+    """Train in this process; the exit code: 0, or REQUEUE_EXIT when the run stopped on a preemption notice."""
     import torch.distributed as dist
 
+    from lctrain.checkpoint.preempt import REQUEUE_EXIT
     from lctrain.train.trainer import run
 
     try:
-        run(cfg, resume)
+        result = run(cfg, resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return REQUEUE_EXIT if result.preempted else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print("# config and layout OK")
         return 0
     if under_launcher or args.nproc is None:
-        _run_here(cfg, resume)
-        return 0
+        return _run_here(cfg, resume)
     import signal
 
     import torch.multiprocessing as mp
@@ -113,11 +118,17 @@ def main(argv: list[str] | None = None) -> int:
             if proc.is_alive():
                 os.kill(proc.pid, signum)
 
-    previous = signal.signal(signal.SIGTERM, forward_sigterm)
+    from lctrain.checkpoint.preempt import REQUEUE_EXIT, SIGNALS
+
+    previous = {sig: signal.signal(sig, forward_sigterm) for sig in SIGNALS}
     try:
         while not ctx.join():
             pass
     except mp.ProcessExitedException as err:
+        if err.exit_code == REQUEUE_EXIT:
+            print(f"lctrain train: preempted; the checkpoint is saved, exiting with {REQUEUE_EXIT} (requeue)",
+                  file=sys.stderr)
+            return REQUEUE_EXIT
         print(f"lctrain train: rank {err.error_index} exited with code {err.exit_code}; stopped the others",
               file=sys.stderr)
         return 1
@@ -125,5 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lctrain train: rank {err.error_index} failed:\n{err}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
     return 0

@@ -16,15 +16,16 @@ chooses the checkpoint (verifying its sha256 manifest) and broadcasts the choice
 skip are reported loudly (a warning, and a `resume_fallback` record in metrics.jsonl). Each rank reads only
 the pieces of the state it owns under the new layout and saves only the pieces it owns (sharded DCP).
 
-Preemption: with train.preempt_grace_s > 0, SIGTERM (what SLURM and Kubernetes send before killing) makes
-the ranks agree at the end of the current step (one 4-byte all-reduce per step), save a checkpoint and return
-normally (exit code 0); a watchdog ends the process with code 1 if that takes longer than the grace period.
+Preemption: with train.preempt_grace_s > 0, a notice (SIGTERM or SIGUSR1 to any rank, or the Ray supervisor's
+`preempt` call; lctrain.checkpoint.preempt) makes the ranks agree at the end of the current step (one 4-byte
+all-reduce per step, on the training device), save one checkpoint and return with `preempted` set (the CLI then
+exits with preempt.REQUEUE_EXIT, the code the recipes requeue on); a watchdog ends the process with code 1 if that
+takes longer than the grace period (under torchrun at most 28 s: torchrun kills its workers 30 s after SIGTERM).
 Liveness for a supervisor goes through lctrain.train.heartbeat (a beat per step; saves and evals are phases).
 """
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 import warnings
@@ -33,9 +34,11 @@ from pathlib import Path
 
 import torch
 
+from lctrain.checkpoint import preempt as notices
 from lctrain.checkpoint.state import finish_load, prepare_load, sharded_state
-from lctrain.checkpoint.store import (Checkpointer, CheckpointError, find_latest, load_state, load_tensors, read_meta,
-                                      scan_latest, stored_tensors)
+from lctrain.checkpoint.store import (Checkpointer, CheckpointError, check_complete, checkpoint_name, find_latest,
+                                      lineage_candidates, load_state, load_tensors, mark_corrupt, parse_name,
+                                      read_meta, stored_tensors, verify_share)
 from lctrain.config import Config, save_config, to_dict
 from lctrain.models import build_model
 from lctrain.models.loss import global_token_mean
@@ -107,8 +110,9 @@ def _world_size() -> int:
 
 
 def resolve_resume(resume: str, ckpt_root: Path, verify: bool = True) -> Path | None:
-    """The checkpoint to start from: None for "none" or an empty run, the newest complete one for "auto",
-    else the given path (CheckpointError, naming it, if it is missing or damaged). No communication."""
+    """The checkpoint to start from: None for "none" or an empty run, the newest complete one of the current
+    lineage for "auto" (lctrain.checkpoint.store), else the given path (CheckpointError, naming it, if it is missing
+    or damaged). One process, no communication (the training ranks verify in parallel: :func:`choose_checkpoint`)."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -118,41 +122,79 @@ def resolve_resume(resume: str, ckpt_root: Path, verify: bool = True) -> Path | 
     return path
 
 
+def _control_device() -> torch.device:
+    """Where the trainer's control-plane collectives put their tensors: the training device (NCCL has no CPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def choose_checkpoint(resume: str, ckpt_root: Path,
                       device: torch.device | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """Rank 0 picks the checkpoint (checksums verified) and broadcasts it; every rank returns the same choice.
+    """Pick the checkpoint to resume and verify it in parallel; every rank returns the same choice.
 
-    The broadcast tensor lives on `device` (the training device: a NCCL-only group takes no CPU tensor).
+    Rank 0 proposes the next candidate that passes the cheap checks (manifest parses, file sizes; for "auto" the
+    current lineage newest first) and broadcasts it ([status, step, branch], 24 bytes); each rank verifies the
+    sha256 of its share of the files (store.assigned_files: size / N per rank) and one 4-byte all-reduce sums the
+    failures. A corrupt candidate is marked (it no longer counts toward checkpoint.keep) and, for "auto", the next
+    one is tried; an explicit path raises. Collectives run on `device` (default: the training device).
 
     Returns:
-        (the checkpoint or None, the newer checkpoints rank 0 skipped with the reason; empty on other ranks).
+        (the checkpoint or None, the newer checkpoints skipped with the reason; reasons known on rank 0).
     Raises:
-        CheckpointError: an explicit `resume` path that rank 0 found missing or corrupt (on every rank).
+        CheckpointError: an explicit `resume` path that is missing or corrupt (on every rank).
     """
+    if resume == "none":
+        return None, []
+    device = device if device is not None else _control_device()
+    dist_on = comm.is_distributed()
+    rank = torch.distributed.get_rank() if dist_on else 0
+    world = torch.distributed.get_world_size() if dist_on else 1
+    explicit = resume != "auto"
+    candidates = [Path(resume)] if explicit else (lineage_candidates(ckpt_root) if rank == 0 else [])
     skipped: list[tuple[Path, str]] = []
-    # [status, step]: status 0 = start fresh, 1 = auto-chosen step, 2 = the explicit path, 3 = rejected
-    choice = torch.zeros(2, dtype=torch.int64, device=device)
-    error = None
-    if not comm.is_distributed() or torch.distributed.get_rank() == 0:
-        if resume == "auto":
-            path, skipped = scan_latest(ckpt_root)
-            if path is not None:
-                choice[:] = torch.tensor([1, int(path.name.split("_")[-1])], device=device)
-        elif resume != "none":
-            try:
-                read_meta(resume)
-                choice[0] = 2
-            except CheckpointError as err:
-                choice[0], error = 3, err
-    if comm.is_distributed():
-        choice = comm.broadcast(choice, src=0)
-    status, step = choice.tolist()
-    if status == 3:
-        raise error if error is not None else CheckpointError(
-            f"checkpoint {resume!r} is missing or corrupt (rank 0 rejected it; see its error)")
-    if status == 0:
-        return None, skipped
-    return (ckpt_root / f"step_{step:08d}" if status == 1 else Path(resume)), skipped
+    i = 0
+    while True:
+        # status 0 = start fresh, 1 = candidate (step, branch), 2 = the explicit path, 3 = explicit path rejected
+        choice = torch.zeros(3, dtype=torch.int64)
+        error = None
+        if rank == 0:
+            while i < len(candidates):
+                try:
+                    check_complete(candidates[i])
+                except CheckpointError as err:
+                    if explicit:
+                        choice[0], error = 3, err
+                        break
+                    skipped.append((candidates[i], str(err)))
+                    i += 1
+                    continue
+                choice[:] = torch.tensor([2, 0, 0] if explicit else [1, *parse_name(candidates[i].name)])
+                break
+        if dist_on:
+            choice = comm.broadcast(choice.to(device), src=0).cpu()
+        status, step, branch = (int(v) for v in choice)
+        if status == 3:
+            raise error if error is not None else CheckpointError(
+                f"checkpoint {resume!r} is missing or corrupt (rank 0 rejected it; see its error)")
+        if status == 0:
+            return None, skipped
+        path = Path(resume) if explicit else ckpt_root / checkpoint_name(step, branch)
+        problems = verify_share(path, read_meta(path, verify=False), rank, world)
+        for p in problems:
+            warnings.warn(f"rank {rank}: {p}", stacklevel=2)
+        bad = torch.tensor([len(problems)], dtype=torch.int32, device=device)
+        if dist_on:
+            bad = comm.all_reduce(bad)
+        n_bad = int(bad.item())
+        if n_bad == 0:
+            return path, skipped
+        why = (problems[0] if problems else f"checkpoint {str(path)!r} is corrupt") + (
+            f" ({n_bad} file(s) in all failed their sha256 check)")
+        if explicit:
+            raise CheckpointError(why)
+        if rank == 0:
+            mark_corrupt(path, why)
+            skipped.append((path, why))
+        i += 1
 
 
 def _rng_names(rank: int) -> dict[str, torch.Tensor]:
@@ -222,41 +264,59 @@ def _model_dict(model_cfg) -> dict:
 
 
 class _Preemption:
-    """SIGTERM -> a flag the ranks agree on at step ends; a watchdog bounds the time to exit by `grace_s`."""
+    """A preemption notice (SIGTERM/SIGUSR1, or the launcher; lctrain.checkpoint.preempt) -> a flag the ranks agree
+    on at step ends; a watchdog bounds the time from the notice to the exit by the grace period.
 
-    def __init__(self, grace_s: float):
-        self.grace_s, self.signalled, self._old = grace_s, False, None
-        # Only the main thread may set handlers (a Ray actor runs us elsewhere; Ray stops actors itself).
-        self.active = grace_s > 0 and threading.current_thread() is threading.main_thread()
+    The handler is installed here when the loop runs in the main thread; elsewhere (a Ray actor method thread) the
+    process's main thread installed it already (launch/worker.py), and the flag is process-wide either way.
+    """
+
+    def __init__(self, grace_s: float, device: torch.device | None = None):
+        self.grace_s, self.signalled = notices.effective_grace(grace_s), False
+        if self.grace_s < grace_s:
+            warnings.warn(f"train.preempt_grace_s = {grace_s:g} s, but torchrun kills its workers "
+                          f"{notices.TORCHRUN_KILL_S:g} s after its own SIGTERM: the watchdog uses {self.grace_s:g} s "
+                          "(a step plus a save must fit in it)", stacklevel=2)
+        self.device = device if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        self.active = grace_s > 0
+        self._had_handler = notices.installed()
+        self._remove = None
         if self.active:
-            self._old = signal.signal(signal.SIGTERM, self._on_term)
+            notices.install()
+            notices.arm()
+            self._remove = notices.add_listener(self._on_notice)
 
-    def _on_term(self, signum, frame) -> None:
-        if self.signalled:
-            return
+    def _on_notice(self, reason: str) -> None:
         self.signalled = True
-        print(f"SIGTERM: saving a checkpoint after this step, then exiting (grace {self.grace_s:g} s)", flush=True)
+        print(f"{reason}: saving a checkpoint after this step, then exiting (grace {self.grace_s:g} s)", flush=True)
         timer = threading.Timer(self.grace_s, self._overdue)
         timer.daemon = True
         timer.start()
 
     def _overdue(self) -> None:
-        print(f"SIGTERM: no checkpoint within train.preempt_grace_s = {self.grace_s:g} s; exiting without one",
+        print(f"preemption: no checkpoint within train.preempt_grace_s = {self.grace_s:g} s; exiting without one",
               flush=True)
         os._exit(1)
 
     def agreed(self, group=None) -> bool:
-        """Whether any rank got SIGTERM (collective over `group` when handling is on)."""
+        """Whether any rank got a notice: a MAX all-reduce of a 4-byte flag on the training device over `group`."""
         if not self.active:
             return False
-        flag = torch.tensor([int(self.signalled)], dtype=torch.int32)
+        flag = torch.tensor([int(notices.requested())], dtype=torch.int32, device=self.device)
         if comm.is_distributed():
             flag = comm.all_reduce(flag, group=group, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
     def close(self) -> None:
+        """Stop acting on notices; a notice this run acted on is consumed (a later run in the process starts clean)."""
         if self.active:
-            signal.signal(signal.SIGTERM, self._old)
+            self._remove()
+            notices.disarm()
+            if self.signalled:
+                notices.clear()
+            if not self._had_handler:
+                notices.uninstall()
             self.active = False
 
 
@@ -357,6 +417,7 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
     if resume_path is not None:
         logger.write(f"resumed from {resume_path} at step {step} (sample {position})")
     ckpt = Checkpointer(ckpt_root, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    ckpt.continue_from(resume_path)
     preempt = _Preemption(tc.preempt_grace_s)
     flops = getattr(engine.module, "flops_per_token", None)
     peak = peak_flops()

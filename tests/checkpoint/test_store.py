@@ -2,6 +2,8 @@
 that snapshot the state, clear errors, safe metadata."""
 import pickle
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,8 +46,11 @@ def test_scan_skips_incomplete_and_corrupt(tmp_path):
     (tmp_path / "step_00000009").mkdir()  # an empty directory
     assert find_latest(tmp_path) == tmp_path / "step_00000001"
     path, skipped = scan_latest(tmp_path)
-    assert path == tmp_path / "step_00000001" and [p.name for p, _ in skipped] == [
-        "step_00000009", "step_00000003", "step_00000002"]
+    # step_00000009 is no checkpoint of the lineage (`lineage` lists 3, 2, 1): not a candidate at all
+    assert path == tmp_path / "step_00000001" and [p.name for p, _ in skipped] == ["step_00000003", "step_00000002"]
+    (tmp_path / "lineage").unlink()
+    (tmp_path / "latest").unlink()
+    assert [p.name for p, _ in scan_latest(tmp_path)[1]] == ["step_00000009", "step_00000003", "step_00000002"]
     with pytest.raises(CheckpointError, match="step_00000003.*incomplete"):
         read_meta(tmp_path / "step_00000003")
     with pytest.raises(CheckpointError, match="step_00000002.*corrupt"):
@@ -102,3 +107,68 @@ def test_async_save_snapshots_the_state_and_round_trips_shards(tmp_path):
     out = torch.zeros(6, 4)
     load_state(final, {"model/w": Shards((6, 4), torch.float32, [((0, 0), out[:3]), ((3, 0), out[3:])])})
     assert torch.equal(out, expect)
+
+
+def test_rewind_starts_a_branch_and_auto_follows_it(tmp_path):
+    """Save 3, 6, 9, 12; rewind to 6 and save 9: "auto" resumes the new 9, never the abandoned 12 (kept)."""
+    ck = Checkpointer(tmp_path, keep=10)
+    for step in (3, 6, 9, 12):
+        ck.save(step, _state(), {"position": step})
+    rewound = Checkpointer(tmp_path, keep=10)
+    rewound.continue_from(tmp_path / "step_00000006")
+    new9 = rewound.save(9, _state(), {"position": 9})
+    assert new9.name == "step_00000009-b1" and (tmp_path / "step_00000012").is_dir()
+    assert (tmp_path / "step_00000009").is_dir()  # the old branch's 9 is not overwritten
+    assert find_latest(tmp_path) == new9 and read_meta(new9)["parent"] == "step_00000006"
+    assert (tmp_path / "lineage").read_text().split() == ["step_00000009-b1", "step_00000006", "step_00000003"]
+    # the head corrupt (same size): the lineage falls back to 6, not to the other branch's 12 or 9
+    shard = next(new9.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[-50] ^= 1
+    shard.write_bytes(bytes(data))
+    path, skipped = scan_latest(tmp_path)
+    assert path == tmp_path / "step_00000006" and [p.name for p, _ in skipped] == ["step_00000009-b1"]
+    # continuing the head keeps the branch
+    again = Checkpointer(tmp_path, keep=10)
+    again.continue_from(path)
+    assert again.branch == 2  # 6 is no longer the head (9-b1 is): a second rewind, a second branch
+    head = Checkpointer(tmp_path, keep=10)
+    head.continue_from(new9)
+    assert head.branch == 1 and head.save(10, _state(), {}).name == "step_00000010-b1"
+
+
+def test_corrupt_checkpoints_do_not_count_toward_keep(tmp_path):
+    from lctrain.checkpoint.store import mark_corrupt
+
+    ck = Checkpointer(tmp_path, keep=2)
+    ck.save(1, _state(), {})
+    ck.save(2, _state(), {})
+    mark_corrupt(tmp_path / "step_00000002", "test: found corrupt on resume")
+    ck.save(3, _state(), {})
+    # keep=2 complete ones: 3 and 1 (2 is corrupt and does not push 1 out)
+    assert {p.name for p in list_checkpoints(tmp_path)} == {"step_00000001", "step_00000002", "step_00000003"}
+    ck.save(4, _state(), {})
+    assert not (tmp_path / "step_00000001").exists() and (tmp_path / "step_00000003").is_dir()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_file_is_verified_by_exactly_one_rank(world):
+    from lctrain.checkpoint.store import assigned_files
+
+    meta = {"files": {".metadata": {}, **{f"__{k}_0.distcp": {} for k in range(4)}}}
+    shares = [assigned_files(meta, r, world) for r in range(world)]
+    flat = [n for share in shares for n in share]
+    assert sorted(flat) == sorted(meta["files"]) and len(flat) == len(set(flat))
+    assert max(sum(n.endswith(".distcp") for n in share) for share in shares) == -(-4 // world)
+
+
+def test_shards_are_hashed_while_written_not_reread(tmp_path, monkeypatch):
+    from lctrain.checkpoint import store
+
+    hashed = []
+    real = store.file_sha256
+    monkeypatch.setattr(store, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    path = save_checkpoint(tmp_path, 1, _state(), {}, keep=1)
+    assert hashed == [".metadata"]  # the shard's digest came from the write stream
+    monkeypatch.setattr(store, "file_sha256", real)
+    read_meta(path, verify=True)  # and it is the file's real sha256

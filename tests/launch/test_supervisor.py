@@ -190,23 +190,37 @@ def test_real_training_matches_local_ranks(cluster, reference_run, tmp_path):
     assert _metrics(out) == reference_run
 
 
-def test_killed_rank_resumes_to_same_loss(cluster, reference_run, tmp_path, capsys):
+def _actor(suffix: str):
+    (info,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(suffix)]
+    return ray.get_actor(info["name"], namespace=info["namespace"])
+
+
+def test_preempted_rank_and_preempted_driver_resume_to_same_loss(cluster, reference_run, tmp_path, capsys):
+    """SIGTERM to one Ray worker process (a drained node): its rank tells the others at the step end, they save one
+    checkpoint and return, and the supervisor restarts from it (no failure counted). Then SIGUSR1 to the driver
+    (`sbatch --signal=B:USR1`): it tells every rank, they save, `lctrain launch` exits 75 (requeue); the requeued
+    launch finishes with the uninterrupted run's losses."""
+    import os
+    import signal
+
+    from lctrain.checkpoint.preempt import REQUEUE_EXIT
+
     out = tmp_path / "run"
 
-    def kill_rank1():
-        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                   if a["name"].endswith("-a0-rank1")]
-        ray.kill(ray.get_actor(name, namespace=[a["namespace"] for a in ray.util.list_named_actors(
-            all_namespaces=True) if a["name"] == name][0]))
+    def sigterm_rank1():
+        os.kill(ray.get(_actor("-a0-rank1").preflight.remote())["pid"], signal.SIGTERM)
 
-    _kill_when(lambda: _steps_done(out) >= 3, kill_rank1)
+    _kill_when(lambda: _steps_done(out) >= 3, sigterm_rank1)
+    _kill_when(lambda: _steps_done(out) >= 5 and _actor("-a1-rank0"), lambda: os.kill(os.getpid(), signal.SIGUSR1))
     args = _tiny(out) + _on(cluster)
-    assert launch_main(args) == 0
+    assert launch_main(args) == REQUEUE_EXIT
     printed = capsys.readouterr().out
-    assert "restart 1/2 from the latest checkpoint" in printed
-    losses = _metrics(out)
-    assert losses[8] == reference_run[8]
-    assert losses == reference_run
+    assert "a rank was preempted and saved a checkpoint" in printed and "restart 1/" not in printed
+    assert "preempted: the ranks saved a checkpoint and stopped (SIGUSR1)" in printed
+    stopped_at = max(_metrics(out))
+    assert 5 <= stopped_at < 8
+    assert launch_main(args) == 0  # the requeued job
+    assert _metrics(out) == reference_run
 
 
 def test_lost_node_resumes_to_same_loss(cluster, reference_run, tmp_path, capsys):
