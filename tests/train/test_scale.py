@@ -203,6 +203,24 @@ def test_corrupt_newest_checkpoint_is_reported_and_skipped(reference, tmp_path):
     assert (newest / "CORRUPT").is_file()  # marked: it no longer counts toward checkpoint.keep
 
 
+def test_rewind_starts_a_branch_and_auto_resumes_its_head(tmp_path, capsys):
+    """Train to 12 (checkpoints 3, 6, 9, 12), rewind to 6, train to 9: `--resume auto` resumes from the new 9
+    (branch 1), not from the abandoned 12, which is kept; the rewound steps repeat the original's losses exactly."""
+    from lctrain.train.cli import main as train_main
+    from lctrain.train.trainer import resolve_resume
+
+    common = [f"run.out_dir={tmp_path}", "train.steps=12", "checkpoint.every=3", "checkpoint.keep=5"]
+    first = _train(common, resume="none")
+    root = tmp_path / "checkpoints"
+    rewound = _train([*common, "train.exit_after=3"], resume=str(root / "step_00000006"))
+    assert rewound["checkpoint"] == str(root / "step_00000009-b1")
+    assert rewound["losses"] == {s: first["losses"][s] for s in (7, 8, 9)}
+    assert (root / "step_00000012").is_dir() and (root / "step_00000009").is_dir()
+    assert resolve_resume("auto", root) == root / "step_00000009-b1"
+    assert train_main([TINY, *common, "--dry-run"]) == 0
+    assert f"# resume: {root / 'step_00000009-b1'}" in capsys.readouterr().out
+
+
 # ---- ZeRO-3 ---------------------------------------------------------------------------------------------------
 
 def _zero3_partitions(overrides: list[str], resume: str = "auto") -> dict:
