@@ -8,13 +8,14 @@ from lctrain.kernels.flash_attention.naive import naive_attention
 from lctrain.kernels.flash_attention.triton import flash_attention, flash_attention_backward, flash_attention_forward
 from lctrain.kernels.utils import SUPPORTED_DTYPES
 from lctrain.ops.attention import register_attention_backend
+from lctrain.ops.registry import is_gpu_tensor
 
 
 def _supports(q, k, v, causal) -> bool:
-    return q.is_cuda and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= 256
+    return is_gpu_tensor(q) and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= 256
 
 
-# Not validated on a GPU yet: on CUDA it ranks below flash-attn and SDPA until a GPU benchmark says otherwise.
+# No claim: on a GPU it ranks below flash-attn and SDPA until make gpu-check records a passing run there.
 register_attention_backend("triton", flash_attention_forward, flash_attention_backward, _supports, priority=30,
                            validated_on_gpu=False)
 

@@ -10,8 +10,8 @@ asking `supports` (the rules are lctrain.ops.registry's, shared with linear atte
 
 Built in: "flash_attn" (priority 20, if importable), "sdpa" (10), "reference" (0, always). The Triton
 kernel registers itself as "triton" (priority 30) from `lctrain.kernels.flash_attention`, loaded on first
-dispatch; it is not validated on a GPU yet, so on CUDA flash-attn (when installed) and SDPA rank above it
-until a GPU benchmark in docs/ shows it ahead (`validated_on_gpu`, see lctrain.ops.registry).
+dispatch; until `make gpu-check` records a passing run of it on a GPU, flash-attn (when installed) and SDPA rank
+above it there (`validated_on_gpu` is that record's verdict, see lctrain.ops.registry).
 
 Conventions (all backends): q `[b, sq, h, d]`, k and v `[b, sk, h_kv, d]` with `h % h_kv == 0`; o like q;
 lse `[b, h, sq]` natural log, float32 (float64 when the inputs are float64, so float64 runs stay exact);
@@ -52,8 +52,9 @@ class AttentionBackend:
     available: Callable[[], bool]
     """Whether the backend can run at all in this process (its library imports, its device exists)."""
     validated_on_gpu: bool = False
-    """Whether it has run and passed its tests (and a GPU benchmark in docs/) on a GPU; on CUDA tensors
-    automatic dispatch ranks unvalidated backends below every validated one (lctrain.ops.registry)."""
+    """At registration: the claim that it wraps a kernel its authors validate on GPUs, or plain PyTorch (it
+    orders the backends no GPU has run yet). As returned by the registry: whether `make gpu-check` ran it on a
+    GPU and it passed (lctrain.ops.registry)."""
 
 
 #: The registered backends; the Triton kernel's package registers itself when loaded on first dispatch.
@@ -165,8 +166,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return _Attention.apply(q, k, v, causal, scale, backend)
 
 
-# PyTorch's kernels and flash-attn are validated on GPUs by their authors; the Triton kernel registers itself
-# unvalidated until a GPU run (make gpu-check) shows it correct and ahead in docs/.
+# Claimed: PyTorch's kernels and flash-attn are validated on GPUs by their authors (these adapters are not, until
+# make gpu-check records them); the Triton kernel registers itself without a claim.
 register_attention_backend("reference", attention_ref.reference_attention_forward,
                            attention_ref.reference_attention_backward, lambda q, k, v, causal: True, priority=0,
                            validated_on_gpu=True)

@@ -10,13 +10,17 @@ fla's chunk kernels take lctrain's layout (`[b, s, h, d]`, gates `[b, s, h]` / `
 fla is never imported when this module is: importing it touches Triton's active driver, which fails on a
 machine without a GPU (see DESIGN.md). `fla_available()` asks only whether CUDA is up and the package is
 installed (`importlib.util.find_spec`, no import); the adapters import fla inside the call, and `supports`
-accepts CUDA tensors only, so automatic dispatch never reaches them on CPU.
+accepts GPU tensors only (`lctrain.ops.registry.is_gpu_tensor`), so automatic dispatch never reaches them on CPU.
+They have not run on a GPU until `make gpu-check` records it (`validated_on_gpu` is the GPU record's verdict);
+until then they rank among the backends whose authors validate their kernels (lctrain.ops.registry).
 """
 from __future__ import annotations
 
 import importlib.util
 
 import torch
+
+from lctrain.ops.registry import is_gpu_tensor
 
 #: Head dimensions fla's chunk kernels take (their tiles hold a whole key row).
 FLA_MAX_HEAD_DIM = 256
@@ -36,7 +40,7 @@ def fla_available() -> bool:
 
 
 def _on_cuda(*xs: torch.Tensor | None) -> bool:
-    return all(x is None or x.is_cuda for x in xs)
+    return all(x is None or is_gpu_tensor(x) for x in xs)
 
 
 def fla_supports_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,

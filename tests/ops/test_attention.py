@@ -283,3 +283,29 @@ def test_cuda_sdpa_backward_reuses_the_saved_lse_and_reads_gqa_natively(sq, sk, 
         assert "repeat_interleave" not in name and "aten.repeat." not in name, name
     assert not any("expand" in name and shapes and shapes[0][2] == hk for name, shapes in fwd_ops + bwd_ops)
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_gpu_record_decides_validation_and_gpu_ranking(monkeypatch, tmp_path):
+    """No record: nothing is validated_on_gpu and on GPU tensors the claimed backends (PyTorch's, flash-attn's)
+    rank above the unclaimed Triton kernel; gpu-check's verdicts then move them (pass: first, fail: last)."""
+    from lctrain.ops.registry import meta_as_gpu, read_gpu_record, record_gpu_validation
+
+    record = tmp_path / "gpu_validated.json"
+    monkeypatch.setenv("LCTRAIN_GPU_RECORD", str(record))
+    reg = attn_mod.REGISTRY
+    q = torch.empty(1, 4, 2, 8, device="meta", dtype=torch.bfloat16)
+    with meta_as_gpu():
+        order = [be.name for be in reg.candidates(q, q, q, True)]
+    assert not any(be.validated_on_gpu for be in reg.backends().values())
+    assert order.index("sdpa") < order.index("triton") and order.index("reference") < order.index("triton"), order
+    record_gpu_validation({"attention/triton": True, "attention/sdpa": False}, "test GPU", record,
+                          {"attention/triton": {"checks": 3}})
+    assert read_gpu_record()["attention/triton"]["checks"] == 3
+    with meta_as_gpu():
+        order = [be.name for be in reg.candidates(q, q, q, True)]
+        assert select_backend(q, q, q, True).name == "triton"
+    assert order[0] == "triton" and order[-1] == "sdpa", order
+    assert reg.backends()["triton"].validated_on_gpu and not reg.backends()["sdpa"].validated_on_gpu
+    record.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable GPU record"):
+        assert not reg.validated_on_gpu("triton")

@@ -122,12 +122,26 @@ def test_fla_gated_delta_adapter(fake_fla):
     assert fake_fla == [("gated_delta_rule", (2, 9, 3), 0.5, False)]
 
 
-def test_gpu_ranking_puts_fla_first(monkeypatch):
-    """On CUDA inputs the registry ranks validated backends first; fla (the maintained library's kernels) and
-    the plain-PyTorch forms are validated, and fla has the highest priority."""
+def test_gpu_ranking_follows_the_gpu_record(monkeypatch, tmp_path):
+    """Before any GPU run (no record) no backend is validated_on_gpu, fla's adapters included; on GPU tensors the
+    registry then ranks the claimed ones (fla: the maintained library's kernels; the plain-PyTorch forms) by
+    priority, fla first. gpu-check's record decides afterwards: a failed fla run puts fla last, a passing chunk
+    run puts chunk first."""
     from lctrain.ops import gated_delta, gla
+    from lctrain.ops.registry import meta_as_gpu, record_gpu_validation
 
+    record = tmp_path / "gpu_validated.json"
+    monkeypatch.setenv("LCTRAIN_GPU_RECORD", str(record))
+    q = torch.empty(1, 4, 2, 8, device="meta")
     for registry in (gla.REGISTRY, gated_delta.REGISTRY):
         backends = registry.backends()
-        assert all(be.validated_on_gpu for be in backends.values()), registry.kind
+        assert not any(be.validated_on_gpu for be in backends.values()), registry.kind
         assert list(backends)[0] == "fla", list(backends)
+        with meta_as_gpu():
+            assert [be.name for be in registry.candidates(q, q, q, None, None)][0] == "fla"
+        record_gpu_validation({f"{registry.kind}/fla": False, f"{registry.kind}/chunk": True}, "test GPU", record)
+        with meta_as_gpu():
+            order = [be.name for be in registry.candidates(q, q, q, None, None)]
+        assert order[0] == "chunk" and order[-1] == "fla", order
+        assert registry.backends()["chunk"].validated_on_gpu and not registry.backends()["fla"].validated_on_gpu
+        assert [be.name for be in registry.candidates(q, q, q, None, None)][0] == "fla"  # not a GPU: priority
