@@ -1,21 +1,40 @@
 # Set-up and entry points. `make demo` and `make test` work on a fresh machine: they build the virtual
-# environment first (torch pinned before anything else: a bare `torch` requirement pulls the CUDA build).
+# environment first, with the lock (constraints.txt, the versions the image and the clusters run). CPU installs use
+# the lock minus torch's CUDA build, derived by docker/resolve.py --cpu-lock into $(CPU_LOCK), with torch held at
+# $(TORCH) (the local CPU wheel): pip can neither replace torch nor pick an unlocked version of anything pinned.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+LOCK := constraints.txt
+CPU_LOCK := $(VENV)/constraints-cpu.txt
 STAMP := $(VENV)/.lctrain-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean gpu-check gpu-wheels
+.PHONY: install install-gpu demo test test-fast bench clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK) docker/resolve.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) docker/resolve.py --cpu-lock $(CPU_LOCK) --torch "$(TORCH)"
+	$(PY) -m pip install -q -c $(CPU_LOCK) "$(TORCH)"
+	$(PY) -m pip install -q -c $(CPU_LOCK) -e ".[dev]"
+	$(PY) -m pip check
 	touch $@
+
+# A GPU node without the image (SLURM LCTRAIN_CONTAINER=none): the image's layers in the image's order -- torch
+# from the lock (CUDA build), flash-attn's build tools with nvcc of torch's CUDA release, flash-attn compiled
+# against that torch (docker/build_flash_attn.sh: memory bounded, ~18 GB at FLASH_ATTN_MAX_JOBS=4), then lctrain
+# with the gpu extra (fla). Needs a g++ and, for multi-node NCCL over InfiniBand/RoCE, rdma-core + libibverbs.
+install-gpu:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -c $(LOCK) torch
+	$(PY) -m pip install -c $(LOCK) -r docker/requirements-build.txt
+	docker/build_flash_attn.sh $(PY) $(LOCK)
+	$(PY) -m pip install -c $(LOCK) -e ".[gpu]"
+	$(PY) -m pip check
 
 demo: install
 	$(VENV)/bin/lctrain train configs/demo.yaml --nproc 4

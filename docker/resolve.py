@@ -2,17 +2,23 @@
 
     python docker/resolve.py            # check: exit 0 if the lock holds, 1 with the reasons, 77 if PyPI is unreachable
     python docker/resolve.py --write    # rewrite constraints.txt's pins from a fresh resolution (after a bump)
+    python docker/resolve.py --cpu-lock .venv/constraints-cpu.txt --torch torch==2.13.0   # CPU installs' lock
 
 The Dockerfile installs in three layers, and this script replays them with `pip install --dry-run --report` in an
 empty virtual environment of the image's Python (3.12, Ubuntu 24.04's):
   1. the base: `torch`, at the version constraints.txt pins (with its CUDA wheels);
   2. on top of that torch, with torch recorded as already installed (a stand-in dist-info carrying the real
      wheel's metadata, so its CUDA/triton requirements are resolved too): flash-attn's build tools
-     (docker/requirements-build.txt) and lctrain's dependencies (pyproject.toml). pip must keep the installed
-     torch; if anything would replace it, the lock is broken;
+     (docker/requirements-build.txt: nvcc from cuda-toolkit[nvcc,cccl]) and lctrain's dependencies with the `gpu`
+     extra (fla-core) from pyproject.toml. pip must keep the installed torch; if anything would replace it, the
+     lock is broken;
   3. flash-attn itself is built `--no-deps --no-build-isolation` against that torch, so it is pinned but not
      resolved here (its sdist imports torch to build metadata); its own requirements are in layer 2.
 Every package pip picks must be pinned in constraints.txt at the version it picks, and every pin must be used.
+flash-attn must be compiled by the CUDA torch was built with: the nvcc pip picks (nvidia-cuda-nvcc) must have the
+CUDA major.minor of torch's runtime (nvidia-cuda-runtime) and of torch's own cuda-toolkit requirement, and the
+Dockerfile must bring no other CUDA (a base image without one), force the source build (no guessed prebuilt
+wheel) and bound its memory (MAX_JOBS, NVCC_THREADS); `dockerfile_problems` checks the Dockerfile's text.
 Only the standard library is needed; pip runs from this interpreter (`pip --python` targets the empty venv).
 """
 from __future__ import annotations
@@ -34,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
 BUILD_REQUIREMENTS = ROOT / "docker/requirements-build.txt"
 IMAGE_PYTHON = "3.12"
-"""The image's Python (Ubuntu 24.04's python3); the Dockerfile's FROM line must stay on ubuntu24.04."""
+UBUNTU = "24.04"
+"""The image's Python is Ubuntu 24.04's python3; the Dockerfile's FROM line must stay on it."""
 NOT_RESOLVED = {"flash-attn"}
 """Pinned, built against the installed torch without dependency resolution (layer 3)."""
 OFFLINE = 77
@@ -63,10 +70,51 @@ def read_pins(path: Path = CONSTRAINTS) -> dict[str, str]:
 
 
 def image_requirements() -> list[str]:
-    """Layer 2's requirements: flash-attn's build tools, then lctrain's dependencies from pyproject.toml."""
+    """Layer 2's requirements: flash-attn's build tools, then lctrain's dependencies and its `gpu` extra."""
     build = [ln.split("#", 1)[0].strip() for ln in BUILD_REQUIREMENTS.read_text().splitlines()]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [r for r in build if r] + list(project["dependencies"])
+    return [r for r in build if r] + list(project["dependencies"]) + list(project["optional-dependencies"]["gpu"])
+
+
+def cuda_problems(got: dict[str, str], torch_requires: list[str]) -> list[str]:
+    """nvcc (the flash-attn build's compiler) must be the CUDA release of torch's runtime."""
+    def minor(v: str | None) -> str | None:
+        return ".".join(v.split(".")[:2]) if v else None
+
+    nvcc, runtime = minor(got.get("nvidia-cuda-nvcc")), minor(got.get("nvidia-cuda-runtime"))
+    pin = next((m.group(1) for r in torch_requires if (m := re.match(r"cuda-toolkit\[.*\]==([\d.]+)", r))), None)
+    if nvcc is None:
+        return ["no nvcc in the image's install set (docker/requirements-build.txt needs cuda-toolkit[nvcc])"]
+    problems = []
+    if nvcc != runtime:
+        problems.append(f"nvcc is CUDA {nvcc} but torch's CUDA runtime is {runtime}: flash-attn would be compiled "
+                        "for another CUDA than torch's")
+    if pin and minor(pin) != nvcc:
+        problems.append(f"torch requires cuda-toolkit {pin} but nvcc is CUDA {nvcc}")
+    return problems
+
+
+def dockerfile_problems(text: str | None = None) -> list[str]:
+    """What the Dockerfile must say for the lock's CUDA to be the only one and flash-attn's build to be bounded."""
+    if text is None:
+        text = (ROOT / "docker/Dockerfile").read_text() + (ROOT / "docker/build_flash_attn.sh").read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    problems = []
+    if froms != [f"ubuntu:{UBUNTU}"]:
+        problems.append(f"the image must start FROM ubuntu:{UBUNTU} (no CUDA of its own besides the lock's; Python "
+                        f"{IMAGE_PYTHON}), not {froms}")
+    for needle, why in (("FLASH_ATTENTION_FORCE_BUILD=TRUE", "flash-attn built from its sdist, never a guessed wheel"),
+                        ("--no-build-isolation --no-deps flash-attn", "flash-attn built against the installed torch"),
+                        ("build_flash_attn.sh", "the one flash-attn build (Dockerfile and make install-gpu)"),
+                        ("MAX_JOBS=", "flash-attn's compile jobs bounded"),
+                        ("NVCC_THREADS=", "nvcc threads per job bounded"),
+                        ('FLASH_ATTN_CUDA_ARCHS="80;90"', "flash-attn for sm_80 / sm_90 only"),
+                        ("libibverbs1", "NCCL's IB transport (verbs)"), ("ibverbs-providers", "the verbs drivers"),
+                        ("rdma-core", "the RDMA user space"), ('".[gpu]"', "lctrain with its gpu extra (fla)"),
+                        ("pip check", "a consistent install")):
+        if needle not in text:
+            problems.append(f"docker/Dockerfile lacks {needle!r} ({why})")
+    return problems
 
 
 def _pip_env() -> dict[str, str]:
@@ -147,6 +195,7 @@ def resolve(python: str | None = None, constraints: Path = CONSTRAINTS) -> tuple
         (torch_meta,) = [i["metadata"] for i in base["install"]]
         got = {"torch": torch_meta["version"]}
         _fake_installed_torch(vpy, torch_meta)
+        torch_requires = list(torch_meta.get("requires_dist") or [])
         rest = _dry_run(vpy, ["-c", str(constraints), *image_requirements()], tmp / "rest.json")
         for item in rest["install"]:
             name, version = norm(item["metadata"]["name"]), item["metadata"]["version"]
@@ -161,7 +210,23 @@ def resolve(python: str | None = None, constraints: Path = CONSTRAINTS) -> tuple
             problems.append(f"{name}: pip picks {version}, {constraints.name} pins {pins[name]}")
     for name in sorted(set(pins) - set(got) - NOT_RESOLVED):
         problems.append(f"{name}=={pins[name]} is pinned in {constraints.name} but nothing installs it")
+    problems += cuda_problems(got, torch_requires) + dockerfile_problems()
     return got, problems
+
+
+CUDA_BUILD = re.compile(r"(torch|nvidia-.*|cuda-.*)")
+"""The packages of torch's CUDA build: what a CPU install (CI, `make install`) takes from elsewhere."""
+
+
+def cpu_lock(torch: str, constraints: Path = CONSTRAINTS) -> str:
+    """The lock for CPU installs, derived mechanically: every pin of `constraints` except torch's CUDA build
+    (CUDA_BUILD), plus `torch` (e.g. "torch==2.13.0", the local CPU wheel) so that pip can never replace it."""
+    if not re.fullmatch(r"torch==[\w.+]+", torch):
+        raise ValueError(f"--torch must be an exact pin torch==VERSION, got {torch!r}")
+    keep = [f"{n}=={v}" for n, v in sorted(read_pins(constraints).items()) if not CUDA_BUILD.fullmatch(n)]
+    head = (f"# Derived from {constraints.name} by docker/resolve.py --cpu-lock (do not edit): the lock minus torch's "
+            "CUDA build, torch held at the local CPU wheel.")
+    return "\n".join([head, torch, *keep]) + "\n"
 
 
 def write(got: dict[str, str]) -> None:
@@ -183,7 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help="rewrite constraints.txt's pins from this resolution")
     p.add_argument("--constraints", type=Path, default=CONSTRAINTS, help="the lock to check (default: constraints.txt)")
     p.add_argument("--python", default=None, help=f"interpreter of the image's Python (default: python{IMAGE_PYTHON})")
+    p.add_argument("--cpu-lock", type=Path, default=None, metavar="OUT",
+                   help="write the CPU installs' lock (no network; see cpu_lock) to OUT and exit")
+    p.add_argument("--torch", default="torch==2.13.0", help="with --cpu-lock: the torch pin of the CPU install")
     args = p.parse_args(argv)
+    if args.cpu_lock is not None:
+        text = cpu_lock(args.torch, args.constraints)
+        args.cpu_lock.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.cpu_lock.with_name(args.cpu_lock.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.cpu_lock)
+        return 0
     reason = index_reachable()
     if reason:
         print(f"SKIP: {reason}")
@@ -197,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print(err)
         return 1
     print(f"resolved {len(got)} packages for Python {IMAGE_PYTHON} on top of "
-          f"torch=={read_pins(args.constraints)['torch']}")
+          f"torch=={read_pins(args.constraints)['torch']}; nvcc {got.get('nvidia-cuda-nvcc')}, CUDA runtime "
+          f"{got.get('nvidia-cuda-runtime')}, fla-core {got.get('fla-core')}")
     if args.write:
         write(got)
         print(f"wrote {CONSTRAINTS}")

@@ -188,15 +188,17 @@ def test_sbatch_refuses_a_loopback_head_address(tmp_path):
 # image
 def test_dockerfile_passes_hadolint_and_installs_from_the_lock():
     dockerfile = ROOT / "docker/Dockerfile"
-    res = subprocess.run([_tool("hadolint"), str(dockerfile)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
+    for tool, path in (("hadolint", dockerfile), ("shellcheck", ROOT / "docker/build_flash_attn.sh")):
+        res = subprocess.run([_tool(tool), str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
     text = dockerfile.read_text()
+    script = (ROOT / "docker/build_flash_attn.sh").read_text()
     base = re.search(r"^FROM (\S+)", text, re.M).group(1)
-    assert ":" in base and not base.endswith(":latest") and "cuda" in base
-    assert "ubuntu24.04" in base and resolve.IMAGE_PYTHON == "3.12"     # the resolution's Python is the image's
+    assert base == f"ubuntu:{resolve.UBUNTU}" and resolve.IMAGE_PYTHON == "3.12"  # the resolution's Python is the image's
+    assert resolve.dockerfile_problems() == []
     installs = re.findall(r"pip install ([^\\&\n]*)", text)
     assert installs and all("-c constraints.txt" in i for i in installs), installs
-    assert any("--no-build-isolation --no-deps flash-attn" in i for i in installs)
+    assert re.search(r'pip install -c "\$CONSTRAINTS" --no-build-isolation --no-deps flash-attn', script)
     assert "pip check" in text
     # every COPY source exists, so the build context has what the image needs
     for line in text.splitlines():
@@ -208,7 +210,8 @@ def test_dockerfile_passes_hadolint_and_installs_from_the_lock():
 
 
 def test_lock_pins_what_the_issue_names():
-    assert PINS["torch"] and PINS["flash-attn"] and PINS["ray"] == "2.60.0"
+    assert PINS["torch"] and PINS["flash-attn"] and PINS["ray"] == "2.60.0" and PINS["fla-core"].startswith("0.6.")
+    assert PINS["nvidia-cuda-nvcc"].split(".")[:2] == PINS["nvidia-cuda-runtime"].split(".")[:2]
     assert PINS["megatron-core"].startswith("0.16.") and PINS["deepspeed"] == "0.19.8" and PINS["triton"] == "3.9.0"
     with pytest.raises(ValueError, match="not an exact name==version pin"):
         bad = ROOT / "docker" / "no-such.txt"
