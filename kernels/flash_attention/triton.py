@@ -7,6 +7,10 @@ Forward: one program per (query block, batch x head) streams the key blocks with
 query block (no atomics), another per (query block, batch x head) accumulates dq.
 Causal masking is bottom-right aligned: query i sees key j when j <= i + (sk - sq); a row with no
 visible key gets o = 0 and lse = -inf. Derivations: README.md beside this file.
+
+The launchers are torch custom ops (`lctrain::flash_attention_fwd`, `lctrain::flash_attention_bwd`) with fake
+kernels and the backward registered as the forward's autograd formula, so meta and fake tensors (the rehearsal,
+the planner) and torch.compile pass through them; the real kernels run on CUDA or under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -193,7 +197,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check_dtype(q)
     if len({q.device, k.device, v.device}) != 1:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    check_runnable(q, k, v)
     check_row_stride(q, k, v)
 
 
@@ -241,24 +244,48 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: (o, lse) forward, Triton backward (a gradient of lse is honoured too)."""
+@torch.library.custom_op("lctrain::flash_attention_fwd", mutates_args=())
+def flash_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel as a torch custom op: (o, lse). Meta/fake tensors take the fake kernel below."""
+    check_runnable(q, k, v)
+    return _forward(q, k, v, causal, scale)
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        o, lse = _forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
-        ctx.scale = scale
-        return o, lse
 
-    @staticmethod
-    def backward(ctx, do, d_lse):
-        q, k, v, o, lse = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(o)
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, d_lse)
-        return dq, dk, dv, None, None
+@flash_attention_fwd_op.register_fake
+def _forward_fake(q, k, v, causal, scale):
+    batch, sq, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("lctrain::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                           lse: torch.Tensor, causal: bool, scale: float,
+                           d_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernels as a torch custom op: (dq, dk, dv) from any (o, lse) pair (and a gradient of lse)."""
+    check_runnable(do, q, k, v)
+    return _backward(do, q, k, v, o, lse, causal, scale, d_lse)
+
+
+@flash_attention_bwd_op.register_fake
+def _backward_fake(do, q, k, v, o, lse, causal, scale, d_lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _autograd_backward(ctx, do, d_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.scale, d_lse)
+    return dq, dk, dv, None, None
+
+
+# Differentiable through o and lse: the backward op honours a gradient of lse too.
+flash_attention_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -278,7 +305,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """
     _check(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    return FlashAttentionFunction.apply(q, k, v, causal, scale)
+    return flash_attention_fwd_op(q, k, v, causal, scale)
 
 
 def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -290,7 +317,7 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     _check(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     with torch.no_grad():
-        return _forward(q, k, v, causal, scale)
+        return flash_attention_fwd_op(q, k, v, causal, scale)
 
 
 def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -315,4 +342,4 @@ def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         raise ValueError(f"lse must have shape [b, h, sq] = {[q.shape[0], q.shape[2], q.shape[1]]}; "
                          f"got {tuple(lse.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    return _backward(do, q, k, v, o, lse, causal, scale)
+    return flash_attention_bwd_op(do, q, k, v, o, lse, causal, scale, None)

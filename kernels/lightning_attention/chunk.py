@@ -10,6 +10,11 @@ dq is the forward recurrence on (do, v, k) with the transposed initial state; on
 the state gradient backwards in time and gives dk, dv, d initial_state and d log_decay, the last as a sum
 over query-key pairs with non-negative position weights (no cancellation, float32-accurate at any
 length). Derivations: README.md beside this file.
+
+The launchers are torch custom ops (`lctrain::lightning_attention_fwd`, `lctrain::lightning_attention_bwd`)
+with fake kernels and the backward registered as the forward's autograd formula, so meta and fake tensors (the
+rehearsal, the planner) and torch.compile pass through them; the real kernels run on CUDA or under
+TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -410,29 +415,76 @@ def _reverse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     return dk.to(k.dtype), dv, y0, grad_decay
 
 
-class LightningAttentionFunction(torch.autograd.Function):
-    """Lightning attention with the hand-written Triton backward (dq, dk, dv, d initial_state, d log_decay)."""
+def _no_tensor(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder a custom op returns for an output that was not asked for (ops cannot return None)."""
+    return like.new_empty((0,), dtype=torch.float32)
 
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, output_final_state):
-        o, final = _forward(q, k, v, log_decay, initial_state, v.dtype, output_final_state)
-        ctx.save_for_backward(q, k, v, log_decay, initial_state)
-        return o, final
 
-    @staticmethod
-    def backward(ctx, do, d_final):
-        q, k, v, log_decay, initial_state = ctx.saved_tensors
-        do = do.contiguous() if do is not None else torch.zeros_like(v)
-        d_final = d_final.contiguous() if d_final is not None else None
-        need_q, need_k, need_v, need_decay, need_s0 = ctx.needs_input_grad[:5]
-        dq = dk = dv = d_s0 = d_log_decay = None
-        if need_q:
-            # dq_i = sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j + lambda^(i+1) do_i S0^T: the forward on (do, v, k)
-            s0_t = initial_state.transpose(-1, -2) if initial_state is not None else None  # [b, h, dv, dk]
-            dq, _ = _forward(do, v, k, log_decay, s0_t, q.dtype, False)
-        if need_k or need_v or need_decay or need_s0:
-            dk, dv, d_s0, d_log_decay = _reverse(q, k, v, do, log_decay, d_final, initial_state, need_decay)
-        return dq, dk, dv, d_log_decay, d_s0 if need_s0 else None, None
+@torch.library.custom_op("lctrain::lightning_attention_fwd", mutates_args=())
+def lightning_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                               initial_state: torch.Tensor | None,
+                               output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernels as a torch custom op: o and the final state (an empty tensor unless asked for)."""
+    check_runnable(q, k, v, log_decay)
+    o, final = _forward(q, k, v, log_decay, initial_state, v.dtype, output_final_state)
+    return o, final if final is not None else _no_tensor(q)
+
+
+@lightning_attention_fwd_op.register_fake
+def _forward_fake(q, k, v, log_decay, initial_state, output_final_state):
+    batch, _, heads, dk = q.shape
+    final = (q.new_empty((batch, heads, dk, v.shape[-1]), dtype=torch.float32) if output_final_state
+             else _no_tensor(q))
+    return v.new_empty(v.shape), final
+
+
+@torch.library.custom_op("lctrain::lightning_attention_bwd", mutates_args=())
+def lightning_attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+                               log_decay: torch.Tensor, d_final: torch.Tensor | None,
+                               initial_state: torch.Tensor | None, need_q: bool, need_kv: bool,
+                               need_decay: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+    """The backward kernels as a torch custom op: dq, dk, dv, d initial_state [b, h, dk, dv] float32 and
+    d log_decay [h] float32 (empty tensors for what was not asked for)."""
+    check_runnable(q, k, v, do, log_decay)
+    dq = dk = dv = d_s0 = d_log_decay = None
+    if need_q:
+        # dq_i = sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j + lambda^(i+1) do_i S0^T: the forward on (do, v, k)
+        s0_t = initial_state.transpose(-1, -2) if initial_state is not None else None  # [b, h, dv, dk]
+        dq, _ = _forward(do, v, k, log_decay, s0_t, q.dtype, False)
+    if need_kv or need_decay:
+        dk, dv, d_s0, d_log_decay = _reverse(q, k, v, do, log_decay, d_final, initial_state, need_decay)
+    return tuple(x if x is not None else _no_tensor(q) for x in (dq, dk, dv, d_s0, d_log_decay))
+
+
+@lightning_attention_bwd_op.register_fake
+def _backward_fake(q, k, v, do, log_decay, d_final, initial_state, need_q, need_kv, need_decay):
+    batch, _, heads, dk = q.shape
+    grads = need_kv or need_decay
+    return (q.new_empty(q.shape) if need_q else _no_tensor(q),
+            k.new_empty(k.shape) if grads else _no_tensor(q), v.new_empty(v.shape) if grads else _no_tensor(q),
+            q.new_empty((batch, heads, dk, v.shape[-1]), dtype=torch.float32) if grads else _no_tensor(q),
+            q.new_empty((heads,), dtype=torch.float32) if need_decay else _no_tensor(q))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_decay, initial_state, _ = inputs
+    ctx.save_for_backward(q, k, v, log_decay, initial_state)
+
+
+def _autograd_backward(ctx, do, d_final):
+    q, k, v, log_decay, initial_state = ctx.saved_tensors
+    need_q, need_k, need_v, need_decay, need_s0 = ctx.needs_input_grad[:5]
+    d_final = d_final.contiguous() if d_final is not None and d_final.numel() else None
+    dq, dk, dv, d_s0, d_decay = lightning_attention_bwd_op(
+        q, k, v, do.contiguous(), log_decay, d_final, initial_state, need_q, need_k or need_v or need_s0,
+        need_decay)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+            d_decay if need_decay else None, d_s0 if need_s0 else None, None)
+
+
+# Differentiable in q, k, v, log_decay and initial_state.
+lightning_attention_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
@@ -474,11 +526,11 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     tensors = [q, k, v, log_decay] + ([initial_state] if initial_state is not None else [])
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"all inputs must be on one device; got {sorted({str(t.device) for t in tensors})}")
-    check_runnable(*tensors)
     if initial_state is not None:
         initial_state = initial_state.float()
-    return LightningAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                            log_decay.float().contiguous(), initial_state, output_final_state)
+    o, final = lightning_attention_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(),
+                                          log_decay.float().contiguous(), initial_state, output_final_state)
+    return o, final if output_final_state else None
 
 
 def aot_specs(spec_type):

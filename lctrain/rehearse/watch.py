@@ -65,8 +65,9 @@ class MemoryWatcher(TorchDispatchMode):
     measure exactly what the GPU's caching allocator is asked for (before its rounding and fragmentation).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device_types: tuple[str, ...] = DEVICE_TYPES) -> None:
         super().__init__()
+        self.device_types = device_types  # the planner's real gloo run watches "cpu" too
         self.live: dict[int, list] = {}  # storage id -> [nbytes, category, line]
         self.current = dict.fromkeys(CATEGORIES, 0)
         self.peak = 0
@@ -91,7 +92,7 @@ class MemoryWatcher(TorchDispatchMode):
 
     def track(self, t: torch.Tensor, category: str | None = None, line: str | None = None) -> None:
         """Count `t`'s storage (once) from now on, in `category` (default: by where it was created)."""
-        if t.device.type not in DEVICE_TYPES:
+        if t.device.type not in self.device_types:
             return
         st = t.untyped_storage()
         key = id(st)
@@ -111,7 +112,7 @@ class MemoryWatcher(TorchDispatchMode):
 
     def adopt(self, t: torch.Tensor, category: str) -> None:
         """Count `t`'s storage as `category` (tracking it if it is not yet)."""
-        if t.device.type not in DEVICE_TYPES:
+        if t.device.type not in self.device_types:
             return
         entry = self.live.get(id(t.untyped_storage()))
         if entry is None:

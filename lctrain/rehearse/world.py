@@ -32,18 +32,21 @@ def release() -> None:
 
 
 @contextlib.contextmanager
-def fake_world(world_size: int, rank: int, parallel: MeshConfig) -> Iterator[Mesh]:
+def fake_world(world_size: int, rank: int, parallel: MeshConfig, device: str = "meta") -> Iterator[Mesh]:
     """Be rank `rank` of `world_size` on a `meta:fake` group, with lctrain's mesh for `parallel` built on it and
-    meta tensors dispatched as GPU tensors (`lctrain.ops.registry.meta_as_gpu`). Torn down on exit."""
+    meta tensors dispatched as GPU tensors (`lctrain.ops.registry.meta_as_gpu`). Torn down on exit.
+    `device="cpu"`: a `cpu:fake` group instead, for fake CPU tensors taking the CPU paths (the planner uses it to
+    compare a simulated step with a real gloo run)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
     release()
-    dist.init_process_group(BACKEND, store=FakeStore(), rank=rank, world_size=world_size)
+    backend = BACKEND if device == "meta" else f"{device}:fake"
+    dist.init_process_group(backend, store=FakeStore(), rank=rank, world_size=world_size)
     try:
         mesh = init_mesh(parallel)
-        with meta_as_gpu():
+        with meta_as_gpu() if device == "meta" else contextlib.nullcontext():
             yield mesh
     finally:
         release()
