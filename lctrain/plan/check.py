@@ -19,7 +19,7 @@ def predicted_memory(cfg: Config, world_size: int, hardware: str) -> tuple[float
     """
     from lctrain.plan.hardware import get_hardware
     from lctrain.plan.search import SimCache
-    from lctrain.plan.simulate import SimSpec, keep_fake_world, layer_variant, simulate_composed, spec_key
+    from lctrain.plan.simulate import SimSpec, layer_variant, simulate_composed, spec_key
     from lctrain.plan.timemodel import zero_state_bytes
 
     hw = get_hardware(hardware)
@@ -32,8 +32,7 @@ def predicted_memory(cfg: Config, world_size: int, hardware: str) -> tuple[float
     cache = SimCache()
     keys = [spec_key(layer_variant(spec, m, n)) for m in set(model.mixers) for n in (1, 2)]
     cached = all(k in cache for k in keys)
-    with keep_fake_world():
-        sim = simulate_composed(spec, cache)
+    sim = simulate_composed(spec, cache)
     states = zero_state_bytes(sim.params_local, cfg.train.zero_stage, cp * dp)
     if cfg.train.zero_stage == 3:
         states += 2 * 2 * sim.params_local / max(1, model.num_layers)

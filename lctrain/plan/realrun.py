@@ -3,8 +3,8 @@
     results = run_distributed(measure_rank, tp * cp, spec)      # one dict per rank
 
 Each rank builds the model exactly as the trainer does (seeded, float32 on CPU), runs one forward + backward of
-one micro-batch of random tokens inside the same `run_step` the simulation uses -- the same storage tracker, the
-same comm recorder (lctrain.parallel.comm's, plus Megatron's TP all-reduces) -- and returns what it measured.
+one micro-batch of random tokens inside the same `run_step` the simulation uses -- the same memory watcher (the
+rehearsal's, here on CPU storages), the same FLOP/byte tracker, the same comm recorder (lctrain.parallel.comm's, plus Megatron's TP all-reduces) -- and returns what it measured.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def measure_rank(spec: SimSpec, seed: int = 1234) -> dict:
     def make(shape, dt):
         return torch.randint(0, spec.model.vocab_size, shape, generator=gen, dtype=dt)
 
-    tracker, rec, after_fwd = run_step(model, spec, mesh, make)
-    return {"rank": mesh.rank, "cp_rank": mesh.cp_rank, "tp_rank": mesh.tp_rank, "peak": tracker.peak,
+    tracker, rec, after_fwd, memory = run_step(model, spec, mesh, make, device_types=("cpu",))
+    return {"rank": mesh.rank, "cp_rank": mesh.cp_rank, "tp_rank": mesh.tp_rank, "peak": memory.peak,
             "after_forward": after_fwd, "flops": dict(tracker.flops), "memory_bound_bytes": tracker.memory_bytes,
             "comm": [vars(c) for c in _collect_comm(rec, rec.megatron, spec.cp)]}
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 from lctrain.models.config import LINEAR_SP, SOFTMAX_SP, ModelConfig
 from lctrain.plan.hardware import Hardware
-from lctrain.plan.simulate import (ACTIVATION_CHECKPOINTING, CommStat, RankSim, SimSpec, keep_fake_world,
+from lctrain.plan.simulate import (ACTIVATION_CHECKPOINTING, CommStat, RankSim, SimSpec,
                                    simulate_composed, spec_key)
 from lctrain.plan.timemodel import ZERO_STAGES, Job, StepEstimate, estimate_step, zero_state_bytes
 
@@ -164,8 +164,7 @@ def simulate(spec: SimSpec, cache: SimCache | None = None) -> RankSim:
     hit = cache.memory.get(key)
     if hit is not None:
         return hit
-    with keep_fake_world():
-        sim = simulate_composed(spec, cache)
+    sim = simulate_composed(spec, cache)
     cache.memory[key] = sim
     return sim
 
@@ -269,9 +268,8 @@ def search(cfg: ModelConfig, gpus: int, gpus_per_node: int, seq: int, hw: Hardwa
     if not layouts:
         raise ValueError(f"no valid layout of {gpus} GPUs ({gpus_per_node} per node) for sequence length {seq}: "
                          "check that the sequence splits into 2*CP chunks and the model over TP")
-    with keep_fake_world():
-        _search_layouts(layouts, cfg, gpus, gpus_per_node, seq, hw, micro_batch, order, zero_stages, cache,
-                        progress, rows, job)
+    _search_layouts(layouts, cfg, gpus, gpus_per_node, seq, hw, micro_batch, order, zero_stages, cache,
+                    progress, rows, job)
     return sort_rows(rows)
 
 

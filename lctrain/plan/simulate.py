@@ -1,16 +1,20 @@
 """Simulate one rank of a real lctrain training step on the CPU, without allocating it.
 
 The rank's real code runs: lctrain's own `build_model` (Megatron-core TP layers, the config's SP methods)
-inside lctrain's `init_mesh`, over a fake process group of the job's TP x CP size (torch's `fake` backend:
-collectives return at once and move nothing), on fake tensors (`FakeTensorMode`: shapes, dtypes and
-storages, no data). One forward + backward of one micro-batch is watched by a dispatch mode that records
+inside lctrain's `init_mesh`, in the rehearsal's fake world (`lctrain.rehearse.world.fake_world`: a `meta:fake`
+process group of the job's TP x CP size whose collectives return at once, meta tensors -- shapes, dtypes and
+storage sizes, no data -- dispatched as GPU tensors, so the GPU branches run). One forward + backward of one
+micro-batch is watched by
 
-- FLOPs per op class: `matmul` (mm/addmm: the projections, TP-split), `attention` (the SDPA / flash
-  kernels, causal-aware formulas registered here) and `linear_attention` (bmm: the chunked scan and the
-  state products; under `kernels="gpu"` one opaque op per call with the Triton kernel's count); bytes read
-  and written by every other (memory-bound) op;
-- the activation memory: the bytes of every storage created during the step and still alive, at its
-  peak (parameter gradients are taken out as they are produced; they are counted by the ZeRO rule);
+- the rehearsal's `MemoryWatcher` (lctrain.rehearse.watch): every storage created and freed; its peak is the
+  activation peak (parameter gradients are dropped as they are produced: the ZeRO rule counts them). The
+  planner's memory and `lctrain rehearse`'s are one machinery;
+- `StepTracker` (here): FLOPs by (scope, class, dtype) -- `matmul` (mm/addmm: the projections, TP-split),
+  `attention` (the SDPA / flash kernels, causal-aware formulas registered here) and `linear_attention` (bmm,
+  triangular solves: the chunked scans and state products; under `kernels="gpu"` one opaque op per local
+  linear-attention call with the Triton / fla kernel's FLOP count); and memory-bound bytes of the ops that move
+  tensor data, by explicit per-op rules (`memory_op_bytes`: views, metadata and uninitialised allocations move
+  nothing; a broadcast operand is read once; a gather reads only its rows);
 - every collective: lctrain's (SP methods, through `lctrain.parallel.comm.record_comm`, on the CP group)
   and Megatron's TP all-reduces (it calls torch.distributed directly: wrapped here while the step runs).
 
@@ -34,7 +38,6 @@ import functools
 import re
 import sys
 import time
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
@@ -355,6 +358,18 @@ def _solve_triangular_flops(args) -> float:
     return float(batch * n * n * rhs.shape[-1])
 
 
+#: The CUDA SDPA kernels (what meta tensors dispatched as GPU tensors call): (q index, k index, is_causal index,
+#: FLOPs / forward FLOPs) -- backward does the four products of the forward's size / 2 each: 2x.
+_GPU_SDPA = {
+    aten._scaled_dot_product_flash_attention: (0, 1, 4, 1.0),
+    aten._scaled_dot_product_efficient_attention: (0, 1, 6, 1.0),
+    aten._scaled_dot_product_cudnn_attention: (0, 1, 6, 1.0),
+    aten._scaled_dot_product_flash_attention_backward: (1, 2, 11, 2.0),
+    aten._scaled_dot_product_efficient_attention_backward: (1, 2, 11, 2.0),
+    aten._scaled_dot_product_cudnn_attention_backward: (1, 2, 14, 2.0),
+}
+
+
 def _flop_formula(func, args, out) -> tuple[str, float] | None:
     """(class, FLOPs) of one aten/plan op, or None for memory-bound ops."""
     packet = func._overloadpacket
@@ -366,10 +381,12 @@ def _flop_formula(func, args, out) -> tuple[str, float] | None:
         return "attention", _sdpa_cpu_fwd(*args)
     if packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:
         return "attention", _sdpa_cpu_bwd(*args)
-    if packet in (aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_efficient_attention):
-        q, k = args[0], args[1]
-        return "attention", _attention_flops(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3],
-                                             bool(args[4] if len(args) > 4 else False))
+    if packet in _GPU_SDPA:
+        qi, ki, ci, factor = _GPU_SDPA[packet]
+        q, k = args[qi], args[ki]
+        causal = bool(args[ci]) if len(args) > ci else False
+        return "attention", factor * _attention_flops(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+                                                      causal)
     if packet is aten.linalg_solve_triangular:
         return "linear_attention", _solve_triangular_flops(args)
     if "gated" in _PLAN_OPS and packet in (_PLAN_OPS["gated"], _PLAN_OPS["gated_bwd"]):
@@ -503,26 +520,21 @@ def split_key(key: str) -> tuple[str, str, str]:
 
 
 class StepTracker(TorchDispatchMode):
-    """Counts FLOPs (by scope, class and dtype), memory-bound bytes (by scope and class) and live storages of
-    everything dispatched inside it.
+    """Counts FLOPs (by scope, class and dtype) and memory-bound bytes (by scope and class) of everything
+    dispatched inside it. (Memory -- live storages and their peak -- is the rehearsal's MemoryWatcher, run beside
+    it by `run_step`: one machinery for the rehearsal and the planner.)
 
-    Storages are keyed by identity and released by a weakref finalizer, so a storage is counted from the op
-    that created it until its last tensor dies -- the same on fake and on real tensors. The scope of an op is
-    the decoder layer (its mixer letter, or "MLP") whose forward or backward is running, from torch's
-    ModuleTracker when `mixers` (the model's layer letters) is given.
+    The scope of an op is the decoder layer (its mixer letter, or "MLP") whose forward or backward is running,
+    from torch's ModuleTracker when `mixers` (the model's layer letters) is given.
     """
 
     def __init__(self, mixers: str | None = None) -> None:
         super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
         self.flops: dict[str, float] = defaultdict(float)
         self.flops_detail: dict[str, float] = defaultdict(float)
         self.bytes_detail: dict[str, float] = defaultdict(float)
         self.memory_bytes = 0.0
         self.ops = 0
-        self.excluded: set[int] = set()
         self.mixers = mixers
         self.modules = None
         if mixers is not None:
@@ -553,32 +565,10 @@ class StepTracker(TorchDispatchMode):
                 best = self.mixers[int(m.group(1))]
         return best
 
-    def _release(self, key: int) -> None:
-        nbytes = self.live.pop(key, None)
-        if nbytes is not None:
-            self.current -= nbytes
-
-    def _track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        key = id(st)
-        if key in self.live:
-            return
-        nbytes = st.nbytes()
-        self.live[key] = nbytes
-        self.current += nbytes
-        if self.current > self.peak:
-            self.peak = self.current
-        weakref.finalize(st, self._release, key)
-
-    def forget(self, t: torch.Tensor) -> None:
-        """Stop counting `t`'s storage (a parameter gradient: the ZeRO rule counts those)."""
-        self._release(id(t.untyped_storage()))
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.ops += 1
-        flat_out, _ = tree_flatten(out)
         if not _is_c10d(func):
             counted = _flop_formula(func, args, out)
             if counted is not None:
@@ -590,9 +580,6 @@ class StepTracker(TorchDispatchMode):
                 if moved is not None:
                     self.memory_bytes += moved[1]
                     self.bytes_detail[detail_key(self.scope(), moved[0])] += moved[1]
-        for x in flat_out:
-            if isinstance(x, torch.Tensor):
-                self._track(x)
         return out
 
 
@@ -666,48 +653,8 @@ def _collect_comm(rec, megatron: list[tuple[str, int, int, str]], cp: int) -> li
 
 
 # -------------------------------------------------------------------------------------- the fake world
-
-
-def _fake_world(world: int, rank: int) -> None:
-    """(Re)initialise torch.distributed as a fake process group of `world` ranks, this process being `rank`."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from lctrain.parallel.mesh import destroy_mesh
-
-    if dist.is_initialized():
-        if dist.get_backend() != "fake":
-            raise RuntimeError("simulate_rank needs a process without a real torch.distributed group "
-                               f"(found backend {dist.get_backend()!r}); run the planner in its own process")
-        if dist.get_world_size() == world and dist.get_rank() == rank:
-            return
-        destroy_mesh(release=True)
-        dist.destroy_process_group()
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-
-
-_KEEP_WORLD = [0]
-
-
-@contextlib.contextmanager
-def keep_fake_world() -> Iterator[None]:
-    """Keep the fake process group (and Megatron's groups) between simulations inside the block, so that a
-    search pays for building a mesh once per layout; outside such a block every simulation tears them down."""
-    _KEEP_WORLD[0] += 1
-    try:
-        yield
-    finally:
-        _KEEP_WORLD[0] -= 1
-        if not _KEEP_WORLD[0]:
-            release_fake_world()
-
-
-def release_fake_world() -> None:
-    """Destroy the fake process group and the mesh built on it (no-op when there is none)."""
-    from lctrain.parallel.mesh import destroy_mesh
-
-    if dist.is_initialized() and dist.get_backend() == "fake":
-        destroy_mesh(release=True)
-        dist.destroy_process_group()
+# The fake world (a meta:fake process group of TP x CP ranks, lctrain's mesh, meta tensors dispatched as GPU
+# tensors) and the memory watcher are the rehearsal's (lctrain.rehearse.world / .watch): one simulation.
 
 
 def _worst_cp_rank(spec: SimSpec) -> int:
@@ -755,30 +702,34 @@ def _kernels(kind: str) -> Iterator[None]:
         gla.REGISTRY.unregister("plan_gpu")
 
 
-def run_step(model: torch.nn.Module, spec: SimSpec, mesh, make_tensor) -> tuple[StepTracker, Any, int]:
-    """One forward + backward of `model` on this rank's tokens, watched; shared by the fake and the real run.
+def run_step(model: torch.nn.Module, spec: SimSpec, mesh, make_tensor,
+             device_types: tuple[str, ...] = ("meta", "cuda")) -> tuple[StepTracker, Any, int, Any]:
+    """One forward + backward of `model` on this rank's tokens, watched; shared by the simulation (meta tensors)
+    and the real gloo run (CPU tensors: `device_types=("cpu",)`).
 
-    `make_tensor(shape, dtype)` creates the inputs (fake or real). Returns (tracker, comm recorder with
-    Megatron's events in `.megatron`, bytes alive after forward).
+    `make_tensor(shape, dtype)` creates the inputs. Returns (FLOP/byte tracker, comm recorder with Megatron's
+    events in `.megatron`, bytes alive after forward, the rehearsal's MemoryWatcher: `.peak` is the step's peak
+    of live storages, parameter gradients dropped as they are produced -- the ZeRO rule counts those).
     """
     from lctrain.parallel.sharding import shard_positions
+    from lctrain.rehearse.watch import MemoryWatcher
 
     b, s_local = spec.micro_batch, spec.seq_len // spec.cp
     input_ids = make_tensor((b, s_local), torch.int64)
     labels = make_tensor((b, s_local), torch.int64)
-    pos = shard_positions(spec.seq_len, mesh.cp_rank, spec.cp, spec.cp_layout)
+    pos = shard_positions(spec.seq_len, mesh.cp_rank, spec.cp, spec.cp_layout).to(input_ids.device)
     tracker = StepTracker(spec.model.mixers)
+    memory = MemoryWatcher(device_types)
     watch = _CommWatch(mesh.tp_group)
 
     def drop_grad(p: torch.Tensor) -> None:
-        tracker.forget(p.grad)
         p.grad = None
 
     hooks = [p.register_post_accumulate_grad_hook(drop_grad) for p in model.parameters() if p.requires_grad]
     try:
-        with _kernels(spec.kernels), watch.active() as rec, tracker:
+        with _kernels(spec.kernels), watch.active() as rec, memory, tracker:
             out = model(input_ids, pos, labels)
-            after_forward = tracker.current
+            after_forward = memory.total
             watch.phase = "bwd"
             out.loss_sum.backward()
             del out
@@ -786,7 +737,7 @@ def run_step(model: torch.nn.Module, spec: SimSpec, mesh, make_tensor) -> tuple[
         for h in hooks:
             h.remove()
     rec.megatron = watch.megatron
-    return tracker, rec, after_forward
+    return tracker, rec, after_forward, memory
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -802,21 +753,26 @@ def simulate_rank(spec: SimSpec) -> RankSim:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lctrain.models import build_model
-    from lctrain.parallel.mesh import MeshConfig, init_mesh
+    from lctrain.parallel.mesh import MeshConfig
+    from lctrain.rehearse.world import fake_world
 
     spec.validate()
     spec = replace(spec, model=replace(spec.model, activation_checkpointing=spec.activation_checkpointing))
     t0 = time.perf_counter()
     world = spec.tp * spec.cp
     cp_rank = _worst_cp_rank(spec)
-    _fake_world(world, cp_rank * spec.tp)  # Megatron's order tp-cp-dp: TP rank 0 of CP rank cp_rank
-    mesh = init_mesh(MeshConfig(tp=spec.tp, cp=spec.cp, cp_layout=spec.cp_layout))
-    assert mesh.cp_rank == cp_rank and mesh.tp_rank == 0
     dtype = _dtype(spec.dtype)
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
-        model = build_model(spec.model, mesh, spec.cp_layout)
+    # Megatron's order tp-cp-dp: TP rank 0 of CP rank cp_rank. kernels="gpu": meta tensors answering as GPU
+    # tensors; kernels="cpu": fake CPU tensors on a cpu:fake group, taking the CPU paths a gloo run takes.
+    gpu = spec.kernels == "gpu"
+    with fake_world(world, cp_rank * spec.tp, MeshConfig(tp=spec.tp, cp=spec.cp, cp_layout=spec.cp_layout),
+                    device="meta" if gpu else "cpu") as mesh, \
+            (contextlib.nullcontext() if gpu else FakeTensorMode(allow_non_fake_inputs=True)):
+        assert mesh.cp_rank == cp_rank and mesh.tp_rank == 0
+        with torch.device("meta") if gpu else contextlib.nullcontext():
+            model = build_model(spec.model, mesh, spec.cp_layout)
         if dtype != torch.float32:
-            # Module.to would swap fake parameters (refused); the trainer's bf16 cast, parameter by parameter.
+            # Module.to would swap fake parameters (refused): the trainer's cast, parameter by parameter.
             for p in model.parameters():
                 p.data = p.data.to(dtype)
         params = list(model.parameters())
@@ -825,16 +781,15 @@ def simulate_rank(spec: SimSpec) -> RankSim:
         param_bytes = sum(p.numel() * p.element_size() for p in params)
 
         def make(shape, dt):
-            return torch.zeros(shape, dtype=dt)
+            return torch.zeros(shape, dtype=dt, device="meta" if gpu else "cpu")
 
-        tracker, rec, after_fwd = run_step(model, spec, mesh, make)
-    del fake_mode
-    if not _KEEP_WORLD[0]:
-        release_fake_world()
+        tracker, rec, after_fwd, memory = run_step(model, spec, mesh, make,
+                                                   ("meta", "cuda") if gpu else ("cpu",))
+        comm = _collect_comm(rec, rec.megatron, spec.cp)
     return RankSim(spec=spec, world=world, params_local=n_local, params_tp_replicated=n_rep,
-                   param_bytes=param_bytes, activation_peak_bytes=tracker.peak,
+                   param_bytes=param_bytes, activation_peak_bytes=memory.peak,
                    activation_after_forward_bytes=after_fwd, flops=dict(tracker.flops),
-                   memory_bound_bytes=tracker.memory_bytes, comm=_collect_comm(rec, rec.megatron, spec.cp),
+                   memory_bound_bytes=tracker.memory_bytes, comm=comm,
                    sim_seconds=time.perf_counter() - t0, ops=tracker.ops,
                    flops_detail=dict(tracker.flops_detail), bytes_detail=dict(tracker.bytes_detail))
 
@@ -931,6 +886,6 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, doc_len: int | None = 
     return flops_per_token(cfg, seq_len, doc_len)
 
 
-__all__ = ["ACTIVATION_CHECKPOINTING", "CommStat", "RankSim", "SimSpec", "StepTracker",
+__all__ = ["ACTIVATION_CHECKPOINTING", "CommStat", "RankSim", "SimSpec", "StepTracker", "memory_op_bytes",
            "layer_variant", "lightning_flops_fwd", "model_flops_per_token", "run_step", "simulate_composed",
            "simulate_rank"]

@@ -19,3 +19,18 @@ def test_memory_check_passes_a_small_job_and_names_unknown_hardware(monkeypatch,
     assert not any("memory" in p for p in preflight(cfg, Target.of(2, 2, hardware="a100-80g")))
     monkeypatch.setenv("LCTRAIN_HARDWARE", "tpu-v9")
     assert any("unknown hardware 'tpu-v9'" in p for p in preflight(cfg, Target.of(2, 2)))
+
+
+def test_memory_check_simulates_the_activations_when_no_plan_is_cached(monkeypatch, tmp_path):
+    """Linear-Llama3-1B at 32K tokens per GPU without checkpointing: the block inputs (the old lower bound,
+    ~2 GB) fit an A100, the simulated step does not; the check now simulates it (no cached plan) and says so."""
+    monkeypatch.setenv("LCTRAIN_PLAN_CACHE", str(tmp_path))
+    cfg = load_config("configs/linear-llama3-1b.yaml", ["parallel.cp=8", "data.seq_len=262144",
+                                                         "train.global_batch_size=1"])
+    problems = [p for p in preflight(cfg, Target.of(8, 8, hardware="a100-80g")) if "predicted memory" in p]
+    assert len(problems) == 1 and "simulated now" in problems[0], problems
+    need = float(problems[0].split("predicted memory per GPU ")[1].split(" GB")[0])
+    assert need > 80
+    # With full checkpointing the same job fits.
+    cfg.model.activation_checkpointing = "full"
+    assert not any("predicted memory" in p for p in preflight(cfg, Target.of(8, 8, hardware="a100-80g")))
