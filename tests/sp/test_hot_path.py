@@ -316,7 +316,7 @@ def test_syncing_op_detector_names_each_denied_op_and_its_line():
     planted = {
         "isin": lambda: torch.isin(torch.arange(4), reps), "unique": lambda: torch.unique(reps),
         "nonzero": lambda: mask.nonzero(), "item": lambda: x.sum().item(), "bool": lambda: bool(mask.any()),
-        "mask index": lambda: x[mask], "mask assign": lambda: x.detach().clone().__setitem__(mask, 0.0),
+        "mask index": lambda: x[mask], "mask assign": lambda: x.detach().clone().__setitem__(mask, torch.ones(2, 3)),
         "repeat_interleave": lambda: torch.repeat_interleave(reps), "bincount": lambda: torch.bincount(reps),
         "masked_select": lambda: x.masked_select(mask[:, None]),
     }
@@ -330,4 +330,113 @@ def test_syncing_op_detector_names_each_denied_op_and_its_line():
         x.repeat_interleave(2, dim=1)
         torch.where(mask[:, None], x, 0.0).sum().backward()
         x[:, torch.tensor([0, 2])].cumsum(1)
+        x.detach().clone()[mask] = 0.0  # index_put's masked_fill path (a host scalar): no nonzero
     assert ops.calls == [], ops.calls
+
+
+GATED = {"lasp2": ("none", "head", "scalar", "vector"), "lasp1": ("none", "head", "scalar", "vector"),
+         "lasp2_delta": ("none", "head", "scalar"), "lasp1_delta": ("none", "head", "scalar")}
+
+
+def _packed_call(method, layout, gate, packing, world, gen):
+    """Inputs and a call of `method` on this rank's shard: `packing` is "none", "tensor" (cu_seqlens=) or
+    "documents" (the batch's PackedDocuments, as the model passes it)."""
+    from lctrain.sp import lasp2_delta_attention
+    from lctrain.sp.documents import PackedDocuments
+    from lctrain.sp.lasp1_delta import lasp1_delta_attention
+    from tests.ops.gated_cases import make_gate
+
+    b, s, h, d = 2, 8 * world, 2, 4
+    full = [torch.randn(b, s, h, d, generator=gen) for _ in range(4)]
+    q, k, v, do = (shard_sequence(x, layout=layout) for x in full)
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    g = make_gate(gate, gen, b, s, h, d, dtype=torch.float32, low=0.01, high=0.5) if method in GATED else None
+    g = g if g is None or g.dim() == 1 else shard_sequence(g, layout=layout)
+    g = g.requires_grad_(True) if g is not None else None
+    beta = shard_sequence(torch.rand(b, s, h, generator=gen), layout=layout) if method.endswith("delta") else None
+    cu = torch.tensor([0, 3, 4, s - 5, s, s + 9, 2 * s])  # documents across ranks, the zigzag fold and rows
+    kw = {}
+    if packing == "tensor":
+        kw["cu_seqlens"] = cu
+    elif packing == "documents":
+        kw["cu_seqlens"] = PackedDocuments.from_host(cu, b, s, dist.get_rank(), world, layout, q.device)
+
+    def run():
+        if method in ("ring", "allgather", "ulysses"):
+            fn = {"ring": ring_attention, "allgather": allgather_attention, "ulysses": ulysses_attention}[method]
+            return fn(q, k, v, layout=layout, **kw)
+        if method == "lasp2":
+            return lasp2_linear_attention(q, k, v, g, layout=layout, **kw)
+        if method == "lasp1":
+            return lasp1_linear_attention(q, k, v, g, **kw)
+        if method == "lasp2_delta":
+            return lasp2_delta_attention(q, k, v, beta, g, layout=layout, **kw)
+        return lasp1_delta_attention(q, k, v, beta, g, **kw)
+    return run, do
+
+
+def _syncing_ops_per_step(seed):
+    from lctrain.testing.hot_path import count_syncing_ops
+
+    world = dist.get_world_size()
+    init_mesh(MeshConfig(cp=world))
+    out = {}
+    for method in SOFTMAX + tuple(GATED):
+        for gate in GATED.get(method, ("none",)):
+            for layout in (("contiguous",) if method.startswith("lasp1") else ("zigzag", "contiguous")):
+                outputs = {}
+                for packing in ("none", "tensor", "documents"):
+                    run, do = _packed_call(method, layout, gate, packing, world, torch.Generator().manual_seed(seed))
+                    run().backward(do)  # warm-up: the signature's one agreement exchange
+                    with count_syncing_ops() as ops, count_host_syncs() as syncs:
+                        o = run()
+                        o.backward(do)
+                    outputs[packing] = o.detach()
+                    out[(method, gate, layout, packing)] = ops.calls + syncs.calls
+                # The tables built once per batch give the very numbers the SP method derives from the tensor.
+                assert torch.equal(outputs["tensor"], outputs["documents"]), (method, gate, layout)
+    return out
+
+
+def test_steady_state_step_has_no_syncing_ops_for_every_method_gate_and_packing():
+    """Every SP method x gate kind x (no packing, cu_seqlens tensor, PackedDocuments), fwd + bwd after a warm-up:
+    no aten op whose CUDA kernel syncs (isin, nonzero, boolean-mask indexing, ...) and no host read."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    for out in run_distributed(_syncing_ops_per_step, 2, seed):
+        assert len(out) == 3 * (3 * 2 + 4 * 2 + 4 + 3 * 2 + 3), len(out)
+        bad = {case: calls for case, calls in out.items() if calls}
+        assert not bad, bad
+
+
+def _packed_model_step():
+    from lctrain.models import ModelConfig, build_model
+    from lctrain.sp.documents import PackedDocuments
+    from lctrain.testing.hot_path import count_syncing_ops
+
+    mesh = init_mesh(MeshConfig(tp=1, cp=2))
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=2, num_kv_heads=2, ffn_hidden_size=64,
+                      layer_pattern="LDGA")
+    torch.manual_seed(0)
+    model = build_model(cfg, mesh, "zigzag")
+    pos = shard_sequence(torch.arange(32), dim=0, layout="zigzag")
+    ids = torch.randint(0, 64, (2, 16))
+    cu = torch.tensor([0, 5, 6, 20, 32, 45, 64])  # documents across ranks, the zigzag fold and the two rows
+    out = {}
+    for name in ("tensor", "documents"):
+        def step():
+            # The data path builds the tables before the step (from_host: host reads of host boundaries).
+            docs = cu if name == "tensor" else PackedDocuments.from_host(cu, 2, 32, mesh.cp_rank, 2, "zigzag", "cpu")
+            with count_syncing_ops() as ops:
+                model(ids, pos, ids, cu_seqlens=docs).loss_sum.backward()
+            return ops
+        step()  # warm-up
+        ops = step()
+        out[name] = ops.calls
+    return out
+
+
+def test_packed_model_step_has_no_syncing_ops():
+    """A CP=2 step of a model with linear, gated delta, GLA and softmax layers on a packed batch, the boundaries
+    given as a host tensor or as the prebuilt PackedDocuments: no syncing op anywhere in forward or backward."""
+    for out in run_distributed(_packed_model_step, 2):
+        assert out == {"tensor": [], "documents": []}, out
