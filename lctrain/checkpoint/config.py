@@ -17,6 +17,9 @@ class CheckpointConfig:
     async_save: bool = False
     """Write checkpoints in the background (dcp.async_save) while training goes on; the next save (and the
     end of the run) waits for the previous one. Costs a CPU copy of this rank's shard while it is written."""
+    init_from: str = ""
+    """A fresh run's initial weights: an `lctrain export --format safetensors` directory (`lctrain train
+    --init-from DIR`); ignored when the run resumes from a checkpoint."""
 
     def validate(self) -> None:
         """Raise ValueError for a setting that can't work."""

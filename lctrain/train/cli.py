@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint in run.out_dir, default) | none | a checkpoint path")
     p.add_argument("--resume-from", default=None, metavar="PATH", help="resume from this checkpoint (= --resume PATH)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start a fresh run from the weights of an `lctrain export` directory (checkpoint.init_from)")
     p.add_argument("--dry-run", action="store_true",
                    help="run the pre-reservation check (lctrain.preflight) at the target world size, then exit")
     p.add_argument("--world-size", type=int, default=None,
@@ -72,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     resume = args.resume_from or args.resume
+    if args.init_from:
+        args.overrides.append(f"checkpoint.init_from={args.init_from}")
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if args.nproc is not None and args.nproc < 1:
         print("lctrain train: --nproc must be >= 1", file=sys.stderr)

@@ -400,6 +400,11 @@ def run(cfg: Config, resume: str = "auto") -> TrainResult:
             load_state(resume_path, sharded_state(engine, mesh, step, for_load=True))
             finish_load(engine)
             _restore_rng(resume_path, meta, mesh.rank, world)
+    elif cfg.checkpoint.init_from:
+        from lctrain.checkpoint.export import load_export_into
+
+        with heartbeat.phase("load"):
+            load_export_into(engine, mesh, cfg.checkpoint.init_from)
 
     tc, seq, layout = cfg.train, cfg.data.seq_len, cfg.parallel.cp_layout
     end = tc.steps if tc.exit_after == 0 else min(tc.steps, step + tc.exit_after)
