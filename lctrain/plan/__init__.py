@@ -1,6 +1,8 @@
-"""`lctrain plan`: the real training step simulated on fake tensors and a fake process group, timed per device.
+"""`lctrain plan`: the real training step simulated in the rehearsal's fake world (meta tensors, a meta:fake
+process group, lctrain.rehearse), timed per device.
 
-    simulate.py   one rank of the job (FLOPs, bytes, collectives, activation peak)
+    simulate.py   one rank of the job (FLOPs by class and dtype, memory-bound bytes, collectives, activation
+                  peak from the rehearsal's MemoryWatcher)
     hardware.py   one table of published constants per device
     timemodel.py  step time, tokens/s, MFU and memory per GPU from a simulated rank
     search.py     every valid layout, pruned, cached; the recommendation
