@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
 BUILD_REQUIREMENTS = ROOT / "docker/requirements-build.txt"
 IMAGE_PYTHON = "3.12"
+FLOOR_PYTHON = "3.11"
+"""The project's requires-python floor (CI's Python): `--write` resolves there first, so every pin installs on it."""
 UBUNTU = "24.04"
 """The image's Python is Ubuntu 24.04's python3; the Dockerfile's FROM line must stay on it."""
 NOT_RESOLVED = {"flash-attn"}
@@ -148,11 +150,11 @@ def _dry_run(python: str, args: list[str], report: Path) -> dict:
     return json.loads(report.read_text())
 
 
-def _interpreter() -> str:
-    """A working python of the image's version (PATH, then pyenv's versions), else this interpreter."""
-    want = tuple(int(x) for x in IMAGE_PYTHON.split("."))
-    candidates = [shutil.which(f"python{IMAGE_PYTHON}"), f"/usr/bin/python{IMAGE_PYTHON}"]
-    candidates += sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{IMAGE_PYTHON}.*/bin/python{IMAGE_PYTHON}"))
+def _interpreter(version: str = IMAGE_PYTHON) -> str:
+    """A working python of `version` (PATH, then pyenv's versions), else this interpreter."""
+    want = tuple(int(x) for x in version.split("."))
+    candidates = [shutil.which(f"python{version}"), f"/usr/bin/python{version}"]
+    candidates += sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))
     for cand in filter(None, candidates):
         try:
             out = subprocess.run([cand, "-c", "import sys, venv; print(*sys.version_info[:2])"], capture_output=True,
@@ -161,7 +163,7 @@ def _interpreter() -> str:
             continue
         if out.returncode == 0 and tuple(map(int, out.stdout.split())) == want:
             return cand
-    print(f"note: no working python{IMAGE_PYTHON} here; resolving for "
+    print(f"note: no working python{version} here; resolving for "
           f"{sys.version_info.major}.{sys.version_info.minor} instead", file=sys.stderr)
     return sys.executable
 
@@ -179,9 +181,14 @@ def _fake_installed_torch(venv_python: str, metadata: dict) -> None:
     (info / "RECORD").write_text("")
 
 
-def resolve(python: str | None = None, constraints: Path = CONSTRAINTS) -> tuple[dict[str, str], list[str]]:
-    """Replay the image's layers; returns ({package: version} that pip would install, problems found)."""
+def resolve(python: str | None = None, constraints: Path = CONSTRAINTS,
+            keep_going: bool = False) -> tuple[dict[str, str], list[str]]:
+    """Replay the image's layers; returns ({package: version} that pip would install, problems found).
+    keep_going: resolve without the pins that this interpreter cannot install (only the torch pin is kept)."""
     pins = read_pins(constraints)
+    if keep_going:
+        constraints = Path(tempfile.mkdtemp(prefix="lctrain-floor-")) / "torch-only.txt"
+        constraints.write_text(f"torch=={pins['torch']}\n")
     if "torch" not in pins:
         return {}, ["constraints.txt does not pin torch (the base layer)"]
     problems = []
@@ -275,8 +282,16 @@ def main(argv: list[str] | None = None) -> int:
           f"torch=={read_pins(args.constraints)['torch']}; nvcc {got.get('nvidia-cuda-nvcc')}, CUDA runtime "
           f"{got.get('nvidia-cuda-runtime')}, fla-core {got.get('fla-core')}")
     if args.write:
-        write(got)
-        print(f"wrote {CONSTRAINTS}")
+        # Pins must install on the floor Python too (CPU installs, CI): resolve there and write those picks; the
+        # image's resolution above then runs against them (a pin newer than the floor allows, e.g. one needing
+        # Python 3.12, would otherwise land in the lock).
+        try:
+            floor, _ = resolve(_interpreter(FLOOR_PYTHON), args.constraints, keep_going=True)
+        except (ConnectionError, RuntimeError) as err:
+            print(err)
+            return 1
+        write({**got, **floor})
+        print(f"wrote {CONSTRAINTS} (floor Python {FLOOR_PYTHON}'s picks where they differ); run the check again")
         return 0
     for line in problems:
         print(f"problem: {line}")
