@@ -7,20 +7,38 @@ packed sequence's queries and keys -- a CP rank's shard, a ring block, a rank-ma
 
     mask[b, i, j] = doc_q[b, i] == doc_k[b, j]  and  (not causal or pos_k[j] <= pos_q[i])
 
-Two paths compute the masked attention, with the same results: on CPU PyTorch's fused flash kernel
-(`aten._scaled_dot_product_flash_attention_for_cpu`, which takes an additive mask in forward and backward and
-reads GQA natively; masked entries get a large finite negative bias, so a row with no visible key stays finite
-and is then set to o = 0, lse = -inf), elsewhere the plain PyTorch definition (exact in float64; it
-materialises the `[b, h, sq, sk]` scores). `REFERENCE_ONLY = True` forces the definition (tests compare the
-two). Like the other backends both return the log-sum-exp, so blocks merge by `merge_attention`, and the
-backward accepts an externally merged (o, lse). Document ids come from `torch.searchsorted` on the device: no
-host sync. (GPU fast path -- flash-attn's varlen kernels per block -- not written yet.)
+A block's mask travels as a :class:`DocumentMask` (positions and ids, O(sq + sk)), or as a dense bool
+`[b, sq, sk]` (window masks). Three paths compute the masked attention, with the same results:
+
+- GPU (`lctrain.ops.registry.is_gpu_tensor`, so meta tensors under the rehearsal's `meta_as_gpu` too), given a
+  DocumentMask: FlexAttention (`torch.nn.attention.flex_attention`, compiled) with a BlockMask built from the
+  blocks' document-id and position ranges (`document_block_mask`): blocks of 128 x 128 that no pair can see are
+  skipped, blocks inside one document (and below the causal diagonal) run unmasked, only boundary blocks call
+  the mask function. No `[sq, sk]` tensor exists: scores stay in the kernel, the block tables are
+  `[b, sq/128, sk/128]`. The forward and backward are custom ops (`lctrain::document_attention_fwd/_bwd`) whose
+  fake implementations only give shapes, so meta tensors pass through them. The backward differentiates a
+  recomputed block forward through autograd with the merge weights of an externally merged (o, lse):
+  w = exp(lse_block - lse), dL/do_block = w do, dL/dlse_block = w (rowsum(do o_block) - rowsum(do o)).
+  flash-attn's varlen functions are not used: a CP block's queries and keys are arbitrary position sets
+  (zigzag halves, rank-major gathers), not the contiguous documents its cu_seqlens describe.
+- CPU: PyTorch's fused flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`, which takes an additive
+  mask in forward and backward and reads GQA natively; masked entries get a large finite negative bias, so a row
+  with no visible key stays finite and is then set to o = 0, lse = -inf). FlexAttention has no CPU backward.
+- Elsewhere the plain PyTorch definition (exact in float64; it materialises the `[b, h, sq, sk]` scores; the CPU
+  reference). `REFERENCE_ONLY = True` forces it (tests compare the paths).
+
+All return the log-sum-exp, so blocks merge by `merge_attention`, and the backward accepts an externally merged
+(o, lse). Document ids come from `torch.searchsorted` on the device: no host sync.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 
 from lctrain.ops.attention_ref import _scores, backward_from_scores, forward_from_scores
+from lctrain.ops.registry import is_gpu_tensor
 
 
 def document_ids(cu_seqlens: torch.Tensor, batch: int, seq_len: int,
@@ -45,13 +63,175 @@ def document_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor,
     """Bool `[b, sq, sk]`: query i may see key j (same document; causal: not a later position).
 
     Args:
-        q_pos, k_pos: positions in the sequence, `[sq]`, `[sk]`.
+        q_pos, k_pos: positions in the sequence, `[sq]`, `[sk]` (or per row, `[b, sq]`, `[b, sk]`).
         q_doc, k_doc: document ids, `[b, sq]`, `[b, sk]`.
     """
     mask = q_doc[:, :, None] == k_doc[:, None, :]
     if causal:
-        mask = mask & (k_pos[None, None, :] <= q_pos[None, :, None])
+        mask = mask & (_rows(k_pos)[:, None, :] <= _rows(q_pos)[:, :, None])
     return mask
+
+
+def _rows(pos: torch.Tensor) -> torch.Tensor:
+    return pos if pos.dim() == 2 else pos[None]
+
+
+@dataclass(eq=False)
+class DocumentMask:
+    """The document mask of one block, kept as the tokens' positions and document ids (O(sq + sk) memory)."""
+
+    q_pos: torch.Tensor
+    """int `[sq]` or `[b, sq]`: the queries' positions in the sequence."""
+    k_pos: torch.Tensor
+    """int `[sk]` or `[b, sk]`: the keys' positions."""
+    q_doc: torch.Tensor
+    """int64 `[b, sq]`: the queries' document ids."""
+    k_doc: torch.Tensor
+    """int64 `[b, sk]`: the keys' document ids."""
+    causal: bool
+    """Whether a query sees only keys at positions <= its own."""
+
+    def dense(self) -> torch.Tensor:
+        """Bool `[b, sq, sk]` (:func:`document_mask`): for the CPU and reference paths only."""
+        return document_mask(self.q_pos, self.k_pos, self.q_doc, self.k_doc, self.causal)
+
+    @staticmethod
+    def cat(masks: list["DocumentMask"]) -> "DocumentMask":
+        """Blocks stacked along the batch (as `torch.cat(..., dim=0)` of their dense masks)."""
+        def rows(pos, doc):
+            return _rows(pos).expand(doc.shape[0], -1)
+        return DocumentMask(torch.cat([rows(m.q_pos, m.q_doc) for m in masks]),
+                            torch.cat([rows(m.k_pos, m.k_doc) for m in masks]),
+                            torch.cat([m.q_doc for m in masks]), torch.cat([m.k_doc for m in masks]),
+                            masks[0].causal)
+
+
+#: FlexAttention's block size (queries and keys) for document block masks.
+FLEX_BLOCK = 128
+
+
+def _blocks(x: torch.Tensor, fill: int, n: int) -> torch.Tensor:
+    """`[b, s]` padded with `fill` to `n * FLEX_BLOCK` tokens, as `[b, n, FLEX_BLOCK]`."""
+    pad = n * FLEX_BLOCK - x.shape[1]
+    return torch.nn.functional.pad(x, (0, pad), value=fill).view(x.shape[0], n, FLEX_BLOCK)
+
+
+def _ordered(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count `[b, 1, nq]` int32, block indices `[b, 1, nq, nk]` int32, the visible ones first) of a bool table."""
+    order = torch.argsort((~visible).to(torch.int8), dim=-1, stable=True)
+    return visible.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+
+def document_block_mask(mask: DocumentMask, sq: int, sk: int):
+    """FlexAttention BlockMask of a DocumentMask, from per-block ranges of document ids and positions.
+
+    A (query block, key block) pair is skipped unless their document-id ranges overlap (and, causal, some key
+    position is <= some query position); it runs without calling the mask function when both blocks lie in one
+    and the same document (and, causal, every key position is <= every query position). Ids within a block form
+    a contiguous range (documents are contiguous in the sequence), so overlapping ranges share a document.
+    Tables are `[b, ceil(sq/128), ceil(sk/128)]`; device ops only (no host sync).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b = mask.q_doc.shape[0]
+    nq, nk = -(-sq // FLEX_BLOCK), -(-sk // FLEX_BLOCK)
+    big = torch.iinfo(torch.int64).max // 4
+    qd, kd = mask.q_doc.to(torch.int64), mask.k_doc.to(torch.int64)
+    qp, kp = (_rows(p).to(torch.int64).expand(b, -1) for p in (mask.q_pos, mask.k_pos))
+    # Padding tokens: ids -1 (queries) and -2 (keys), never equal; padded positions never visible.
+    qd_pad, kd_pad = _blocks(qd, -1, nq), _blocks(kd, -2, nk)
+    q_lo, q_hi = _blocks(qd, big, nq).amin(-1), _blocks(qd, -big, nq).amax(-1)  # [b, nq], real tokens only
+    k_lo, k_hi = _blocks(kd, big, nk).amin(-1), _blocks(kd, -big, nk).amax(-1)
+    any_pair = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+    one_doc = ((q_lo == q_hi) & (qd_pad.amin(-1) >= 0))[:, :, None] & ((k_lo == k_hi) & (kd_pad.amin(-1) >= 0))[:, None, :]
+    full = one_doc & (q_lo[:, :, None] == k_lo[:, None, :])
+    if mask.causal:
+        qp_hi, qp_lo = _blocks(qp, -big, nq).amax(-1), _blocks(qp, big, nq).amin(-1)
+        kp_lo, kp_hi = _blocks(kp, big, nk).amin(-1), _blocks(kp, -big, nk).amax(-1)
+        any_pair = any_pair & (kp_lo[:, None, :] <= qp_hi[:, :, None])
+        full = full & (kp_hi[:, None, :] <= qp_lo[:, :, None])
+    partial = any_pair & ~full
+    qd_flat, kd_flat = qd_pad.flatten(1), kd_pad.flatten(1)  # [b, nq*128], [b, nk*128]
+    qp_flat, kp_flat = _blocks(qp, 0, nq).flatten(1), _blocks(kp, 0, nk).flatten(1)
+    causal = mask.causal
+
+    def mask_mod(bi, hi, qi, ki):
+        ok = qd_flat[bi, qi] == kd_flat[bi, ki]
+        return ok & (kp_flat[bi, ki] <= qp_flat[bi, qi]) if causal else ok
+
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(sq, sk))
+
+
+@functools.lru_cache(maxsize=1)
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Eager FlexAttention materialises the scores; compiled, it runs the fused kernel over the block mask.
+    return torch.compile(flex_attention, dynamic=True) if torch.cuda.is_available() else flex_attention
+
+
+def _flex_attention(q, k, v, mask: DocumentMask, scale: float):
+    """(o `[b, sq, h, d]`, lse `[b, h, sq]`) of FlexAttention over `mask`'s block mask, differentiable."""
+    block_mask = document_block_mask(mask, q.shape[1], k.shape[1])
+    o, lse = _flex()(_t(q), _t(k), _t(v), block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+                     return_lse=True)
+    return _t(o), lse
+
+
+def backward_by_recompute(forward, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of one block given the merged (o, lse), by autograd through a recomputed block forward.
+
+    `forward(q, k, v) -> (o_b, lse_b)` must be differentiable in o_b and lse_b. With the merge
+    o = sum_b w_b o_b, w_b = exp(lse_b - lse): dL/do_b = w_b do and dL/dlse_b = w_b (rowsum(do o_b) - rowsum(do o)).
+    """
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        o_b, lse_b = forward(*leaves)
+        cdt = lse_b.dtype
+        w = torch.where(torch.isfinite(lse_b), torch.exp(lse_b - lse.to(cdt)), torch.zeros((), dtype=cdt))  # [b,h,sq]
+        w_rows = _t(w)[..., None]  # [b, sq, h, 1]
+        dot = lambda x: _t((do.to(cdt) * x.detach().to(cdt)).sum(-1))  # noqa: E731 - [b, h, sq]
+        d_lse = w * (dot(o_b) - dot(o))
+        grads = torch.autograd.grad((o_b, lse_b), leaves, ((do.to(cdt) * w_rows).to(o_b.dtype), d_lse))
+    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+
+def _mask_from(q_pos, k_pos, q_doc, k_doc, causal) -> DocumentMask:
+    return DocumentMask(q_pos, k_pos, q_doc, k_doc, causal)
+
+
+@torch.library.custom_op("lctrain::document_attention_fwd", mutates_args=())
+def _document_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                            k_pos: torch.Tensor, q_doc: torch.Tensor, k_doc: torch.Tensor, causal: bool,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _flex_attention(q, k, v, _mask_from(q_pos, k_pos, q_doc, k_doc, causal), scale)
+    return o.contiguous(), lse.contiguous()
+
+
+@_document_attention_fwd.register_fake
+def _(q, k, v, q_pos, k_pos, q_doc, k_doc, causal, scale):
+    b, sq, h, _ = q.shape
+    return q.new_empty(b, sq, h, v.shape[-1]), q.new_empty(b, h, sq, dtype=torch.promote_types(q.dtype, torch.float32))
+
+
+@torch.library.custom_op("lctrain::document_attention_bwd", mutates_args=())
+def _document_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                            lse: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor,
+                            k_doc: torch.Tensor, causal: bool,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask = _mask_from(q_pos, k_pos, q_doc, k_doc, causal)
+    return backward_by_recompute(lambda q, k, v: _flex_attention(q, k, v, mask, scale), do, q, k, v, o, lse)
+
+
+@_document_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _spec(m: DocumentMask) -> tuple:
+    return (m.q_pos, m.k_pos, m.q_doc, m.k_doc, m.causal)
 
 
 #: Force the plain PyTorch definition everywhere (tests flip it to compare the fused CPU path against it).
@@ -85,9 +265,13 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Args:
         q: `[b, sq, h, d]`; k, v: `[b, sk, h_kv, d]`, `h % h_kv == 0`.
-        mask: bool `[b, sq, sk]` from :func:`document_mask`.
+        mask: a :class:`DocumentMask` (the GPU path never forms `[sq, sk]`), or a bool `[b, sq, sk]`.
         softmax_scale: multiplies q k^T.
     """
+    if isinstance(mask, DocumentMask):
+        if is_gpu_tensor(q) and not REFERENCE_ONLY:
+            return _document_attention_fwd(q, k, v, *_spec(mask), softmax_scale)
+        mask = mask.dense()
     if _fused(q):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _t(q), _t(k), _t(v), 0.0, False, attn_mask=_bias(mask, q.dtype), scale=softmax_scale)
@@ -104,6 +288,10 @@ def varlen_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
     With D = rowsum(do * o), p = exp(s - lse): ds = p * (do v^T - D), dq = scale ds k, dk = scale ds^T q, dv = p^T do.
     """
+    if isinstance(mask, DocumentMask):
+        if is_gpu_tensor(q) and not REFERENCE_ONLY:
+            return _document_attention_bwd(do, q, k, v, o, lse, *_spec(mask), softmax_scale)
+        mask = mask.dense()
     if _fused(q):
         # Rows with lse = -inf see no key: any finite lse gives them p = 0 under the bias.
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=lse.dtype))
@@ -118,7 +306,7 @@ def varlen_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, q_doc, k_doc, causal, scale):
-        o, lse = varlen_attention_forward(q, k, v, document_mask(q_pos, k_pos, q_doc, k_doc, causal), scale)
+        o, lse = varlen_attention_forward(q, k, v, DocumentMask(q_pos, k_pos, q_doc, k_doc, causal), scale)
         # The mask is rebuilt in backward from positions and ids (O(sq + sk)) rather than kept (O(sq * sk)).
         ctx.save_for_backward(q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc)
         ctx.causal, ctx.scale = causal, scale
@@ -127,7 +315,7 @@ class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc = ctx.saved_tensors
-        mask = document_mask(q_pos, k_pos, q_doc, k_doc, ctx.causal)
+        mask = DocumentMask(q_pos, k_pos, q_doc, k_doc, ctx.causal)
         return (*varlen_attention_backward(do, q, k, v, o, lse, mask, ctx.scale),) + (None,) * 6
 
 
@@ -139,5 +327,5 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     return _VarlenAttention.apply(q, k, v, q_pos, k_pos, q_doc, k_doc, causal, scale)
 
 
-__all__ = ["document_ids", "document_mask", "varlen_attention", "varlen_attention_backward",
-           "varlen_attention_forward"]
+__all__ = ["DocumentMask", "backward_by_recompute", "document_block_mask", "document_ids", "document_mask",
+           "varlen_attention", "varlen_attention_backward", "varlen_attention_forward"]

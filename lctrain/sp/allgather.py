@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lctrain.ops.attention import attention_backward, attention_forward
-from lctrain.ops.attention_varlen import (document_mask, varlen_attention_backward,
+from lctrain.ops.attention_varlen import (DocumentMask, varlen_attention_backward,
                                           varlen_attention_forward)
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
@@ -99,15 +99,15 @@ class _Docs:
         self.k_pos = (torch.arange(s * size, device=device) if zigzag
                       else rank_major_positions(size, s, docs.layout, device))
 
-    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> DocumentMask:
         ids = (self.docs.ids_at(pos) for pos in (q_pos, k_pos))  # searchsorted: no sync
-        return document_mask(q_pos, k_pos, *ids, self.causal)
+        return DocumentMask(q_pos, k_pos, *ids, self.causal)  # positions and ids: no [sq, sk] tensor
 
-    def diagonal(self, n: int) -> torch.Tensor:
+    def diagonal(self, n: int) -> DocumentMask:
         """`[n*b, c, c]`: each local chunk against itself, stacked like `_diag`."""
-        return torch.cat([self._mask(p, p) for p in self.q_pos.chunk(n)], dim=0)
+        return DocumentMask.cat([self._mask(p, p) for p in self.q_pos.chunk(n)])
 
-    def remote(self, rows: slice, start: int, end: int) -> torch.Tensor:
+    def remote(self, rows: slice, start: int, end: int) -> DocumentMask:
         """`[b, rows, end-start]`: local query rows against gathered keys [start, end)."""
         return self._mask(self.q_pos[rows], self.k_pos[start:end])
 

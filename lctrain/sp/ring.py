@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from lctrain.ops.attention import attention_backward, attention_forward
-from lctrain.ops.attention_varlen import (document_mask, varlen_attention_backward,
+from lctrain.ops.attention_varlen import (DocumentMask, varlen_attention_backward,
                                           varlen_attention_forward)
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
@@ -64,7 +64,7 @@ def _doc_block(docs: PackedDocuments, src: int, causal: bool) -> tuple[slice, sl
     qs, ks, _ = plan
     q_pos = docs.token_positions[qs]
     k_pos = rank_positions(src, docs.world, docs.s_local, docs.layout, q_pos.device)[ks]
-    return qs, ks, document_mask(q_pos, k_pos, docs.doc_ids[:, qs], docs.ids_at(k_pos), causal)
+    return qs, ks, DocumentMask(q_pos, k_pos, docs.doc_ids[:, qs], docs.ids_at(k_pos), causal)
 
 
 def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, causal: bool,
