@@ -205,14 +205,20 @@ def _rng_names(rank: int) -> dict[str, torch.Tensor]:
 
 
 def _restore_rng(path: Path, meta: dict, rank: int, world: int) -> None:
-    """Every rank's RNG as saved, when the checkpoint has the same world size (otherwise left as seeded)."""
-    if meta["layout"]["world"] != world:
-        return
-    names = [n for n in _rng_names(rank) if n in stored_tensors(path)]
-    if not names:
-        return
-    got = load_tensors(path, names)
-    torch.set_rng_state(got[f"rng/rank{rank}/cpu"])
+    """Every rank's RNG streams, deterministically whatever the world size (collective: every rank calls it).
+
+    Rank r continues the stream saved by rank r when the checkpoint has one (the same world, or a shrink: the
+    surviving ranks keep theirs); a rank the checkpoint never had (growing) starts a stream seeded by
+    (train.seed, step, rank), so the same resume gives the same streams every time.
+    """
+    available = stored_tensors(path)
+    names = [n for n in _rng_names(rank) if n in available]
+    got = load_tensors(path, names)  # collective even when empty
+    if f"rng/rank{rank}/cpu" in got:
+        torch.set_rng_state(got[f"rng/rank{rank}/cpu"])
+    else:
+        seed = int(meta.get("config", {}).get("train", {}).get("seed", 0))
+        torch.manual_seed((seed * 1_000_003 + int(meta["step"]) * 7_919 + rank) % (2**63 - 1))
     if f"rng/rank{rank}/cuda" in got:
         torch.cuda.set_rng_state(got[f"rng/rank{rank}/cuda"])
 

@@ -221,6 +221,30 @@ def test_rewind_starts_a_branch_and_auto_resumes_its_head(tmp_path, capsys):
     assert f"# resume: {root / 'step_00000009-b1'}" in capsys.readouterr().out
 
 
+def test_rng_streams_per_rank_on_fewer_and_more_ranks(reference):
+    """Resuming on another world size: rank r continues rank r's saved stream (a shrink keeps the survivors'); a
+    rank the checkpoint never had gets a stream seeded by (seed, step, rank): the same every time, not rank 0's."""
+    from lctrain.checkpoint.store import find_latest, load_tensors, read_meta
+    from lctrain.train.trainer import _restore_rng
+
+    src, _ = reference
+    path = find_latest(src / "checkpoints")
+    meta = read_meta(path)
+    saved = load_tensors(path, ["rng/rank0/cpu", "rng/rank1/cpu"])
+    torch.manual_seed(0)
+    _restore_rng(path, meta, rank=1, world=1)  # one process standing in for rank 1 of a smaller world
+    assert torch.equal(torch.get_rng_state(), saved["rng/rank1/cpu"])
+    torch.set_rng_state(saved["rng/rank0/cpu"])
+    continued = torch.rand(4)
+    draws = []
+    for _ in range(2):
+        _restore_rng(path, meta, rank=3, world=4)  # a new rank of a grown world
+        draws.append(torch.rand(4))
+    _restore_rng(path, meta, rank=2, world=4)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], torch.rand(4))
+    assert not torch.equal(draws[0], continued)
+
+
 # ---- ZeRO-3 ---------------------------------------------------------------------------------------------------
 
 def _zero3_partitions(overrides: list[str], resume: str = "auto") -> dict:
