@@ -4,12 +4,14 @@
     lctrain launch CONFIG.yaml --nodes N --procs-per-node G [--address ADDR]
     lctrain submit CONFIG.yaml --address http://HEAD:8265 ...
     lctrain job status|logs|stop ID
+    lctrain export RUN_DIR|CHECKPOINT --out DIR [--format safetensors|hf] [--dtype bf16|fp32]
     lctrain data prepare ...      lctrain plot RUN_DIR      lctrain bench sp ...
     lctrain rehearse CONFIG.yaml --gpus N [--rank R] [--steps K] [--hardware h100] [--json]
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 #: subcommand -> "module:function"; the function takes the remaining argv and returns an exit code.
@@ -22,6 +24,7 @@ COMMANDS = {
     "plot": ("lctrain.train.plot:main", "plot a run's loss/accuracy curves to PNG"),
     "bench": ("lctrain.bench:main", "benchmarks (sequence-parallel attention)"),
     "plan": ("lctrain.plan.cli:main", "predict memory, step time and tokens/s of a job at 8-1024 GPUs"),
+    "export": ("lctrain.checkpoint.export:main", "export a checkpoint to safetensors / Hugging Face (Llama)"),
     "rehearse": ("lctrain.rehearse.cli:main", "run one rank of an N-GPU job on CPU (meta tensors): memory, syncs"),
 }
 
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lctrain: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name == "rehearse":
+        # torch's C++ log warns once per fake process group torn down; read when torch loads, so set it first.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     module, func = COMMANDS[name][0].split(":")
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
 

@@ -49,6 +49,18 @@ def _dataset(cfg: Config, split: str, notes: list[str], stand_ins: list[str]):
     return StandInText(cfg.data.seq_len, cfg.data.document_mask and cfg.data.packing != "pad", cfg.data.seed)
 
 
+def _unprepared_ok(cfg: Config) -> Config:
+    """`cfg` for `plan_run` when its text corpus is not prepared here (it lives on the cluster's storage): the token
+    ids are then bounded by the tokenizer's vocabulary, as for a corpus prepared from `data.inputs` at start-up."""
+    from dataclasses import replace
+
+    from lctrain.data.text import INDEX
+
+    if cfg.data.source != "text" or (Path(cfg.data.path) / INDEX).is_file() or cfg.data.inputs:
+        return cfg
+    return replace(cfg, data=replace(cfg.data, inputs=["<prepared on the cluster>"]))
+
+
 def _group_names(mesh) -> dict[int, str]:
     names = {id(None): "world", id(dist.group.WORLD): "world"}
     for name in ("tp", "cp", "dp", "dp_cp"):
@@ -126,7 +138,7 @@ def rehearse(cfg: Config, gpus: int, gpus_per_node: int | None = None, rank: int
     t0 = time.perf_counter()
     gpus_per_node = gpus_per_node or min(gpus, 8)
     require_preflight(cfg, Target.of(gpus, gpus_per_node, multi_node=gpus > gpus_per_node))
-    plan = trainer.plan_run(cfg, gpus)
+    plan = trainer.plan_run(_unprepared_ok(cfg), gpus)
     rank = busiest_rank(cfg, gpus) if rank is None else rank
     # The job runs on GPUs: train.dtype "auto" is bf16 there.
     dtype = torch.bfloat16 if cfg.train.dtype == "auto" else resolve_dtype(cfg.train)
@@ -157,7 +169,7 @@ def rehearse(cfg: Config, gpus: int, gpus_per_node: int | None = None, rank: int
 
     with fake_world(gpus, rank, cfg.parallel) as mesh:
         names = _group_names(mesh)
-        devdt = DeviceDtypeWatcher(phase, dtype, getattr(cfg.model, "head_dim", 0))
+        devdt = DeviceDtypeWatcher(phase, dtype)
         with watch_collectives() as coll, watch_syncing_ops(on_sync=on_sync), mem, devdt:
             marks: dict[str, tuple[int, int]] = {}
 
@@ -204,6 +216,9 @@ def rehearse(cfg: Config, gpus: int, gpus_per_node: int | None = None, rank: int
                 preempt.close()
             except CollectiveOnHostTensor as err:
                 findings.append(Finding("cpu_collective", str(err).split(" ", 1)[0], err.line, str(err), phase.label()))
+            except Exception as err:  # noqa: BLE001 - any failure of the rehearsed code is a finding with its line
+                findings.append(Finding("error", type(err).__name__, _raising_line(err), str(err)[:500],
+                                        phase.label()))
             finally:
                 if isinstance(engine, StandInEngine):
                     engine.close()
@@ -227,6 +242,21 @@ def rehearse(cfg: Config, gpus: int, gpus_per_node: int | None = None, rank: int
         findings=[_asdict(f) for f in _dedup(findings)],
         notes=notes, host_to_device=h2d, syncs_allowed=allowed, seconds=time.perf_counter() - t0)
     return report
+
+
+def _raising_line(err: BaseException) -> str:
+    """`file:line` of the innermost frame of `err`'s traceback that is lctrain's, a test's or a library's own
+    (not torch, not the rehearsal)."""
+    import traceback
+
+    from lctrain.testing.hot_path import _PLUMBING, _short_path
+
+    line = "?"
+    for frame in traceback.extract_tb(err.__traceback__):
+        name = frame.filename.replace("\\", "/")
+        if not any(p in name for p in _PLUMBING):
+            line = f"{_short_path(name)}:{frame.lineno}"
+    return line
 
 
 def _asdict(f: Finding) -> dict[str, str]:

@@ -59,7 +59,8 @@ class Report:
     """The same for every other phase (setup, log, eval, save)."""
     stand_ins: list[str]
     findings: list[dict[str, str]]
-    """Failures (issue 20, item 2): {"kind", "op", "line", "detail", "phase"}."""
+    """Failures (issue 20, item 2): {"kind", "op", "line", "detail", "phase"}; kind is host_sync |
+    cpu_tensor_in_device_op | cpu_collective | fp32_matmul, or error (the rehearsed code raised; the run stopped)."""
     notes: list[str] = field(default_factory=list)
     host_to_device: dict[str, int] = field(default_factory=dict)
     """Explicit host-to-device copies in one steady-state step: source line -> bytes (allowed; listed)."""

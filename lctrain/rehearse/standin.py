@@ -94,8 +94,13 @@ class StandInEngine:
         self._full = {id(p): p.data for p in self.params}
         for p in self.params:
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        # As build_engine's deepspeed.zero.register_external_parameter: a module that reads another's parameter.
+        external: dict[int, list[torch.Tensor]] = {}
+        for user, param in getattr(self.module, "shared_parameters", lambda: [])():
+            external.setdefault(id(user), []).append(param)
         for module in self.module.modules():
             own = [p for p in module.parameters(recurse=False) if id(p) in self._full]
+            own += [p for p in external.get(id(module), []) if id(p) in self._full]
             if own:
                 module.register_forward_pre_hook(lambda m, a, own=own: self._gather(own))
                 module.register_forward_hook(lambda m, a, o, own=own: self._release(own))

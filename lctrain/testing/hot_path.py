@@ -111,8 +111,8 @@ class CollectiveOnHostTensor(RuntimeError):
 
 
 #: Path fragments of frames that are plumbing, not the code that asked for an op (skipped by `source_line`).
-_PLUMBING = ("/torch/", "/lctrain/testing/hot_path.py", "/lctrain/rehearse/", "/contextlib.py", "/functools.py",
-             "<frozen ", "/typing.py")
+_PLUMBING = ("/torch/", "/lctrain/testing/hot_path.py", "/lctrain/rehearse/watch.py", "/lctrain/rehearse/rehearsal.py",
+             "/lctrain/rehearse/world.py", "/contextlib.py", "/functools.py", "<frozen ", "/typing.py")
 
 
 def _short_path(path: str) -> str:

@@ -1,0 +1,142 @@
+"""lctrain rehearse: shipped configs at their GPU counts, planted defects named by line, exact state bytes."""
+import math
+import sys
+
+import pytest
+import torch
+
+from lctrain.config import load_config
+from lctrain.models.flops import num_parameters
+from lctrain.rehearse import rehearse
+
+#: Findings in other helpers' files that the rehearsal reports today, all fp32 matmuls under bf16: the plain-PyTorch
+#: chunk backends (what a GPU dispatches to while the Triton kernels are unvalidated) and the LASP state chain
+#: compute in float32, and packed softmax layers fall back to the reference path's float32 scores. Issue 20's report
+#: lists them by line with their owners. A shipped config may show only these; anything else fails, a host sync in
+#: the steady state above all.
+KNOWN_ELSEWHERE = {("fp32_matmul", path) for path in (
+    "lctrain/ops/linear_attention.py", "lctrain/ops/gated_delta.py", "lctrain/ops/gla.py", "lctrain/sp/lasp2.py",
+    "lctrain/sp/lasp2_delta.py", "lctrain/sp/lasp1.py", "lctrain/sp/lasp1_delta.py", "lctrain/ops/attention_ref.py")}
+
+#: Shipped configs and the GPU count each is meant for (the config files say so).
+SMALL = [("tiny", 2), ("demo", 4), ("gdn-hybrid", 2), ("packed", 2)]
+LARGE = [("cluster-demo", 64), ("hybrid-llama3-1b", 64), ("linear-llama3-1b", 64), ("linear-llama3-8b", 64),
+         ("llama3-8b", 64)]
+
+
+def _check_shipped(name: str, gpus: int) -> None:
+    # A multi-node job needs an out_dir every node mounts (preflight refuses the shipped relative ones).
+    cfg = load_config(f"configs/{name}.yaml", [f"run.out_dir=/shared/runs/{name}"] if gpus > 8 else [])
+    r = rehearse(cfg, gpus=gpus, steps=2)
+    unknown = [f for f in r.findings if (f["kind"], f["line"].split(":")[0]) not in KNOWN_ELSEWHERE]
+    assert not unknown, unknown
+    assert not [f for f in r.findings if f["kind"] != "fp32_matmul"]
+    assert len(r.layers) == cfg.model.num_layers
+    if not (cfg.data.source == "text" and cfg.data.document_mask):  # packed softmax layers: their own varlen path
+        assert all(L.backends for L in r.layers), r.layers
+    assert r.peak_bytes >= r.states_bytes > 0 and r.activations_bytes > 0
+    assert r.peak_bytes <= r.states_bytes + r.activations_bytes + r.comm_buffer_bytes
+    if cfg.parallel.cp > 1:
+        assert any(c.group == "cp" for c in r.collectives_per_step)
+
+
+@pytest.mark.parametrize("name,gpus", SMALL)
+def test_small_shipped_configs_rehearse(name, gpus):
+    _check_shipped(name, gpus)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,gpus", LARGE)
+def test_large_shipped_configs_rehearse(name, gpus):
+    _check_shipped(name, gpus)
+
+
+# ---- planted defects: each must fail the rehearsal and name this file's line
+
+
+def _planted(monkeypatch, defect):
+    from lctrain.models import hybrid
+
+    forward = hybrid.Block.forward
+
+    def planted(self, x, *args, **kwargs):
+        defect(x)
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(hybrid.Block, "forward", planted)
+    # seq 32 on one CP rank: a token-sized product is [32, 32], not a head-dim state (16 x 16)
+    cfg = load_config("configs/tiny.yaml", ["train.dtype=bfloat16"])
+    return rehearse(cfg, gpus=2, steps=2)
+
+
+def _line_of(fn) -> str:
+    return f"tests/rehearse/test_rehearsal.py:{fn.__code__.co_firstlineno + 1}"
+
+
+def _cpu_collective(x):
+    torch.distributed.all_reduce(torch.zeros(2))
+
+
+def _item(x):
+    x.sum().item()
+
+
+def _isin(x):
+    torch.isin(x[0, :, 0].long(), torch.arange(100, device=x.device))
+
+
+def _fp32_matmul(x):
+    x.float() @ x.float().transpose(-1, -2)
+
+
+def _host_tensor(x):
+    x * torch.ones(x.shape[-1], dtype=x.dtype)
+
+
+@pytest.mark.parametrize("defect,kind", [(_cpu_collective, "cpu_collective"), (_item, "host_sync"),
+                                         (_isin, "host_sync"), (_fp32_matmul, "fp32_matmul"),
+                                         (_host_tensor, "cpu_tensor_in_device_op")])
+def test_planted_defect_fails_naming_its_line(monkeypatch, defect, kind):
+    r = _planted(monkeypatch, defect)
+    assert not r.ok
+    lines = {(f["kind"], f["line"]) for f in r.findings}
+    assert (kind, _line_of(defect)) in lines, r.findings
+
+
+def test_sync_in_the_first_step_is_allowed_but_listed(monkeypatch):
+    from lctrain.models import hybrid
+
+    forward, seen = hybrid.Block.forward, []
+
+    def once(self, x, *args, **kwargs):
+        if not seen:
+            seen.append(1)
+            x.sum().item()  # warm-up only: the first step may sync
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(hybrid.Block, "forward", once)
+    r = rehearse(load_config("configs/tiny.yaml", ["train.dtype=bfloat16"]), gpus=2, steps=2)
+    assert not [f for f in r.findings if f["kind"] != "fp32_matmul"], r.findings
+    assert any(s["line"].startswith("tests/rehearse/test_rehearsal.py") and s["phase"] == "step 1"
+               for s in r.syncs_allowed)
+
+
+# ---- exact bytes
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_state_bytes_per_zero_stage_are_exact(stage):
+    """Hand-checkable: P parameters, W = DP x CP = 8 ranks, p = ceil(P / W); bf16 (fp32 for ZeRO-0)."""
+    dtype = "float32" if stage == 0 else "bfloat16"
+    cfg = load_config("configs/tiny.yaml", [f"train.zero_stage={stage}", f"train.dtype={dtype}", "parallel.cp=2"])
+    r = rehearse(cfg, gpus=8, steps=2)
+    P, W = num_parameters(cfg.model), 8  # cp 2 x dp 4: ZeRO shards over DP x CP
+    p = math.ceil(P / W)
+    expected = {0: 4 * P + 4 * P + 2 * 4 * P,            # fp32 params, grads, Adam moments
+                1: 2 * P + 2 * P + 3 * 4 * p,            # bf16 params and grads; fp32 master + moments sharded
+                2: 2 * P + 4 * p + 3 * 4 * p,            # the fp32 gradient partition instead of full grads
+                3: 2 * p + 4 * p + 3 * 4 * p}[stage]     # parameters sharded too
+    assert r.states_bytes == expected
+    per_step = {(c.op, c.group): c for c in r.collectives_per_step}
+    if stage in (1, 2):  # the updated partitions, gathered once per step
+        assert per_step[("all_gather_single", "dp_cp")].bytes == 2 * p
