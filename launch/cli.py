@@ -123,7 +123,11 @@ def _checked_config(cmd: str, config: str, overrides: list[str], nodes: int, pro
              + "\n".join(f"  - {p}" for p in problems))
         return 2
     if dry_run:
+        from lctrain.launch.network import nccl_transport
+
         print(f"[lctrain {cmd}] preflight OK: {describe(cfg, target)}", flush=True)
+        for line in nccl_transport(nodes):
+            print(f"[lctrain {cmd}] {line} (as seen from this machine)", flush=True)
         return 0
     return cfg
 

@@ -3,6 +3,7 @@ every example command in them and in the READMEs is run at its stated scale with
 check) and passes. The SLURM script itself runs under stand-in `srun`/`scontrol` commands up to that check."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -111,7 +112,7 @@ def test_sbatch_passes_shellcheck():
     text = SBATCH.read_text()
     assert "RAY_AUTH_MODE=token" in text and "--dashboard-host=127.0.0.1" in text
     assert "hostname --ip-address" not in text and "hostname -i" not in text
-    assert "--container-image=" in text and "apptainer exec --nv" in text
+    assert "--container-image=" in text and "--container-name=" in text and "apptainer exec --nv" in text
     assert 'lctrain launch "$CONFIG" "$@" --nodes "$NUM_NODES" --procs-per-node "$GPUS_PER_NODE"' in text
 
 
@@ -149,7 +150,7 @@ def _sbatch_example() -> tuple[dict[str, str], list[str]]:
     gpus = re.search(r"#SBATCH --gpus-per-node=(\d+)", SBATCH.read_text()).group(1)
     args = argv[argv.index("launch/slurm/lctrain.sbatch") + 1:]
     return {"SLURM_JOB_NUM_NODES": nodes, "SLURM_JOB_NODELIST": f"node[1-{nodes}]", "SLURM_GPUS_ON_NODE": gpus,
-            "SLURM_CPUS_PER_TASK": "64"}, args
+            "SLURM_CPUS_PER_TASK": "64", "SLURM_JOB_ID": "4242"}, args
 
 
 @pytest.mark.slow
@@ -164,6 +165,11 @@ def test_sbatch_example_runs_its_check_at_its_scale(tmp_path):
     assert "Ray head: node1 at 10.11.12.13:6379" in res.stdout
     calls = (tmp_path / "calls.log").read_text()
     assert f"--container-image={IMAGE}" in calls and "ray " not in calls      # nothing started in a dry run
+    assert f"--container-name=lctrain-{slurm['SLURM_JOB_ID']}" in calls       # one container per node, reused
+    out_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run.out_dir="))
+    assert f"run directory: {out_dir}; mounts: {ROOT}:{ROOT},{out_dir}:{out_dir}" in res.stdout
+    assert "NCCL: NCCL_SOCKET_IFNAME=^lo,docker NCCL_IB_HCA=(all) NCCL_IB_GID_INDEX=(auto)" in res.stdout
+    assert "NCCL between nodes:" in res.stdout  # the check says which transport NCCL will use
     # apptainer, the old demo config: the job stops at the check with the reason, before Ray
     (tmp_path / "calls.log").unlink()
     env = _stub_env(tmp_path, **slurm, LCTRAIN_CONTAINER="apptainer", LCTRAIN_IMAGE="/img/lctrain.sif",
@@ -223,55 +229,96 @@ def test_lock_pins_what_the_issue_names():
 
 
 # KubeRay
+CRD = {kind: json.loads((ROOT / f"tests/launch/kuberay_crd/ray.io_{kind.lower()}s.v1.schema.json").read_text())
+       for kind in ("RayCluster", "RayJob")}
+
+
+def strict(schema):
+    """The CRD schema as `kubectl apply` validates it (strict field validation): unknown fields are errors."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_errors(doc: dict) -> list[str]:
+    """Validation errors of a RayCluster / RayJob against KubeRay's own CRD schema (tests/launch/kuberay_crd)."""
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(strict(CRD[doc["kind"]]))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def _k8s_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
 @pytest.mark.parametrize("path", K8S, ids=[p.name for p in K8S])
-def test_k8s_yaml_lints_and_matches_kuberay_schema(path, capsys, monkeypatch):
+def test_k8s_yaml_lints_and_validates_against_kuberays_crd(path, capsys, monkeypatch):
     res = subprocess.run([_tool("yamllint"), "-s", "-d",
                           "{extends: default, rules: {line-length: {max: 120}, document-start: disable}}",
                           str(path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    doc = yaml.safe_load(path.read_text())
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
-    assert doc["metadata"]["name"]
+    (doc,) = _k8s_docs(path)
+    if doc["kind"] == "ConfigMap":  # NCCL's settings: strings, NCCL's variables only
+        assert doc["metadata"]["name"] == "lctrain-nccl" and doc["data"]["NCCL_SOCKET_IFNAME"]
+        assert all(k.startswith("NCCL_") and isinstance(v, str) and v for k, v in doc["data"].items())
+        return
+    assert doc["apiVersion"] == "ray.io/v1" and crd_errors(doc) == []
     spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == PINS["ray"], "KubeRay's rayVersion must be the image's Ray (constraints.txt)"
-    groups = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
-    for group in groups:
-        # KubeRay's CRD types rayStartParams as map[string]string
-        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), group["rayStartParams"]
+    assert spec["authOptions"] == {"mode": "token"}  # KubeRay makes and injects the token (>= 1.5.1, Ray >= 2.52)
+    for group in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
         pod = group["template"]["spec"]
         ctx = pod["securityContext"]
         assert ctx["fsGroup"] == ctx["runAsGroup"] == 1000 and ctx["runAsUser"] == 1000 and ctx["runAsNonRoot"]
         (container,) = pod["containers"]
-        assert container["image"] == IMAGE and container["name"], "pinned image tag = lctrain's version"
-        env = {e["name"]: e for e in container["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token" and "RAY_AUTH_TOKEN" not in env
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        mounts = {m["name"]: m for m in container["volumeMounts"]}
-        assert set(mounts) <= set(volumes) and "runs" in mounts
-        token = mounts["ray-token"]
-        assert token["readOnly"] and volumes["ray-token"]["secret"]["secretName"] == "lctrain-ray-token"
-        assert env["RAY_AUTH_TOKEN_PATH"]["value"] == token["mountPath"] + "/token"
+        assert container["image"] == IMAGE, "pinned image tag = lctrain's version"
+        assert not any("RAY_AUTH" in e["name"] for e in container.get("env", [])), "no hand-made token"
+        (check,) = pod["initContainers"]  # /runs writable (NFS ignores fsGroup), checked before Ray starts
+        assert check["image"] == IMAGE and {"name": "runs", "mountPath": "/runs"} in check["volumeMounts"]
+        assert "touch" in check["args"][0] and "NFS volumes ignore fsGroup" in check["args"][0]
+        assert {"name": "runs", "mountPath": "/runs"} in container["volumeMounts"]
         res_ = container["resources"]
-        assert res_["requests"]["cpu"] == res_["limits"]["cpu"] and res_["requests"]["memory"]
-    assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    gpus = set()
+        assert res_["requests"] == res_["limits"]
     for group in spec["workerGroupSpecs"]:
-        assert group["groupName"] and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-        res_ = group["template"]["spec"]["containers"][0]["resources"]
-        assert res_["limits"]["nvidia.com/gpu"] == res_["requests"]["nvidia.com/gpu"] \
-            == group["rayStartParams"]["num-gpus"]
-        gpus.add(int(res_["limits"]["nvidia.com/gpu"]))
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == group["rayStartParams"]["num-gpus"]
+        assert {"configMapRef": {"name": "lctrain-nccl", "optional": True}} in container["envFrom"]
     if doc["kind"] == "RayJob":
         argv = shlex.split(doc["spec"]["entrypoint"])
         assert argv[:2] == ["lctrain", "launch"]
         nodes = sum(g["replicas"] for g in spec["workerGroupSpecs"])
-        assert argv[argv.index("--nodes") + 1] == str(nodes)
-        assert int(argv[argv.index("--procs-per-node") + 1]) in gpus
-        assert doc["spec"]["submissionMode"] == "SidecarMode"
+        gpus = {int(g["rayStartParams"]["num-gpus"]) for g in spec["workerGroupSpecs"]}
+        assert argv[argv.index("--nodes") + 1] == str(nodes) and int(argv[argv.index("--procs-per-node") + 1]) in gpus
         # the entrypoint at its scale, as the head's job driver runs it (RAY_ADDRESS set: a real multi-node run)
         monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
         rc, out = dry_run(doc["spec"]["entrypoint"], capsys)
         assert rc == 0 and f"world={nodes * max(gpus)} ({nodes} node(s)" in out, out
+
+
+def test_crd_validation_catches_what_the_api_server_rejects():
+    (doc,) = _k8s_docs(ROOT / "launch/k8s/raycluster.yaml")
+    assert crd_errors(doc) == []
+    spec = doc["spec"]
+    mutations = [
+        ("authOption", lambda s: s.update(authOption=s.pop("authOptions"))),  # a typo'd field
+        ("'tokens' is not one of", lambda s: s["authOptions"].update(mode="tokens")),
+        ("is not of type 'string'", lambda s: s["workerGroupSpecs"][0]["rayStartParams"].update({"num-gpus": 8})),
+        ("'groupName' is a required property", lambda s: s["workerGroupSpecs"][0].pop("groupName")),
+        ("'containers' is a required property", lambda s: s["headGroupSpec"]["template"]["spec"].pop("containers")),
+    ]
+    for want, mutate in mutations:
+        bad = json.loads(json.dumps(doc))
+        mutate(bad["spec"])
+        errors = crd_errors(bad)
+        assert any(want in e for e in errors), (want, errors)
+    assert spec  # the original is untouched
 
 
 def test_cluster_doc_says_how_every_block_is_checked():
