@@ -79,7 +79,7 @@ def read_index(path: str) -> dict:
         index = json.loads(f.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{f} is corrupt: {err}") from err
-    if index.get("format") != FORMAT:
+    if index.get("format") not in (FORMAT, "lctrain-tokens-v2"):  # v2: the same files, written by one process
         raise ValueError(f"{f}: unknown format {index.get('format')!r} (expected {FORMAT}; "
                          "re-run `lctrain data prepare`)")
     return index
