@@ -172,14 +172,18 @@ class _AllGatherAttention(torch.autograd.Function):
         dq, dk, dv = (_undiag(x, n).to(acc) for x in (dq_d, dk_d, dv_d))
         if size > 1:
             kv = _gathered(pending, size, zigzag)
-            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # [S, b, 2, h_kv, d]
+            # The full-length dK/dV buffer and its reduce-scatter are in the activations' dtype (half the bytes of
+            # float32 for bf16); each key's block contributions (at most two: the zigzag halves) are added in
+            # float32 and rounded once.
+            dkv = torch.zeros(kv.shape, dtype=kv.dtype, device=kv.device)  # [S, b, 2, h_kv, d]
             for rows, start, end in _remote_blocks(rank, size, s, causal, ctx.layout):
                 kb, vb = _keys(kv, start, end)
                 dq_b, dk_b, dv_b = _bwd(do[:, rows], q[:, rows], kb, vb, out[:, rows], lse[:, :, rows], False, scale,
                                         docs and docs.remote(rows, start, end))
                 dq[:, rows] += dq_b
-                dkv[start:end, :, 0] += dk_b.transpose(0, 1)
-                dkv[start:end, :, 1] += dv_b.transpose(0, 1)
+                blk = torch.stack([dk_b, dv_b], dim=2).transpose(0, 1)  # [end-start, b, 2, h_kv, d]
+                dkv[start:end] = (dkv[start:end].to(acc) + blk.to(acc)).to(dkv.dtype)
+                del blk
             del kv
             if zigzag:
                 # Back to rank-major order for the reduce-scatter (inverse of the forward's permutation).
