@@ -81,3 +81,41 @@ def test_editable_install_maps_the_checkout():
     assert out.split() == [str(ROOT / "kernels/__init__.py"), str(ROOT / "launch/__init__.py"), "None"]
     res = subprocess.run([sys.executable, "-m", "lctrain", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and "launch" in res.stdout
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _lock():
+    sys.path.insert(0, str(ROOT / "docker"))
+    try:
+        import resolve
+    finally:
+        sys.path.pop(0)
+    return resolve
+
+
+def test_one_python_floor_everywhere():
+    resolve = _lock()
+    floor = tuple(map(int, resolve.FLOOR_PYTHON.split(".")))
+    assert _project()["requires-python"] == f">={resolve.FLOOR_PYTHON}"
+    assert tuple(map(int, resolve.IMAGE_PYTHON.split("."))) >= floor and sys.version_info[:2] >= floor
+
+
+def test_dependency_floors_admit_the_lock_and_the_gpu_extra_needs_no_build():
+    """Every dependency's range holds the locked version (floors match what the lock ships: ray >= 2.52 for token
+    authentication), and `pip install .[gpu]` installs wheels only: nothing in it needs torch to build (flash-attn
+    is built by docker/build_flash_attn.sh / `make install-gpu`, after torch)."""
+    from packaging.requirements import Requirement
+
+    pins = _lock().read_pins()
+    project = _project()
+    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["gpu"]]
+    for req in reqs:
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{req} is not in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req} excludes the locked {pins[name]}"
+    by_name = {r.name: r for r in reqs}
+    assert not by_name["ray"].specifier.contains("2.51.0") and by_name["ray"].specifier.contains("2.52.0")
+    assert "flash-attn" not in by_name and "fla-core" in by_name
