@@ -39,6 +39,7 @@ from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import LAYOUTS
 from lctrain.sp.documents import PackedDocuments
 from lctrain.sp.lasp2_delta import lasp2_chunk_map_attention
+from lctrain.sp.lasp2_scan import check_scan
 from lctrain.sp.utils import agree_once
 
 
@@ -243,7 +244,8 @@ class _LASP2(torch.autograd.Function):
 def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
                            group: dist.ProcessGroup | None = None, causal: bool = True,
                            layout: str = "contiguous",
-                           cu_seqlens: torch.Tensor | PackedDocuments | None = None) -> torch.Tensor:
+                           cu_seqlens: torch.Tensor | PackedDocuments | None = None,
+                           scan: str = "allgather") -> torch.Tensor:
     """Linear attention over a sequence sharded across the CP group, exchanging only memory states (LASP-2).
 
     Args:
@@ -266,6 +268,9 @@ def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
             each document start, as a log gate -inf there added to
             the decay (`lctrain.sp.lasp2_delta.document_log_gate`), through the chunk-map path: still one
             all-gather each way. Values are checked only with debug checks on.
+        scan: "allgather" (the states of every chunk in one all-gather each way) or "tree" (causal only: an
+            exclusive prefix scan of the chunk maps in ceil(log2 CP) point-to-point rounds, each rank holding O(1)
+            states, through the chunk-map path: `lctrain.sp.lasp2_scan`).
     Returns:
         `o` `[b, s_local, h, dv]` in v's dtype: this rank's rows of linear attention over the full sequence.
 
@@ -280,12 +285,17 @@ def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
         problem = None if causal else "cu_seqlens (packed documents) needs causal=True"
         return lasp2_chunk_map_attention(q, k, v, log_decay, None, "vector" if vector else "scalar", group, layout,
                                          name="lasp2_linear_attention", tag="lasp2", cu_seqlens=cu_seqlens,
-                                         problem=problem)
+                                         problem=problem, scan=scan)
     if log_decay is not None and log_decay.dim() > 1:
         if not causal:
             raise ValueError("lasp2_linear_attention: a decay (log_decay) is only defined for causal linear "
                              "attention; pass causal=True or log_decay=None")
         return lasp2_chunk_map_attention(q, k, v, log_decay, None, "vector" if log_decay.dim() == 4 else "scalar",
-                                         group, layout, name="lasp2_linear_attention", tag="lasp2")
+                                         group, layout, name="lasp2_linear_attention", tag="lasp2", scan=scan)
+    if scan != "allgather":
+        # The tree scan folds chunk maps: a [h] decay (or none) is a scalar gate there.
+        return lasp2_chunk_map_attention(q, k, v, log_decay, None, "scalar", group, layout,
+                                         name="lasp2_linear_attention", tag="lasp2", scan=scan,
+                                         problem=check_scan(scan, causal))
     rank, world = check_linear_sp_inputs("lasp2_linear_attention", q, k, v, log_decay, group, causal, layout)
     return _LASP2.apply(q, k, v, log_decay, group, causal, layout, rank, world)

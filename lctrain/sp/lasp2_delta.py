@@ -308,13 +308,18 @@ def lasp2_chunk_map_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               layout: str = "contiguous", initial_state: torch.Tensor | None = None,
                               output_final_state: bool = False, name: str = "lasp2",
                               tag: str = "lasp2", cu_seqlens: torch.Tensor | PackedDocuments | None = None,
-                              problem: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                              problem: str | None = None,
+                              scan: str = "allgather") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LASP-2 for a recurrence given by its chunk maps (`variant`: "scalar", "vector" or "delta").
 
     The public entry points are `lasp2_delta_attention` and `lasp2_linear_attention` (data-dependent gates);
     arguments and results as there. Collectives are tagged `{tag}.fwd` and `{tag}.bwd`. `problem`: a ValueError
-    message the caller found, raised on every rank through the same agreement exchange.
+    message the caller found, raised on every rank through the same agreement exchange. `scan="tree"`: the fold
+    by a log-depth scan of the chunk maps (`lctrain.sp.lasp2_scan`) instead of the all-gather.
     """
+    from lctrain.sp.lasp2_scan import LASP2TreeScan, check_scan
+
+    problem = problem or check_scan(scan)
     if variant not in VARIANTS:
         raise ValueError(f"unknown chunk-map variant {variant!r}; expected one of {VARIANTS}")
     group = cp_group_or_default(group)
@@ -325,8 +330,9 @@ def lasp2_chunk_map_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         starts = as_documents(cu_seqlens, q, rank, world, layout).starts  # [b, s_local], no sync
         g = document_log_gate(g, starts, q, variant == "vector")
         backend = DOCUMENT_BACKEND
-    o, final = _LASP2ChunkMap.apply(q, k, v, g, beta, initial_state, variant, group, layout, rank, world, tag,
-                                    bool(output_final_state), backend)
+    fold = LASP2TreeScan if scan == "tree" else _LASP2ChunkMap
+    o, final = fold.apply(q, k, v, g, beta, initial_state, variant, group, layout, rank, world, tag,
+                          bool(output_final_state), backend)
     return (o, final) if output_final_state else o
 
 
@@ -334,8 +340,8 @@ def lasp2_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bet
                           log_decay: torch.Tensor | None = None, group: dist.ProcessGroup | None = None,
                           layout: str = "contiguous", initial_state: torch.Tensor | None = None,
                           output_final_state: bool = False,
-                          cu_seqlens: torch.Tensor | PackedDocuments | None = None
-                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                          cu_seqlens: torch.Tensor | PackedDocuments | None = None,
+                          scan: str = "allgather") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over a sequence sharded across the CP group (LASP-2: one all-gather each way).
 
         S_t = a_t (I - beta_t k_t k_t^T) S_(t-1) + beta_t k_t v_t^T,   o_t = S_t^T q_t,   a_t = exp(log_decay_t)
@@ -358,6 +364,8 @@ def lasp2_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bet
             boundary), or the batch's `lctrain.sp.documents.PackedDocuments` (built once per batch): the state
             restarts from zero at each document start (a gate a_t = 0 there). Not with initial_state. Its
             values are checked only with debug checks on.
+        scan: "allgather" (one all-gather of every chunk map, folded locally) or "tree" (an exclusive prefix scan
+            of the maps in ceil(log2 CP) point-to-point rounds, O(1) maps per message: `lctrain.sp.lasp2_scan`).
     Returns:
         `o` `[b, s_local, h, dv]` in v's dtype, or `(o, final_state)` with `output_final_state`.
 
@@ -368,4 +376,4 @@ def lasp2_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bet
     """
     return lasp2_chunk_map_attention(q, k, v, log_decay, beta, "delta", group, layout, initial_state,
                                      output_final_state, name="lasp2_delta_attention", tag="lasp2_delta",
-                                     cu_seqlens=cu_seqlens)
+                                     cu_seqlens=cu_seqlens, scan=scan)
