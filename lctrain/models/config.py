@@ -1,7 +1,7 @@
 """Model configuration (the hybrid Llama-3-style decoder).
 
 Each layer is a pre-norm block `x + mixer(norm(x))`, `x + mlp(norm(x))` whose token mixer is linear
-attention ("L") or softmax attention ("A"), chosen by `layer_pattern`. All-"A" is a plain Llama; all-"L"
+attention ("L"), softmax attention ("A") or sliding-window softmax attention ("W"), chosen by `layer_pattern`. All-"A" is a plain Llama; all-"L"
 is Linear-Llama3 (LASP-2); "LLLA" is a 3:1 hybrid.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ LINEAR_DECAYS = ("none", "lightning", "lightning_depth")
 LINEAR_GATES = ("none", "sigmoid", "silu")
 SOFTMAX_SP = ("allgather", "ring", "ulysses")
 LINEAR_SP = ("lasp2", "lasp1")
-MIXERS = ("L", "A", "D", "G")
+WINDOW_SP = ("halo", "allgather", "ring")
+MIXERS = ("L", "A", "D", "G", "W")
 ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 
 
@@ -35,7 +36,8 @@ class ModelConfig:
     """SwiGLU inner size (divisible by the TP size)."""
     layer_pattern: str = "LLLA"
     """Mixer per layer, repeated to num_layers: L = linear attention, A = softmax attention, D = GatedDeltaNet,
-    G = GLA (gated_linear.py; e.g. "DDDA" is Qwen3-Next's 3:1 GatedDeltaNet:softmax hybrid)."""
+    G = GLA (gated_linear.py; e.g. "DDDA" is Qwen3-Next's 3:1 GatedDeltaNet:softmax hybrid), W = sliding-window
+    softmax attention over the last `window_size` tokens (e.g. "LWLWLA", a BASED-style hybrid)."""
     feature_map: str = "identity"
     """Linear attention's feature map on q and k: identity | elu1 (elu(x)+1) | silu | relu."""
     linear_decay: str = "lightning"
@@ -63,10 +65,15 @@ class ModelConfig:
     full (whole blocks; only block inputs are kept). Same losses, less activation memory, more compute."""
     short_conv_size: int = 4
     """Kernel of the short causal convolution on q, k, v of the D and G mixers (1: no mixing across tokens)."""
+    window_size: int = 512
+    """W layers: query i attends keys i - window_size < j <= i (within its document when packed)."""
+    window_sp: str = "halo"
+    """Context-parallel method of the W layers: halo (only the window's preceding keys travel,
+    `lctrain.sp.halo_attention`) | allgather | ring (the full-attention methods, blocks outside the window skipped)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                     "short_conv_size"):
+                     "short_conv_size", "window_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"model.{name} must be an integer >= 1, got {v!r}")
@@ -79,10 +86,12 @@ class ModelConfig:
         bad = sorted(set(self.layer_pattern) - set(MIXERS))
         if bad:
             raise ValueError(f"model.layer_pattern {self.layer_pattern!r} has unknown characters {bad}; "
-                             "use L (linear attention), A (softmax attention), D (GatedDeltaNet), G (GLA)")
+                             "use L (linear attention), A (softmax attention), D (GatedDeltaNet), G (GLA), "
+                             "W (sliding-window softmax attention)")
         for name, allowed in (("feature_map", FEATURE_MAPS), ("linear_decay", LINEAR_DECAYS),
                               ("linear_output_gate", LINEAR_GATES), ("softmax_sp", SOFTMAX_SP),
-                              ("linear_sp", LINEAR_SP), ("activation_checkpointing", ACTIVATION_CHECKPOINTING)):
+                              ("linear_sp", LINEAR_SP), ("activation_checkpointing", ACTIVATION_CHECKPOINTING),
+                              ("window_sp", WINDOW_SP)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("rope_theta", "norm_eps", "init_std"):

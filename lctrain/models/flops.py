@@ -13,6 +13,7 @@ Per token, forward:
 - D and G: the depthwise causal convolution on q, k, v: 2 K (h + 2g) d.
 - softmax layer, causal: q.k and p.v over T/2 keys on average (causal halving; the diagonal ignored):
   2 * 2 * h * d * T / 2 = 2 h d T. Packed documents of length l < T: 2 h d l (attention stays in a document).
+  Window layer ("W", window W): min(T, 2W) in place of T (W keys per query once T >> W).
 - linear layers in their recurrent (state) form, independent of T, per head:
   L and G: the state update k^T v and the read-out q.S: 2 * 2 d^2 = 4 d^2 (G's gate is a diagonal scale);
   D: the erased value S^T k, the rank-one update k u^T and the read-out q.S: 3 * 2 d^2 = 6 d^2.
@@ -66,8 +67,10 @@ def num_parameters(cfg: ModelConfig) -> int:
 def mixing_flops(cfg: ModelConfig, mixer: str, seq_len: int, doc_len: int | None = None) -> float:
     """Forward FLOPs per token of one layer's token mixing beyond its projections (module docstring)."""
     h, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if mixer == "A":
-        return 2.0 * h * d * (min(seq_len, doc_len) if doc_len else seq_len)
+    if mixer in ("A", "W"):
+        span = min(seq_len, doc_len) if doc_len else seq_len
+        # A window layer's query sees min(W, its position + 1) keys: on average ~W for W << T (2 h d * 2 W / 2).
+        return 2.0 * h * d * (min(span, 2 * cfg.window_size) if mixer == "W" else span)
     conv = 2.0 * cfg.short_conv_size * (h + 2 * g) * d if mixer in ("D", "G") else 0.0
     return conv + STATE_FLOPS_D2[mixer] * h * d * d
 

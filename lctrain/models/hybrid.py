@@ -2,7 +2,8 @@
 
     x = embed(input_ids)                      VocabParallelEmbedding (all-reduce over TP)
     for each layer (mixer from the layer pattern):
-        x = x + mixer(rmsnorm(x))             LinearAttention (LASP-2/1) | SoftmaxAttention (all-gather/ring/Ulysses)
+        x = x + mixer(rmsnorm(x))             LinearAttention (LASP-2/1) | SoftmaxAttention (all-gather/ring/Ulysses;
+                                              "W": a sliding window, halo exchange)
         x = x + swiglu(rmsnorm(x))
     logits = rmsnorm(x) W_out^T               ColumnParallelLinear's weight, vocab split over TP (tied: W_out = embedding),
                                               fused with the loss in chunks of tokens (lctrain.models.loss)
@@ -47,7 +48,8 @@ from lctrain.parallel.mesh import Mesh, get_mesh
 
 
 class Block(torch.nn.Module):
-    """Pre-norm decoder block with a linear ("L"), gated linear ("D", "G") or softmax ("A") token mixer."""
+    """Pre-norm decoder block with a linear ("L"), gated linear ("D", "G"), softmax ("A") or sliding-window
+    softmax ("W") token mixer."""
 
     def __init__(self, cfg: ModelConfig, mixer: str, layer_idx: int, mp: ModelParallelConfig, mesh: Mesh,
                  cp_layout: str):
@@ -58,6 +60,8 @@ class Block(torch.nn.Module):
             self.mixer = LinearAttention(cfg, mp, mesh, cp_layout, layer_idx)
         elif mixer in GATED_MIXERS:
             self.mixer = GatedLinearMixer(cfg, mp, mesh, cp_layout, mixer)
+        elif mixer == "W":
+            self.mixer = SoftmaxAttention(cfg, mp, mesh, cp_layout, window=cfg.window_size)
         else:
             self.mixer = SoftmaxAttention(cfg, mp, mesh, cp_layout)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)

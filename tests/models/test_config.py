@@ -19,6 +19,8 @@ from lctrain.models import ModelConfig
     (dict(vocab_size=1.5), "vocab_size must be an integer"),
     (dict(norm_eps=0.0), "norm_eps must be > 0"),
     (dict(init_std=-1.0), "init_std must be > 0"),
+    (dict(layer_pattern="LW", window_size=0), "window_size must be an integer >= 1"),
+    (dict(layer_pattern="LW", window_sp="ulysses"), "window_sp must be one of"),
 ])
 def test_bad_config_raises(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -44,6 +44,8 @@ VARIANTS = [
     ("LLLA-allgather-lasp2-zigzag", dict(layer_pattern="LLLA", num_layers=4, softmax_sp="allgather"), "zigzag"),
     ("LLLA-ring-lasp2-zigzag", dict(layer_pattern="LLLA", num_layers=4, softmax_sp="ring", linear_decay="none",
                                     feature_map="silu"), "zigzag"),
+    ("LWA-halo-lasp2-zigzag", dict(layer_pattern="LWA", num_layers=3, window_size=5), "zigzag"),
+    ("W-halo-contig", dict(layer_pattern="W", window_size=3), "contiguous"),
     ("LLLA-ulysses-lasp1-contig", dict(layer_pattern="LLLA", num_layers=4, softmax_sp="ulysses", linear_sp="lasp1",
                                        linear_output_norm=False, linear_output_gate="none", feature_map="elu1"),
      "contiguous"),
