@@ -48,11 +48,15 @@ test-fast: install
 bench: install
 	$(VENV)/bin/lctrain bench sp
 
-# On a GPU machine: install the carried wheels (.whl/, made by gpu-wheels), run the GPU tests and the kernel and
-# SP benchmarks, write docs/gpu_check.md. On CPU it prints what it would run. Uses the machine's python3 there.
+# On a GPU machine, in a fixed time budget: install the carried wheels (.whl/, made by gpu-wheels), then PART
+# (kernels: validate every backend and record it, GPU tests, kernel benchmark; sp: syncs per steady-state step, SP
+# benchmark; train: a real run's peak memory against lctrain rehearse's; all). Everything goes under OUT, the
+# summary (<= 12 KB) is printed last. On CPU it prints the plan. Uses the machine's python3 there.
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+OUT ?= /tmp/lctrain-gpu-check
+PART ?= all
 gpu-check:
-	$(GPU_PY) scripts/gpu_check.py
+	$(GPU_PY) scripts/gpu_check.py --out "$(OUT)" --part $(PART)
 
 # Wheels the GPU image lacks (cp312, manylinux x86_64), downloaded here for a device call to carry as .whl/
 gpu-wheels:
