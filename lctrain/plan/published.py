@@ -137,10 +137,10 @@ def ring_flash_attn_table() -> list[dict]:
     return rows
 
 
-def lasp2_table(activation_checkpointing: str = "none", cache=None) -> list[dict]:
-    """Predicted LASP-2 / LASP-1 throughput of Linear-Llama3-1B, 64 A100-80G (8 per node), 2048K tokens, with the
-    terms that separate them: LASP-1's chain (exposed), LASP-2's extra compute (its inter-chunk term outside the
-    kernel), and the what-if of a chain paid at every layer instead of once per direction (no wavefront)."""
+def lasp2_table(checkpointing: tuple[str, ...] = ("none", "selective"), cache=None) -> list[dict]:
+    """Predicted LASP-2 / LASP-1 throughput of Linear-Llama3-1B, 64 A100-80G (8 per node), 2048K tokens, per
+    activation-checkpointing mode, with the terms that separate them: LASP-1's chain (exposed), LASP-2's extra
+    compute (its inter-chunk term outside the kernel), and the what-if of a chain paid at every layer."""
     from lctrain.config import load_config
     from lctrain.plan.search import plan_rows
 
@@ -148,27 +148,45 @@ def lasp2_table(activation_checkpointing: str = "none", cache=None) -> list[dict
     cache = cache or _fresh_cache()
     base = load_config("configs/linear-llama3-1b.yaml").model
     seq, cp = 2048 * 1024, 64
-    out = {}
-    for lsp, layout in (("lasp2", "zigzag"), ("lasp2", "contiguous"), ("lasp1", "contiguous")):
-        spec = SimSpec(replace(base, linear_sp=lsp), tp=1, cp=cp, cp_layout=layout, seq_len=seq,
-                       activation_checkpointing=activation_checkpointing)
-        _, (row,) = plan_rows(spec, 64, 8, hw, [1], cache)
-        out[f"{lsp} ({layout})"] = row
-    lasp1 = out["lasp1 (contiguous)"]
-    chain = sum(v for k, v in lasp1.comm_exposed_by_kind_s.items() if k.startswith("lasp1"))
-    per_layer_step = lasp1.step_s + chain * (base.num_layers - 1)
-    rows = [dict(method=m, tokens_per_s=r.tokens_per_s, step_s=r.step_s, compute_s=r.compute_s,
-                 linear_attention_s=r.compute_by_class_s.get("linear_attention", 0.0),
-                 memory_bound_s=r.memory_bound_s, comm_exposed_s=r.comm_exposed_s, mem_gb=r.mem_gb)
-            for m, r in out.items()]
-    ratios = []
-    for m in ("lasp2 (zigzag)", "lasp2 (contiguous)"):
-        r = out[m]
-        ratio = r.tokens_per_s / lasp1.tokens_per_s
-        ratios.append(dict(method=f"{m} / lasp1", published=1.152, predicted=ratio, error=ratio - 1.152,
-                           lasp1_chain_s=chain, lasp2_extra_compute_s=r.compute_s - lasp1.compute_s,
-                           per_layer_chain_ratio=per_layer_step / r.step_s))
+    rows, ratios = [], []
+    for ac in checkpointing:
+        out = {}
+        for lsp, layout in (("lasp2", "zigzag"), ("lasp2", "contiguous"), ("lasp1", "contiguous")):
+            spec = SimSpec(replace(base, linear_sp=lsp), tp=1, cp=cp, cp_layout=layout, seq_len=seq,
+                           activation_checkpointing=ac)
+            sim, (row,) = plan_rows(spec, 64, 8, hw, [1], cache)
+            out[f"{lsp} ({layout})"] = row
+        lasp1 = out["lasp1 (contiguous)"]
+        chain = sum(v for k, v in lasp1.comm_exposed_by_kind_s.items() if k.startswith("lasp1"))
+        per_layer_step = lasp1.step_s - chain + _chain_every_layer(sim, hw, base.num_layers, ac != "none")
+        rows += [dict(checkpointing=ac, method=m, tokens_per_s=r.tokens_per_s, step_s=r.step_s,
+                      compute_s=r.compute_s, linear_attention_s=r.compute_by_class_s.get("linear_attention", 0.0),
+                      memory_bound_s=r.memory_bound_s, comm_exposed_s=r.comm_exposed_s, mem_gb=r.mem_gb,
+                      oom=r.oom) for m, r in out.items()]
+        for m in ("lasp2 (zigzag)", "lasp2 (contiguous)"):
+            r = out[m]
+            ratio = r.tokens_per_s / lasp1.tokens_per_s
+            ratios.append(dict(checkpointing=ac, method=f"{m} / lasp1", published=1.152, predicted=ratio,
+                               error=ratio - 1.152, lasp1_chain_s=chain,
+                               lasp2_extra_compute_s=r.compute_s - lasp1.compute_s,
+                               per_layer_chain_ratio=per_layer_step / r.step_s))
     return rows + ratios
+
+
+def _chain_every_layer(sim: RankSim, hw: Hardware, layers: int, recompute: bool) -> float:
+    """LASP-1's exposed chain if every layer paid (CP-1) hops in each direction (no wavefront), plus the
+    recomputed forward chains under checkpointing: the same hops as timemodel.estimate_step."""
+    from lctrain.plan.timemodel import collective_time, group_spans_nodes, lasp1_hop_work_s, link_for
+
+    cp = sim.spec.cp
+    link = link_for(hw, group_spans_nodes("cp", sim.spec.tp, cp, 1, 8))
+    total = 0.0
+    for phase in ("fwd", "bwd"):
+        sizes = [c.bytes / c.calls for c in sim.comm if c.tag == f"lasp1.{phase}" and c.op == "send" and c.calls]
+        state = max(sizes) if sizes else 0.0
+        hop = collective_time("send", state, 2, link) + lasp1_hop_work_s(sim, hw, state, phase)
+        total += (2 if phase == "fwd" and recompute else 1) * layers * (cp - 1) * hop
+    return total
 
 
 def _pct(x: float) -> str:
@@ -185,23 +203,22 @@ def markdown(cache=None) -> str:
         out.append(f"| {r['gpu']} | {r['method']} | {_pct(r['published'])} | {_pct(r['predicted'])} "
                    f"| {100 * r['error']:+.1f} | {r['compute_s']:.4f} | {r['memory_bound_s']:.4f} "
                    f"| {r['comm_exposed_s']:.4f} |")
-    out += ["", "### 2. LASP-2 vs LASP-1: Linear-Llama3-1B, 64 x A100-80G (8 per node), 2048K tokens, "
-                "no checkpointing, ZeRO-1\n",
-            "| method (layout) | tokens/s | step s | compute s | linear-attention s | memory-bound s "
-            "| exposed comm s | mem GB/GPU |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out += ["", "### 2. LASP-2 vs LASP-1: Linear-Llama3-1B, 64 x A100-80G (8 per node), 2048K tokens, ZeRO-1\n",
+            "| checkpointing | method (layout) | tokens/s | step s | compute s | linear-attention s | memory-bound s "
+            "| exposed comm s | mem GB/GPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = lasp2_table(cache=cache)
     for r in rows:
         if "tokens_per_s" in r:
-            out.append(f"| {r['method']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['compute_s']:.3f} "
-                       f"| {r['linear_attention_s']:.3f} | {r['memory_bound_s']:.3f} | {r['comm_exposed_s']:.3f} "
-                       f"| {r['mem_gb']:.1f} |")
-    out += ["", "| ratio | published | predicted | error (points) | LASP-1 chain, exposed s "
+            out.append(f"| {r['checkpointing']} | {r['method']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} "
+                       f"| {r['compute_s']:.3f} | {r['linear_attention_s']:.3f} | {r['memory_bound_s']:.3f} "
+                       f"| {r['comm_exposed_s']:.3f} | {r['mem_gb']:.1f}{' (OOM)' if r['oom'] else ''} |")
+    out += ["", "| checkpointing | ratio | published | predicted | error (points) | LASP-1 chain, exposed s "
                 "| LASP-2's extra compute s | ratio if the chain were paid at every layer |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "predicted" in r:
-            out.append(f"| {r['method']} | {r['published']:.3f} | {r['predicted']:.3f} | {100 * r['error']:+.1f} "
-                       f"| {r['lasp1_chain_s']:.3f} | {r['lasp2_extra_compute_s']:+.3f} "
+            out.append(f"| {r['checkpointing']} | {r['method']} | {r['published']:.3f} | {r['predicted']:.3f} "
+                       f"| {100 * r['error']:+.1f} | {r['lasp1_chain_s']:.3f} | {r['lasp2_extra_compute_s']:+.3f} "
                        f"| {r['per_layer_chain_ratio']:.3f} |")
     out += ["", "### 3. NVIDIA NeMo: Llama-2-7B with context parallelism on DGX-H100 (TFLOPS per GPU)\n",
             "| seq | GPUs | TP | DP | CP | published (FP8) | predicted (bf16, lctrain's FLOPs) | error "

@@ -39,7 +39,10 @@ hop = send(state) + per-hop work. The chain is a wavefront: with equal work per 
 rank 0 and keeps that lag from layer to layer (no rank waits twice), so the (CP-1) hops are paid once per
 segment of the step between two collectives that synchronise the whole CP group (an all-gather, all-to-all,
 reduce-scatter, ring, or -- under ZeRO-3 -- every layer's parameter all-gather), per direction:
-exposed = segments x (CP-1) x hop. The simulated rank is a middle rank (simulate._worst_cp_rank): it does
+exposed = segments x (CP-1) x hop. Activation checkpointing breaks the wavefront: a recomputed LASP-1 layer
+re-runs its forward chain (rank 0 -> CP-1) inside backward, whose chain runs the other way, so each recomputed
+layer pays both chains in full: exposed += recomputed x (CP-1) x (forward hop), and every backward layer is a
+segment. The simulated rank is a middle rank (simulate._worst_cp_rank): it does
 both the receive and the backward recompute.
 
 The job, not one micro-batch: a step is `accum` = global_batch / (micro_batch x DP) micro-batches, then the
@@ -335,12 +338,21 @@ def estimate_step(sim: RankSim, hw: Hardware, dp: int, zero_stage: int, gpus_per
             e = max(0.0, t - _hidden(rule, by_class, phase, cp))
         total[c.tag] = total.get(c.tag, 0.0) + t
         exposed[c.tag] = exposed.get(c.tag, 0.0) + e
-    for (tag, phase), calls in chain_calls.items():
-        sizes = [c.bytes / c.calls for c in sim.comm if c.tag == tag and c.op == "send" and c.calls]
-        state = max(sizes) if sizes else 0.0
-        hop = collective_time("send", state, 2, links["cp"]) + lasp1_hop_work_s(sim, hw, state, phase)
-        segments = _lasp1_segments(sim, phase, calls, zero_stage)
-        exposed[tag] = exposed.get(tag, 0.0) + segments * (cp - 1) * hop
+    for method in sorted({tag.partition(".")[0] for tag, _ in chain_calls}):
+        fwd, bwd = chain_calls.get((f"{method}.fwd", "fwd"), 0.0), chain_calls.get((f"{method}.bwd", "bwd"), 0.0)
+        # Activation checkpointing re-runs the forward chain (rank 0 -> P-1) inside backward, whose chain runs
+        # the other way (P-1 -> 0): every recomputed layer pays both chains in full, no wavefront.
+        recomputed = max(0.0, fwd - bwd) if bwd else 0.0
+        hops = {}
+        for phase in ("fwd", "bwd"):
+            tag = f"{method}.{phase}"
+            sizes = [c.bytes / c.calls for c in sim.comm if c.tag == tag and c.op == "send" and c.calls]
+            state = max(sizes) if sizes else 0.0
+            hops[phase] = collective_time("send", state, 2, links["cp"]) + lasp1_hop_work_s(sim, hw, state, phase)
+        fwd_segments = _lasp1_segments(sim, "fwd", fwd - recomputed, zero_stage) + recomputed
+        bwd_segments = bwd if recomputed else _lasp1_segments(sim, "bwd", bwd, zero_stage)
+        exposed[f"{method}.fwd"] = exposed.get(f"{method}.fwd", 0.0) + fwd_segments * (cp - 1) * hops["fwd"]
+        exposed[f"{method}.bwd"] = exposed.get(f"{method}.bwd", 0.0) + bwd_segments * (cp - 1) * hops["bwd"]
 
     micro_exposed = sum(exposed.values())
     total = {k: v * accum for k, v in total.items()}

@@ -162,6 +162,13 @@ def test_lasp1_chain_is_a_critical_path_of_hops_and_their_work():
     # ZeRO-3 gathers parameters every layer over DP x CP: every layer is its own segment.
     z3 = estimate_step(sim, HW, dp=2, zero_stage=3, gpus_per_node=8)
     assert z3.comm_exposed_by_kind_s["lasp1.bwd"] == pytest.approx(2 * 3 * bwd_hop)
+    # Checkpointing: the 2 layers re-run their forward chain in backward (4 forward sends: 2 + 2 recomputed),
+    # against the backward chain's direction: each recomputed layer pays both chains.
+    recomputed = [CommStat("cp", "send", "lasp1.fwd", 4, calls=4, bytes=4 * state)] + comm[2:]
+    ck = estimate_step(_sim(recomputed, linear_sp="lasp1", layout="contiguous"), HW, dp=2, zero_stage=1,
+                       gpus_per_node=8)
+    assert ck.comm_exposed_by_kind_s["lasp1.fwd"] == pytest.approx((1 + 2) * 3 * fwd_hop)
+    assert ck.comm_exposed_by_kind_s["lasp1.bwd"] == pytest.approx(2 * 3 * bwd_hop)
 
 
 def test_packed_documents_shrink_model_flops_and_skipping_kernels():
