@@ -15,6 +15,7 @@ from lctrain.ops.gated_delta_ref import gated_delta_rule_recurrent
 from lctrain.ops.gla_ref import gla_recurrent
 from lctrain.parallel import MeshConfig, comm, init_mesh, shard_sequence
 from lctrain.sp import lasp1_linear_attention, lasp2_delta_attention, lasp2_linear_attention
+from lctrain.sp.documents import PackedDocuments
 from lctrain.sp.lasp1_delta import lasp1_delta_attention
 from lctrain.testing import run_distributed
 from lctrain.testing.hot_path import count_host_syncs, watch_collectives
@@ -100,12 +101,16 @@ def _check(cfg, seed):
         return shard_sequence(x, dim=1, layout=layout) if x is not None and x.dim() >= 3 else x
 
     results = {}
-    for with_docs in (False, True):
+    docs = PackedDocuments.from_host(cu, B, n, rank, world, layout, "cpu")  # as the model builds it per batch
+    for with_docs in (False, True, "tables"):
         loc = [sharded(x).detach().clone().requires_grad_(True) if x is not None else None for x in full]
         with comm.record_comm() as rec:
-            o = call(method, layout, *loc, cu if with_docs else None)
+            o = call(method, layout, *loc, {False: None, True: cu, "tables": docs}[with_docs])
             (o * sharded(w)).sum().backward()
         results[with_docs] = (o, loc, _collectives(rec))
+    # The per-batch tables give exactly what the method derives from the bare boundaries.
+    assert torch.equal(results["tables"][0], results[True][0])
+    assert all(a is None or torch.equal(a.grad, b.grad) for a, b in zip(results["tables"][1], results[True][1]))
     o, loc, counts = results[True]
     where = f"rank {rank}/{world} {cfg} cu={cu.tolist()}"
     assert counts == results[False][2], (where, counts, results[False][2])  # the same collectives as without

@@ -10,6 +10,7 @@ from lctrain.ops.attention import attention
 from lctrain.ops.attention_varlen import document_ids, document_mask, varlen_attention
 from lctrain.parallel import MeshConfig, init_mesh, record_comm, shard_sequence, unshard_sequence
 from lctrain.sp import allgather_attention, ring_attention, ulysses_attention
+from lctrain.sp.documents import PackedDocuments
 from lctrain.testing.hot_path import count_host_syncs
 from tests.sp.softmax_cases import rel_err
 
@@ -70,9 +71,15 @@ def _varlen_cases_inner(seed):
             o = METHODS[method](*local, causal=causal, softmax_scale=0.3, layout=layout, cu_seqlens=cu)
             o.backward(shard_sequence(do, layout=layout))
         first_grads = [x.grad.detach().clone() for x in local]
-        with count_host_syncs() as syncs:  # steady state: the boundaries become masks on the device
-            METHODS[method](*local, causal=causal, softmax_scale=0.3, layout=layout, cu_seqlens=cu).sum().backward()
+        # Steady state, with the per-batch tables the model passes (PackedDocuments): no host sync, and exactly
+        # the numbers the bare boundaries gave.
+        docs = PackedDocuments.from_host(cu, b, seq, dist.get_rank(), world, layout, "cpu")
+        again = [x.detach().clone().requires_grad_(True) for x in local]
+        with count_host_syncs() as syncs:
+            o2 = METHODS[method](*again, causal=causal, softmax_scale=0.3, layout=layout, cu_seqlens=docs)
+            o2.backward(shard_sequence(do, layout=layout))
         assert syncs.count == 0, (method, syncs.calls)
+        assert torch.equal(o2, o) and all(torch.equal(a.grad, g) for a, g in zip(again, first_grads)), method
         full = [unshard_sequence(t, layout=layout) for t in (o.detach(), *first_grads)]
         errors = {n: rel_err(a, x) for n, a, x in zip(("o", "dq", "dk", "dv"), full, [None] + [r.grad for r in ref])
                   if x is not None}
