@@ -15,7 +15,8 @@ worker streams its part, tokenises it in batches with the tokenizer's batch enco
 
 into the job's temporary directory `.NAME.tmp-KEY` beside the output, KEY = the job id (given, or SLURM_JOB_ID /
 LCTRAIN_JOB_ID; a random one for a single node) plus a hash of the settings: unique per job, shared by its nodes,
-never a PID. Node 0 waits for every part, joins the per-part arrays into `doc_offsets.npy` (int64 [n_docs + 1])
+never a PID. A node that fails leaves `error.NODE.txt` there, which ends the others' waits with its reason.
+Node 0 waits for every part, joins the per-part arrays into `doc_offsets.npy` (int64 [n_docs + 1])
 and `doc_hash.npy` (uint64 [n_docs]) chunk by chunk through memory-mapped output (O(1) memory beyond one part),
 writes index.json last and publishes the directory with one rename. The other nodes wait for that rename (the
 barrier): after it, every rank only reads. The result is byte-identical whatever the number of nodes or workers.
@@ -170,9 +171,13 @@ def _job_key(job_id: str | None, settings: dict, num_nodes: int) -> str:
     return f"{job_id}-{digest}"
 
 
-def _wait(condition, what: str, timeout_s: float) -> None:
+def _wait(condition, what: str, timeout_s: float, tmp: Path | None = None) -> None:
+    """Poll `condition`; a node's failure note in `tmp` (error.NODE.txt) ends the wait with its reason."""
     deadline = time.monotonic() + timeout_s
     while not condition():
+        failed = sorted(tmp.glob("error.*.txt")) if tmp is not None and tmp.is_dir() else []
+        if failed:
+            raise ValueError(f"while waiting for {what}: {failed[0].read_text().strip()}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up after {timeout_s:.0f} s waiting for {what}")
         time.sleep(WAIT_POLL_S)
@@ -265,6 +270,7 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", shard_toke
     settings = dict(index, parts=[asdict(p) for p in parts], out=str(out.resolve()))
     tmp = out.with_name(f".{out.name}.tmp-{_job_key(job_id, settings, num_nodes)}")
     tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / f"error.{node_rank}.txt").unlink(missing_ok=True)  # a failure note of an earlier attempt of this job
     mine = [i for i in range(len(parts)) if i % num_nodes == node_rank]
     jobs = [(i, asdict(parts[i]), str(tmp), text_field, shard_tokens, dtype.name) for i in mine]
     t0 = time.perf_counter()
@@ -273,6 +279,25 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", shard_toke
         from tqdm import tqdm
 
         bar = tqdm(total=sum(parts[i].nbytes for i in mine), unit="B", unit_scale=True, desc="prepare", file=sys.stderr)
+    try:
+        final, done = _run_node(jobs, parts, tmp, out, index, tokenizer, eos_token, bos_token, workers, node_rank,
+                                num_nodes, replace, wait_timeout_s, bar)
+    except Exception as err:
+        if tmp.is_dir():  # tell the other nodes, so they stop waiting with the reason
+            _write_atomic(tmp / f"error.{node_rank}.txt", f"node {node_rank} failed: {err}")
+        raise
+    took = time.perf_counter() - t0
+    docs, toks = sum(s["documents"] for s in done), sum(s["tokens"] for s in done)
+    print(f"[lctrain data prepare] node {node_rank}/{num_nodes}: {docs} documents, {toks} tokens in "
+          f"{len(done)} part(s), {took:.1f} s, {toks / max(took, 1e-9):,.0f} tokens/s; corpus: "
+          f"{final['documents']} documents, {final['total_tokens']} tokens, {len(final['shards'])} shard(s)",
+          file=sys.stderr, flush=True)
+    return final
+
+
+def _run_node(jobs, parts, tmp, out, index, tokenizer, eos_token, bos_token, workers, node_rank, num_nodes, replace,
+              wait_timeout_s, bar) -> tuple[dict, list[dict]]:
+    """This node's parts through the pool, then (node 0) join and publish, or (others) wait for the publication."""
     done: list[dict] = []
     if workers == 1 or len(jobs) <= 1:
         _init_worker(tokenizer, eos_token, bos_token)
@@ -294,16 +319,10 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str = "byte", shard_toke
             bar.close()
     if node_rank == 0:
         _wait(lambda: all((tmp / f"part_{i:05d}.json").is_file() for i in range(len(parts))),
-              f"the other {num_nodes - 1} node(s) to finish their parts in {tmp}", wait_timeout_s)
+              f"the other {num_nodes - 1} node(s) to finish their parts in {tmp}", wait_timeout_s, tmp)
         final = _finalize(tmp, len(parts), index)
         publish(tmp, out, replace)
     else:  # the barrier: node 0 publishes with one rename
-        _wait(lambda: not tmp.exists() and (out / INDEX).is_file(), f"node 0 to publish {out}", wait_timeout_s)
+        _wait(lambda: not tmp.exists() and (out / INDEX).is_file(), f"node 0 to publish {out}", wait_timeout_s, tmp)
         final = json.loads((out / INDEX).read_text())
-    took = time.perf_counter() - t0
-    docs, toks = sum(s["documents"] for s in done), sum(s["tokens"] for s in done)
-    print(f"[lctrain data prepare] node {node_rank}/{num_nodes}: {docs} documents, {toks} tokens in "
-          f"{len(done)} part(s), {took:.1f} s, {toks / max(took, 1e-9):,.0f} tokens/s; corpus: "
-          f"{final['documents']} documents, {final['total_tokens']} tokens, {len(final['shards'])} shard(s)",
-          file=sys.stderr, flush=True)
-    return final
+    return final, done

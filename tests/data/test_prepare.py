@@ -110,6 +110,24 @@ def test_several_nodes_need_a_job_id_and_ranks_wait(tmp_path, monkeypatch):
     monkeypatch.delenv("LCTRAIN_JOB_ID", raising=False)
     with pytest.raises(ValueError, match="job id"):
         prepare([str(corpus)], str(tmp_path / "o"), num_nodes=2, node_rank=1)
+    # a node that fails tells the others: node 1 stops waiting for node 0 with node 0's reason
+    import threading
+
+    got = {}
+
+    def node1():
+        try:
+            prepare([str(corpus)], str(tmp_path / "o"), num_nodes=2, node_rank=1, job_id="j1", wait_timeout_s=60)
+        except ValueError as err:
+            got["err"] = str(err)
+
+    t = threading.Thread(target=node1)
+    t.start()
+    while not list(tmp_path.glob(".o.tmp-j1-*")):
+        t.join(0.05)
+    (next(tmp_path.glob(".o.tmp-j1-*")) / "error.0.txt").write_text("node 0 failed: boom")
+    t.join(30)
+    assert "node 0 failed: boom" in got.get("err", ""), got
     built = []
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LCTRAIN_DATA_WAIT_S", "1.5")
