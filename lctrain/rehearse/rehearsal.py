@@ -188,7 +188,7 @@ def rehearse(cfg: Config, gpus: int, gpus_per_node: int | None = None, rank: int
                     if resume_path is not None:
                         notes.append(f"rank 0 would resume from {resume_path}; loading was not rehearsed")
                     model, engine = trainer.build_run_engine(
-                        cfg, mesh, plan, META, builder=standin_builder(dtype, mem.adopt, adopt_params))
+                        cfg, mesh, plan, META, builder=standin_builder(dtype, mem.adopt, adopt_params, mem.paused))
                     layers = _Layers(model, mem)
                     train_data = _dataset(cfg, "train", notes, stand_ins)
                     eval_data = _dataset(cfg, "eval", notes, stand_ins)

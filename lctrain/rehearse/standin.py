@@ -21,6 +21,7 @@ a few KiB); the Adam update runs no math on meta (FusedAdam's kernels make no te
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -179,14 +180,15 @@ def _buckets(total: int, bucket: int) -> list[int]:
 
 
 def standin_builder(dtype: torch.dtype, on_alloc: Callable[[torch.Tensor, str], None] | None = None,
-                    after_build: Callable[[torch.nn.Module], None] | None = None):
+                    after_build: Callable[[torch.nn.Module], None] | None = None,
+                    quiet: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
     """A `builder` for `lctrain.train.trainer.build_run_engine`: the real model built on meta, cast to `dtype`,
-    inside a `StandInEngine`."""
+    inside a `StandInEngine`. The build runs inside `quiet()` (a run builds on the host: its temporaries are not
+    device memory)."""
 
     def build(model_fn, cfg: TrainConfig, mesh: Mesh, grad_accum: int, device):
-        with torch.device("meta"):
-            model = model_fn()
-        model = model.to(dtype)
+        with quiet(), torch.device("meta"):
+            model = model_fn().to(dtype)
         if after_build is not None:
             after_build(model)
         return model, StandInEngine(model, cfg, mesh, grad_accum, dtype, torch.device("meta"), on_alloc)

@@ -6,10 +6,11 @@ each aten op after autograd, forward and backward alike) and labels what it sees
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -74,6 +75,7 @@ class MemoryWatcher(TorchDispatchMode):
         self.at_peak: dict[str, int] = dict(self.current)
         self.category_peak = dict(self.current)
         self.by_line: dict[tuple[str, int, str], int] = {}  # (line, nbytes, category) -> count
+        self._paused = 0
 
     @property
     def total(self) -> int:
@@ -90,9 +92,18 @@ class MemoryWatcher(TorchDispatchMode):
         if total > self.peak:
             self.peak, self.at_peak = total, dict(self.current)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Track nothing inside the block (the model build: a run builds on the host and moves the result)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
     def track(self, t: torch.Tensor, category: str | None = None, line: str | None = None) -> None:
         """Count `t`'s storage (once) from now on, in `category` (default: by where it was created)."""
-        if t.device.type not in self.device_types:
+        if t.device.type not in self.device_types or self._paused:
             return
         st = t.untyped_storage()
         key = id(st)
@@ -105,8 +116,7 @@ class MemoryWatcher(TorchDispatchMode):
         line = line or source_line()
         self.live[key] = [nbytes, category, line]
         self.current[category] += nbytes
-        k = (line, nbytes, category)
-        self.by_line[k] = self.by_line.get(k, 0) + 1
+        self._count(line, nbytes, category, 1)
         weakref.finalize(st, self._release, key)
         self._bump(category)
 
@@ -120,9 +130,17 @@ class MemoryWatcher(TorchDispatchMode):
             return
         if entry[1] != category:
             self.current[entry[1]] -= entry[0]
+            self._count(entry[2], entry[0], entry[1], -1)
+            self._count(entry[2], entry[0], category, 1)
             entry[1] = category
             self.current[category] += entry[0]
             self._bump(category)
+
+    def _count(self, line: str, nbytes: int, category: str, n: int) -> None:
+        k = (line, nbytes, category)
+        self.by_line[k] = self.by_line.get(k, 0) + n
+        if not self.by_line[k]:
+            del self.by_line[k]
 
     def live_bytes(self, category: str) -> int:
         return self.current[category]

@@ -17,8 +17,9 @@ skip are reported loudly (a warning, and a `resume_fallback` record in metrics.j
 the pieces of the state it owns under the new layout and saves only the pieces it owns (sharded DCP).
 
 Preemption: with train.preempt_grace_s > 0, a notice (SIGTERM or SIGUSR1 to any rank, or the Ray supervisor's
-`preempt` call; lctrain.checkpoint.preempt) makes the ranks agree at the end of the current step (one 4-byte
-all-reduce per step, on the training device), save one checkpoint and return with `preempted` set (the CLI then
+`preempt` call; lctrain.checkpoint.preempt) makes the ranks agree at the end of the next step that reads the device
+anyway -- a log step (train.log_every), an eval or a save step -- (one 4-byte all-reduce there, on the training
+device; other steps issue no host sync), save one checkpoint and return with `preempted` set (the CLI then
 exits with preempt.REQUEUE_EXIT, the code the recipes requeue on); a watchdog ends the process with code 1 if that
 takes longer than the grace period (under torchrun at most 28 s: torchrun kills its workers 30 s after SIGTERM).
 Liveness for a supervisor goes through lctrain.train.heartbeat (a beat per step; saves and evals are phases).
