@@ -26,6 +26,7 @@ from lctrain.ops.attention_varlen import (DocumentMask, varlen_attention_backwar
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import Layout
+from lctrain.sp import window_blocks
 from lctrain.sp.documents import PackedDocuments, as_documents
 from lctrain.sp.utils import (check_inputs, compute_dtype, merge_attention, rank_major_positions,
                               resolve_scale)
@@ -127,28 +128,37 @@ def _bwd(do, q, k, v, o, lse, causal, scale, mask):
 
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout, packed):
+    def forward(ctx, q, k, v, group, causal, scale, layout, packed, window=None):
         size, rank = comm.group_size(group), comm.group_rank(group)
         s = q.shape[1]
         zigzag = _zigzag(size, causal, layout)
         n = 2 if zigzag else 1
         docs = None if packed is None else _Docs(packed, causal, zigzag)
+        win = None if window is None else window_blocks.WindowBlocks(rank, size, s, layout, window, q.shape[0],
+                                                                     packed, q.device)
         with comm.comm_tag("allgather.fwd"):
             pending = comm.all_gather(_pack_kv(k, v), group, async_op=True) if size > 1 else None
         # While K/V travel: the rank's own (diagonal) blocks.
-        o_d, lse_d = _fwd(_diag(q, n), _diag(k, n), _diag(v, n), causal, scale, docs and docs.diagonal(n))
+        o_d, lse_d = _fwd(_diag(q, n), _diag(k, n), _diag(v, n), causal, scale,
+                          win.diagonal(n) if win else docs and docs.diagonal(n))
         out = _undiag(o_d, n).to(compute_dtype(q.dtype))  # [b, s, h, d]
         lse = _undiag(lse_d, n, dim=2).to(out.dtype)  # [b, h, s]
         if size > 1:
             kv = _gathered(pending, size, zigzag)
             for rows, start, end in _remote_blocks(rank, size, s, causal, layout):
+                mask = docs and docs.remote(rows, start, end)
+                if win and (blk := win.remote(rows, start, end)) is None:
+                    continue  # wholly outside the window: skipped
+                if win:
+                    rows, start, end, mask = blk
                 kb, vb = _keys(kv, start, end)
-                o_b, lse_b = _fwd(q[:, rows], kb, vb, False, scale, docs and docs.remote(rows, start, end))
+                o_b, lse_b = _fwd(q[:, rows], kb, vb, False, scale, mask)
                 merge_attention(out[:, rows], lse[:, :, rows], o_b, lse_b)
             del kv
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.causal, ctx.scale, ctx.layout, ctx.packed = group, causal, scale, layout, packed
+        ctx.window = window
         return out
 
     @staticmethod
@@ -160,6 +170,8 @@ class _AllGatherAttention(torch.autograd.Function):
         zigzag = _zigzag(size, causal, ctx.layout)
         n = 2 if zigzag else 1
         docs = None if ctx.packed is None else _Docs(ctx.packed, causal, zigzag)
+        win = None if ctx.window is None else window_blocks.WindowBlocks(rank, size, s, ctx.layout, ctx.window,
+                                                                         q.shape[0], ctx.packed, q.device)
         do = do.contiguous()
         with comm.comm_tag("allgather.bwd"):
             # Re-gather (nothing full-length is kept from forward).
@@ -167,7 +179,7 @@ class _AllGatherAttention(torch.autograd.Function):
         # While K/V travel: gradients of the diagonal blocks, with the final merged (out, lse).
         dq_d, dk_d, dv_d = _bwd(_diag(do, n), _diag(q, n), _diag(k, n), _diag(v, n), _diag(out, n),
                                 _diag(lse.transpose(1, 2), n).transpose(1, 2), causal, scale,
-                                docs and docs.diagonal(n))
+                                win.diagonal(n) if win else docs and docs.diagonal(n))
         acc = compute_dtype(q.dtype)
         dq, dk, dv = (_undiag(x, n).to(acc) for x in (dq_d, dk_d, dv_d))
         if size > 1:
@@ -177,9 +189,14 @@ class _AllGatherAttention(torch.autograd.Function):
             # float32 and rounded once.
             dkv = torch.zeros(kv.shape, dtype=kv.dtype, device=kv.device)  # [S, b, 2, h_kv, d]
             for rows, start, end in _remote_blocks(rank, size, s, causal, ctx.layout):
+                mask = docs and docs.remote(rows, start, end)
+                if win and (blk := win.remote(rows, start, end)) is None:
+                    continue
+                if win:
+                    rows, start, end, mask = blk
                 kb, vb = _keys(kv, start, end)
                 dq_b, dk_b, dv_b = _bwd(do[:, rows], q[:, rows], kb, vb, out[:, rows], lse[:, :, rows], False, scale,
-                                        docs and docs.remote(rows, start, end))
+                                        mask)
                 dq[:, rows] += dq_b
                 blk = torch.stack([dk_b, dv_b], dim=2).transpose(0, 1)  # [end-start, b, 2, h_kv, d]
                 dkv[start:end] = (dkv[start:end].to(acc) + blk.to(acc)).to(dkv.dtype)
@@ -193,14 +210,15 @@ class _AllGatherAttention(torch.autograd.Function):
                 dkv = comm.reduce_scatter(dkv, group)  # [s, b, 2, h_kv, d]: this rank's keys, summed over ranks
             dk = dk + dkv[:, :, 0].transpose(0, 1)
             dv = dv + dkv[:, :, 1].transpose(0, 1)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 @torch.compiler.disable
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
                         causal: bool = True, softmax_scale: float | None = None,
                         layout: Layout = "zigzag",
-                        cu_seqlens: torch.Tensor | PackedDocuments | None = None) -> torch.Tensor:
+                        cu_seqlens: torch.Tensor | PackedDocuments | None = None,
+                        window: int | None = None) -> torch.Tensor:
     """Exact softmax attention over the CP-sharded sequence with one K/V all-gather (one dK/dV reduce-scatter).
 
     Args:
@@ -214,6 +232,9 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
             tokens, the same on every rank, on q's device), or the batch's `lctrain.sp.documents.PackedDocuments`:
             attention stays within a document (every block above
             under a document mask, `lctrain.ops.attention_varlen`; same blocks, collectives and overlap).
+        window: a sliding window W (causal only): query i sees keys i - W < j <= i. The same collectives; remote
+            blocks wholly outside the window are skipped and the rest cut to its visible box
+            (`lctrain.sp.window_blocks`). `halo_attention` moves only the window's keys.
     Returns:
         This rank's output `[b, s_local, h, d]`.
 
@@ -222,7 +243,8 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group
     """
     group = cp_group_or_default(group)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    check_inputs("allgather_attention", q, k, v, group, causal, layout, scale, cu_seqlens=cu_seqlens)
+    check_inputs("allgather_attention", q, k, v, group, causal, layout, scale, cu_seqlens=cu_seqlens,
+                 extra=lambda *_: window_blocks.window_problem(window, causal))
     docs = None if cu_seqlens is None else as_documents(cu_seqlens, q, comm.group_rank(group),
                                                         comm.group_size(group), layout)
-    return _AllGatherAttention.apply(q, k, v, group, causal, scale, layout, docs)
+    return _AllGatherAttention.apply(q, k, v, group, causal, scale, layout, docs, window)

@@ -28,6 +28,7 @@ from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import Layout
+from lctrain.sp import window_blocks
 from lctrain.sp.documents import PackedDocuments, as_documents
 from lctrain.sp.utils import check_inputs, compute_dtype, merge_attention, rank_positions, resolve_scale
 
@@ -67,9 +68,32 @@ def _doc_block(docs: PackedDocuments, src: int, causal: bool) -> tuple[slice, sl
     return qs, ks, DocumentMask(q_pos, k_pos, docs.doc_ids[:, qs], docs.ids_at(k_pos), causal)
 
 
+def _window_block(rank: int, src: int, size: int, s: int, b: int, layout: str, window: int,
+                  docs: PackedDocuments | None, device: torch.device) -> tuple[slice, slice, torch.Tensor] | None:
+    """Sliding window: the visible box of this rank's queries against rank `src`'s keys, masked; None: skipped."""
+    plan = _block(rank, src, True, layout, s)
+    if plan is None:
+        return None
+    q_runs, k_runs = (window_blocks.rank_runs(r, size, s, layout) for r in (rank, src))
+    box = window_blocks.visible_box(window_blocks.restrict(q_runs, plan[0], s),
+                                    window_blocks.restrict(k_runs, plan[1], s), window)
+    if box is None:
+        return None
+    qs, ks = box
+    q_pos, k_pos = window_blocks.positions(q_runs, qs, s, device), window_blocks.positions(k_runs, ks, s, device)
+    return qs, ks, window_blocks.block_mask(q_pos, k_pos, window, b, docs)
+
+
+def _masked_block(docs: PackedDocuments | None, window: int | None, rank: int, src: int, size: int, s: int, b: int,
+                  causal: bool, layout: str, device: torch.device) -> tuple[slice, slice, object] | None:
+    if window is None:
+        return _doc_block(docs, src, causal)
+    return _window_block(rank, src, size, s, b, layout, window, docs, device)
+
+
 def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, causal: bool,
-                  scale: float, layout: str,
-                  docs: PackedDocuments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float, layout: str, docs: PackedDocuments | None = None,
+                  window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     size, rank = comm.group_size(group), comm.group_rank(group)
     b, s, h, d = q.shape
     acc = compute_dtype(q.dtype)
@@ -79,8 +103,8 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist
     for step in range(size):
         incoming, handle = _shift(kv, group, rank, size) if step + 1 < size else (None, None)
         src = (rank - step) % size
-        if docs is not None:
-            if (blk := _doc_block(docs, src, causal)) is not None:
+        if docs is not None or window is not None:
+            if (blk := _masked_block(docs, window, rank, src, size, s, b, causal, layout, q.device)) is not None:
                 qs, ks, mask = blk
                 o_b, lse_b = varlen_attention_forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], mask, scale)
                 merge_attention(out[:, qs], lse[:, :, qs], o_b, lse_b)
@@ -96,8 +120,8 @@ def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist
 
 def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, group: dist.ProcessGroup | None, causal: bool, scale: float,
-                   layout: str,
-                   docs: PackedDocuments | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   layout: str, docs: PackedDocuments | None = None,
+                   window: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     size, rank = comm.group_size(group), comm.group_rank(group)
     s = q.shape[1]
     acc = compute_dtype(q.dtype)
@@ -108,8 +132,9 @@ def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         incoming, kv_handle = _shift(kv, group, rank, size) if step + 1 < size else (None, None)
         src = (rank - step) % size
         grads, ks = None, _ALL
-        if docs is not None:
-            if (blk := _doc_block(docs, src, causal)) is not None:
+        if docs is not None or window is not None:
+            if (blk := _masked_block(docs, window, rank, src, size, s, q.shape[0], causal, layout,
+                                     q.device)) is not None:
                 qs, ks, mask = blk
                 grads = varlen_attention_backward(do[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
                                                   lse[:, :, qs], mask, scale)
@@ -142,11 +167,12 @@ def _ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout, docs):
+    def forward(ctx, q, k, v, group, causal, scale, layout, docs, window=None):
         with comm.comm_tag("ring.fwd"):
-            out, lse = _ring_forward(q, k, v, group, causal, scale, layout, docs)
+            out, lse = _ring_forward(q, k, v, group, causal, scale, layout, docs, window)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.causal, ctx.scale, ctx.layout, ctx.docs = group, causal, scale, layout, docs
+        ctx.window = window
         return out
 
     @staticmethod
@@ -154,14 +180,15 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         with comm.comm_tag("ring.bwd"):
             dq, dk, dv = _ring_backward(do.contiguous(), q, k, v, out, lse, ctx.group, ctx.causal, ctx.scale,
-                                        ctx.layout, ctx.docs)
-        return dq, dk, dv, None, None, None, None, None
+                                        ctx.layout, ctx.docs, ctx.window)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 @torch.compiler.disable
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
                    causal: bool = True, softmax_scale: float | None = None, layout: Layout = "zigzag",
-                   cu_seqlens: torch.Tensor | PackedDocuments | None = None) -> torch.Tensor:
+                   cu_seqlens: torch.Tensor | PackedDocuments | None = None,
+                   window: int | None = None) -> torch.Tensor:
     """Exact softmax attention over the sequence sharded across the CP group, K/V passed around a ring.
 
     Args:
@@ -175,12 +202,16 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
             tokens, the same on every rank, on q's device), or the batch's `lctrain.sp.documents.PackedDocuments`:
             attention stays within a document. Each block is then masked by document and position
             (`lctrain.ops.attention_varlen`).
+        window: a sliding window W (causal only): query i sees keys i - W < j <= i. K/V still travel the whole
+            ring; blocks wholly outside the window are skipped and the rest is cut to its visible box
+            (`lctrain.sp.window_blocks`). `halo_attention` moves only the window's keys.
     Returns:
         This rank's output `[b, s_local, h, d]`.
     """
     group = cp_group_or_default(group)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    check_inputs("ring_attention", q, k, v, group, causal, layout, scale, cu_seqlens=cu_seqlens)
+    check_inputs("ring_attention", q, k, v, group, causal, layout, scale, cu_seqlens=cu_seqlens,
+                 extra=lambda *_: window_blocks.window_problem(window, causal))
     docs = None if cu_seqlens is None else as_documents(cu_seqlens, q, comm.group_rank(group),
                                                         comm.group_size(group), layout)
-    return _RingAttention.apply(q, k, v, group, causal, scale, layout, docs)
+    return _RingAttention.apply(q, k, v, group, causal, scale, layout, docs, window)

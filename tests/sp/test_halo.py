@@ -127,3 +127,63 @@ def test_halo_bad_window_is_a_value_error():
         halo_attention(x, x, x, window=0)
     with pytest.raises(ValueError, match="causal"):
         halo_attention(x, x, x, window=3, causal=False)
+
+
+def _full_methods(seed: int, cases: list[tuple]) -> list[dict]:
+    """ring / allgather with window=: exact, and only the visible boxes of blocks computed (area counted)."""
+    from lctrain.sp import allgather as allgather_mod, allgather_attention, ring as ring_mod, ring_attention
+
+    world = dist.get_world_size()
+    init_mesh(MeshConfig(cp=world))
+    area = [0]
+
+    def counting(fn):
+        def wrapped(q, k, *args, **kwargs):
+            area[0] += q.shape[1] * k.shape[1]
+            return fn(q, k, *args, **kwargs)
+        return wrapped
+
+    out = []
+    patched = [(ring_mod, "varlen_attention_forward"), (allgather_mod, "varlen_attention_forward")]
+    saved = [getattr(m, n) for m, n in patched]
+    for m, n in patched:
+        setattr(m, n, counting(getattr(m, n)))
+    try:
+        for i, (method, seq, window, layout, docs) in enumerate(cases):
+            fn = ring_attention if method == "ring" else allgather_attention
+            g = torch.Generator().manual_seed(seed + i)
+            q = torch.randn(2, seq, 4, 4, generator=g, dtype=torch.float64)
+            k, v = (torch.randn(2, seq, 2, 4, generator=g, dtype=torch.float64) for _ in range(2))
+            do = torch.randn(2, seq, 4, 4, generator=g, dtype=torch.float64)
+            cu = torch.tensor([0, 5, seq, seq + 3, 2 * seq]) if docs else None
+            ref = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            masked_window_reference(*ref, window, 0.5, cu).backward(do)
+            local = [shard_sequence(x, layout=layout).detach().requires_grad_(True) for x in (q, k, v)]
+            area[0] = 0
+            o = fn(*local, window=window, layout=layout, cu_seqlens=cu, softmax_scale=0.5)
+            fwd_area = area[0]
+            o.backward(shard_sequence(do, layout=layout))
+            full = [unshard_sequence(t.detach(), layout=layout) for t in (o, *(x.grad for x in local))]
+            expect = [masked_window_reference(*[x.detach() for x in ref], window, 0.5, cu)] + [x.grad for x in ref]
+            out.append(dict(case=(method, seq, window, layout, docs), area=fwd_area,
+                            errors={nm: rel_err(a, e) for nm, a, e in zip(("o", "dq", "dk", "dv"), full, expect)}))
+    finally:
+        for (m, n), fn in zip(patched, saved):
+            setattr(m, n, fn)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_and_allgather_with_window_skip_blocks_outside_it(world):
+    seed = int(torch.randint(0, 2**31, ()).item())
+    seq = 32
+    cases = [(m, seq, w, layout, docs) for m in ("ring", "allgather") for layout in ("contiguous", "zigzag")
+             for w, docs in ((1, False), (3, False), (9, True), (seq + 1, False))]
+    for rank, results in enumerate(run_distributed(_full_methods, world, seed, cases)):
+        for r in results:
+            bad = {n: e for n, e in r["errors"].items() if not e <= 1e-10}
+            assert not bad, (rank, r["case"], bad)
+            _, _, window, layout, _ = r["case"]
+            s = seq // world
+            if window <= 3:  # the local diagonal plus at most two (W-1) x (W-1) boxes: remote blocks skipped
+                assert 0 < r["area"] <= s * s + 2 * (window - 1) ** 2, (rank, r["case"], r["area"])
