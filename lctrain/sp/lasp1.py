@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lctrain.ops.chunk_recompute import differentiate_now
 from lctrain.ops.linear_attention import linear_attention, memory_state
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
@@ -83,7 +84,8 @@ class _LASP1(torch.autograd.Function):
 
         q, k, v, log_decay, entering = ctx.saved_tensors
         decay_grad = bool(ctx.needs_input_grad[3])
-        with torch.enable_grad():
+        # The local pass is differentiated at once: its graph is built directly (not the lean recompute op).
+        with torch.enable_grad(), differentiate_now():
             qr, kr, vr = (x.detach().requires_grad_(True) for x in (q, k, v))
             s_in = entering.detach().requires_grad_(True)
             ld = log_decay.detach().requires_grad_(True) if decay_grad else log_decay

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lctrain.ops.chunk_recompute import differentiate_now
 from lctrain.ops.linear_attention_ref import compute_dtype
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
@@ -57,7 +58,8 @@ class _LASP1ChunkMap(torch.autograd.Function):
         q, k, v, g, beta, entering = ctx.saved_tensors
         variant, group, rank, world = ctx.variant, ctx.group, ctx.rank, ctx.world
         need = ctx.needs_input_grad
-        with torch.enable_grad():
+        # The local pass is differentiated at once: its graph is built directly (not the lean recompute op).
+        with torch.enable_grad(), differentiate_now():
             qr, kr, vr = (x.detach().requires_grad_(True) for x in (q, k, v))
             gr = g.detach().requires_grad_(True) if g is not None and need[3] else g
             br = beta.detach().requires_grad_(True) if beta is not None and need[4] else beta

@@ -139,3 +139,49 @@ def test_on_gpu_the_unvalidated_kernel_ranks_below_the_pytorch_backends(monkeypa
     order = [be.name for be in la.REGISTRY.candidates(q, q, q, None)]
     assert order[:2] == ["chunk", "reference"], order
     assert all(not be.validated_on_gpu for be in la.REGISTRY.candidates(q, q, q, None)[2:]), order
+
+
+def test_chunk_backends_keep_only_their_inputs():
+    """The "chunk" backends of linear attention, GLA and the gated delta rule keep exactly their inputs for backward
+    (fla's memory model; the plain graph keeps 5-10x more), and their gradients equal the plain graph's."""
+    from lctrain.ops.chunk_recompute import differentiate_now
+    from lctrain.ops.gated_delta import gated_delta_rule
+    from lctrain.ops.gla import gated_linear_attention
+    from lctrain.testing.hot_path import track_saved_tensors
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    b, n, h, d = 1, 100, 2, 16
+    q, k, v = (torch.randn(b, n, h, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    g_scalar = -torch.rand(b, n, h, generator=gen, dtype=torch.float64)
+    g_vector = -torch.rand(b, n, h, d, generator=gen, dtype=torch.float64)
+    beta = torch.rand(b, n, h, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(b, h, d, d, generator=gen, dtype=torch.float64)
+    decay = -torch.rand(h, generator=gen, dtype=torch.float64)
+    cases = {
+        "linear": (lambda q, k, v, s0: linear_attention(q, k, v, decay, initial_state=s0, output_final_state=True,
+                                                        backend="chunk"),
+                   (q, k, v, s0)),
+        "gla": (lambda q, k, v, g, s0: gated_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True,
+                                                              backend="chunk"), (q, k, v, g_vector, s0)),
+        "delta": (lambda q, k, v, g, bt, s0: gated_delta_rule(q, k, v, g, bt, initial_state=s0, output_final_state=True,
+                                                              backend="chunk"), (q, k, v, g_scalar, beta, s0)),
+    }
+    for name, (fn, inputs) in cases.items():
+        results = {}
+        for lean in (True, False):
+            leaves = [x.clone().requires_grad_(True) for x in inputs]
+            with track_saved_tensors() as rec:
+                if lean:
+                    o, final = fn(*leaves)
+                else:
+                    with differentiate_now():
+                        o, final = fn(*leaves)
+            (o.sum() + (final * 0.5).sum()).backward()
+            results[lean] = (rec.bytes, o.detach(), final.detach(), [x.grad for x in leaves])
+        inputs_bytes = sum(x.numel() * x.element_size() for x in inputs)
+        assert results[True][0] <= inputs_bytes + 8 * h, (name, results[True][0], inputs_bytes)  # (+ a [h] decay)
+        assert results[False][0] > 3 * inputs_bytes, (name, results[False][0])  # the plain graph: the check can fail
+        assert torch.equal(results[True][1], results[False][1]) and torch.equal(results[True][2], results[False][2])
+        for got, want in zip(results[True][3], results[False][3]):
+            assert torch.allclose(got, want, rtol=0, atol=1e-13), name
