@@ -64,3 +64,17 @@ def test_lightning_attention_ops_pass_opcheck(device):
     plain = [x.detach() for x in (q, k, v)]
     torch.library.opcheck(lightning_attention_bwd_op, (*plain, do, ld.detach(), torch.randn_like(s0), s0.detach(),
                                                        True, True, True))
+
+
+def test_torch_compile_traces_through_the_ops_in_one_graph():
+    """fullgraph=True fails on any graph break: both kernels' ops trace (fake kernels) forward and backward."""
+    def f(q, k, v, log_decay):
+        o, lse = flash_attention(q, k, v)
+        o2, _ = lightning_attention(o, o, o, log_decay)
+        return o2.float().sum() + lse.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    q, k = _meta(1, 32, 2, 16, dtype=torch.float16), _meta(1, 32, 1, 16, dtype=torch.float16)
+    log_decay = _meta(2, dtype=torch.float32)
+    compiled(q, k, k, log_decay).backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and log_decay.grad.shape == (2,)
