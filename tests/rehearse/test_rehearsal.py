@@ -166,3 +166,28 @@ def test_steady_state_has_no_sync_for_every_sp_method(softmax_sp, linear_sp, lay
     r = rehearse(cfg, gpus=4, steps=2)
     assert not [f for f in r.findings if f["kind"] != "fp32_matmul"], r.findings
     assert {L.mixer for L in r.layers} == set("LDGA")
+
+
+# ---- the trainer's control-plane collectives on a group without a CPU backend
+
+
+def test_trainer_control_collectives_run_on_a_group_without_cpu_backend():
+    """The resume broadcast, the preemption agreement and the eval totals use device tensors: on meta:fake (no CPU
+    backend, as NCCL) each is issued and none is refused."""
+    r = rehearse(load_config("configs/tiny.yaml", ["train.preempt_grace_s=60"]), gpus=4, steps=2)
+    assert not [f for f in r.findings if f["kind"] != "fp32_matmul"], r.findings
+    ops = {p: {(c.op, c.group) for c in cs} for p, cs in r.collectives_by_phase.items()}
+    assert ("broadcast", "world") in ops["setup"]          # choose_checkpoint
+    assert ("all_reduce", "world") in ops["log"]           # _Preemption.agreed
+    assert ("all_reduce", "dp_cp") in ops["eval"]          # evaluate's totals
+
+
+def test_a_host_tensor_in_the_resume_broadcast_is_named(monkeypatch):
+    """The defect this issue fixed, put back: choose_checkpoint's tensor on the host."""
+    from lctrain.train import trainer
+
+    choose = trainer.choose_checkpoint
+    monkeypatch.setattr(trainer, "choose_checkpoint", lambda resume, root, device=None: choose(resume, root))
+    r = rehearse(load_config("configs/tiny.yaml"), gpus=2, steps=2)
+    hit = [f for f in r.findings if f["kind"] == "cpu_collective"]
+    assert hit and hit[0]["line"].startswith("lctrain/train/trainer.py:") and hit[0]["phase"] == "setup", r.findings
