@@ -135,7 +135,9 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
         cdt = lse.dtype
         need_x, need_w = ctx.needs_input_grad[:2]
         dx = torch.empty_like(x) if need_x else None
-        dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        # dW sums over chunks in float32 (one chunk: the matmul's own result, in the weight's dtype).
+        several = x.shape[0] > ctx.chunk
+        dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w and several else None
         hot = mine.to(cdt)[:, None]
         for i in range(0, x.shape[0], ctx.chunk):
             xc = x[i:i + ctx.chunk]
@@ -146,7 +148,10 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
             if need_x:
                 dx[i:i + ctx.chunk] = g @ weight
             if need_w:
-                dw += (g.t() @ xc).to(cdt)
+                if several:
+                    dw += g.t() @ xc  # in-place type promotion: no float32 copy of the chunk's [V/tp, hidden]
+                else:
+                    dw = g.t() @ xc
             del g
         if need_x and comm.group_size(ctx.tp_group) > 1:
             dx = comm.all_reduce(dx, group=ctx.tp_group)  # the input is replicated over TP: sum its gradients
