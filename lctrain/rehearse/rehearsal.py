@@ -241,6 +241,10 @@ def rehearse(cfg: Config, gpus: int, gpus_per_node: int | None = None, rank: int
         collectives_per_step=per_step, collectives_by_phase=by_phase, stand_ins=stand_ins,
         findings=[_asdict(f) for f in _dedup(findings)],
         notes=notes, host_to_device=h2d, syncs_allowed=allowed, seconds=time.perf_counter() - t0)
+    from lctrain.plan.hardware import HARDWARE as DEVICES
+
+    report.device_usable_bytes = int(DEVICES[hardware].usable_bytes)
+    report.fits = report.peak_bytes <= report.device_usable_bytes
     return report
 
 

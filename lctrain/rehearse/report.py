@@ -66,6 +66,10 @@ class Report:
     """Explicit host-to-device copies in one steady-state step: source line -> bytes (allowed; listed)."""
     syncs_allowed: list[dict[str, str]] = field(default_factory=list)
     """Host reads outside the steady state (setup, the first step, log points, eval, save)."""
+    device_usable_bytes: int = 0
+    """Bytes the `hardware` leaves to tensors (lctrain.plan.hardware: memory less the CUDA context/NCCL reserve)."""
+    fits: bool = True
+    """peak_bytes <= device_usable_bytes (the allocator's rounding and fragmentation come on top)."""
     seconds: float = 0.0
 
     @property
@@ -87,6 +91,8 @@ class Report:
                f"  states      {self.states_bytes / gib:10.3f} GiB",
                f"  activations {self.activations_bytes / gib:10.3f} GiB",
                f"  comm bufs   {self.comm_buffer_bytes / gib:10.3f} GiB",
+               f"  {self.hardware} leaves {self.device_usable_bytes / gib:.1f} GiB to tensors: "
+               + ("fits" if self.fits else "DOES NOT FIT"),
                "  layers (index mixer sp saved backends):"]
         out += [f"    {L.index:3d} {L.mixer} {L.sp:<10} {L.saved_bytes / gib:8.3f} GiB  {','.join(L.backends) or '-'}"
                 for L in self.layers]
