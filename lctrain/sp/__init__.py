@@ -2,10 +2,14 @@
 
     from lctrain.sp import (ring_attention, allgather_attention, ulysses_attention,
                             lasp2_linear_attention, lasp1_linear_attention, lasp2_delta_attention,
-                            halo_attention, shard_sequence, unshard_sequence)
+                            halo_attention, shard_sequence, unshard_sequence, PackedDocuments)
+
+Every method takes `cu_seqlens=` (packed documents): the boundaries tensor, or the batch's `PackedDocuments`
+(lctrain.sp.documents), built once per batch on the host and shared by every layer.
 """
 from lctrain.parallel.sharding import shard_sequence, unshard_sequence
 from lctrain.sp.allgather import allgather_attention
+from lctrain.sp.documents import PackedDocuments
 from lctrain.sp.halo import halo_attention
 from lctrain.sp.lasp1 import lasp1_linear_attention
 from lctrain.sp.lasp1_delta import lasp1_delta_attention
@@ -16,4 +20,4 @@ from lctrain.sp.ulysses import ulysses_attention
 
 __all__ = ["shard_sequence", "unshard_sequence", "ring_attention", "allgather_attention", "ulysses_attention",
            "lasp1_linear_attention", "lasp2_linear_attention", "lasp2_delta_attention",
-           "lasp1_delta_attention", "halo_attention"]
+           "lasp1_delta_attention", "halo_attention", "PackedDocuments"]
