@@ -4,8 +4,9 @@
                             lasp2_linear_attention, lasp1_linear_attention, lasp2_delta_attention,
                             halo_attention, shard_sequence, unshard_sequence, PackedDocuments)
 
-Every method takes `cu_seqlens=` (packed documents): the boundaries tensor, or the batch's `PackedDocuments`
-(lctrain.sp.documents), built once per batch on the host and shared by every layer.
+Every method takes `cu_seqlens=` (packed documents) as the boundaries tensor; those whose annotation says so
+(all but halo_attention so far) also take the batch's `PackedDocuments` (lctrain.sp.documents), built once per
+batch on the host and shared by every layer.
 """
 from lctrain.parallel.sharding import shard_sequence, unshard_sequence
 from lctrain.sp.allgather import allgather_attention
