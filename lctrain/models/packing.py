@@ -10,11 +10,13 @@ model derives, for this CP rank's tokens (global in-sequence positions `p` from 
     last token of a document  f == cu[j + 1] - 1   (its label would be the next document's first token: not scored)
 
 The tables are one `lctrain.sp.documents.PackedDocuments` (here `Documents`), built by the model once per
-batch from the host boundaries; every mixer passes that object to its SP call as `cu_seqlens=` (so no layer
-derives anything from the boundaries again, and nothing reads a device tensor back). How the mixer takes the
-packing is decided once when it is built (:func:`packed_mode`): "native" when the SP function takes `cu_seqlens=`; with one CP rank and an SP function without it,
-"per_document": one call per document (exact, slower; the boundaries are read on the host once per batch);
-otherwise packing is unsupported and the model raises NotImplementedError for a packed batch.
+batch from the host boundaries; every mixer passes that object to its SP call as `cu_seqlens=` when the SP
+function takes it (:func:`packed_argument`; else the boundaries tensor), so no layer derives anything from the
+boundaries again and nothing reads a device tensor back. How the mixer takes the packing is decided once when
+it is built (:func:`packed_mode`): "native" when the SP function takes `cu_seqlens=`; with one CP rank and an
+SP function without it, "per_document": one call per document (exact, slower; the boundaries are read on the
+host once per batch); otherwise packing is unsupported and the model raises NotImplementedError for a packed
+batch.
 """
 from __future__ import annotations
 
