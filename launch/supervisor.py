@@ -312,6 +312,49 @@ def shrink(cfg: Any, nodes: int, procs_per_node: int, available: int) -> int | N
     return None
 
 
+def check_layout(cfg: Any, nodes: int, procs_per_node: int, hardware: str | None = None,
+                 rehearse_timeout_s: float = 900.0) -> list[str]:
+    """Why `cfg` cannot run on nodes x procs_per_node (empty: it can), checked before an elastic restart onto a
+    new layout: the pre-reservation check (with its predicted-memory check when the device is known), then, when
+    the device is known (`hardware`, else env LCTRAIN_HARDWARE), the rehearsal of the layout's busiest rank
+    (`lctrain rehearse`, in a subprocess: meta tensors, nothing allocated) against the device's usable memory.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    from lctrain.config import save_config
+    from lctrain.preflight import Target, preflight
+
+    hardware = hardware or os.environ.get("LCTRAIN_HARDWARE") or None
+    world = nodes * procs_per_node
+    problems = preflight(cfg, Target(world, procs_per_node, nodes, hardware=hardware))
+    if problems or not hardware:
+        return problems
+    from lctrain.plan.hardware import get_hardware
+
+    usable = get_hardware(hardware).usable_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        save_config(cfg, path)
+        res = subprocess.run([sys.executable, "-m", "lctrain", "rehearse", path, "--gpus", str(world),
+                              "--gpus-per-node", str(procs_per_node), "--hardware", hardware, "--steps", "2",
+                              "--resume", "none", "--json"], capture_output=True, text=True,
+                             timeout=rehearse_timeout_s)
+    try:
+        report = json.loads(res.stdout)
+    except ValueError:
+        return [f"the rehearsal of {nodes} node(s) x {procs_per_node} failed (exit {res.returncode}): "
+                f"{res.stderr.strip()[-400:]}"]
+    errors = [f"{f['op']}: {f['detail']} ({f['line']})" for f in report.get("findings", []) if f.get("kind") == "error"]
+    if errors:
+        return [f"the rehearsal of {nodes} node(s) x {procs_per_node} stopped: " + "; ".join(errors)]
+    if report["peak_bytes"] > usable:
+        return [f"the rehearsal of {nodes} node(s) x {procs_per_node} peaks at {report['peak_bytes'] / 1e9:.1f} GB "
+                f"per GPU, above the {hardware}'s usable {usable / 1e9:.1f} GB"]
+    return []
+
+
 def launch(cfg: Any, nodes: int, procs_per_node: int, resume: str = "auto",
            log: Callable[[str], None] = _print) -> LaunchResult:
     """Run `cfg.launch.entrypoint` on nodes x procs_per_node ranks of the connected Ray cluster.
@@ -401,9 +444,17 @@ def _reserve(cfg: Any, nodes: int, procs_per_node: int, gpus: float, attempt: in
         if not lcfg.elastic:
             raise
     fewer = shrink(cfg, nodes, procs_per_node, _nodes_that_fit(procs_per_node, lcfg.cpus_per_rank, gpus))
+    while fewer is not None:
+        # The smaller layout holds more state per GPU: re-check it (memory included) before the first step.
+        problems = check_layout(cfg, fewer, procs_per_node)
+        if not problems:
+            break
+        log(f"{fewer} node(s) x {procs_per_node} would not work: " + "; ".join(problems))
+        fewer = shrink(cfg, fewer, procs_per_node, fewer - 1)
     if fewer is None:
         raise PlacementError(f"no replacement for the lost node(s) within launch.replacement_timeout_s = "
-                             f"{lcfg.replacement_timeout_s:g} s, and no smaller gang fits the layout and batch")
+                             f"{lcfg.replacement_timeout_s:g} s, and no smaller gang fits the layout, the batch "
+                             "and the memory")
     tp_cp, gbs, mbs = cfg.parallel.tp * cfg.parallel.cp, cfg.train.global_batch_size, cfg.train.micro_batch_size
     dp_old, dp_new = nodes * procs_per_node // tp_cp, fewer * procs_per_node // tp_cp
     log(f"no replacement within {lcfg.replacement_timeout_s:g} s: continuing on {fewer} node(s) instead of {nodes} "

@@ -40,6 +40,7 @@ from lctrain.checkpoint.store import CheckpointError, find_latest, load_tensors,
 MAX_SHARD_BYTES = 5 * 10**9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+_HF_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 INDEX = "model.safetensors.index.json"
 
 
@@ -126,7 +127,7 @@ def hf_config(model: dict, dtype: str) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": float(model["rope_theta"])},
         "max_position_embeddings": int(model.get("max_position_embeddings", 131072)),
         "tie_word_embeddings": bool(model.get("tie_embeddings", False)), "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": "bfloat16" if dtype == "bf16" else "float32", "dtype": "bfloat16" if dtype == "bf16" else "float32",
+        "torch_dtype": _HF_DTYPE[dtype], "dtype": _HF_DTYPE[dtype],
         "initializer_range": float(model.get("init_std", 0.02)),
     }
 
@@ -218,8 +219,8 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors", dtype: st
         total += write_file(out / name, group, tdtype, source, metadata)
         weight_map.update({e.name: name for e in group})
     (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    config = hf_config(model, dtype) if fmt == "hf" else {"lctrain_model": model, "torch_dtype": (
-        "bfloat16" if dtype == "bf16" else "float32"), "lctrain_step": meta["step"]}
+    config = hf_config(model, dtype) if fmt == "hf" else {"lctrain_model": model, "torch_dtype": _HF_DTYPE[dtype],
+                                                          "lctrain_step": meta["step"]}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return {"checkpoint": str(path), "files": names, "tensors": len(entries), "bytes": total}
 

@@ -74,11 +74,6 @@ class Shards:
                 return t
         raise ValueError(f"{index.fqn}: this rank holds no box at {index.offset}")
 
-    def staged(self) -> "Shards":
-        """A copy whose boxes are contiguous CPU clones (for an asynchronous save)."""
-        return Shards(self.shape, self.dtype, [(off, t.detach().to("cpu", copy=True).contiguous())
-                                               for off, t in self.boxes])
-
 
 def _lookup(state_dict: dict, index: MetadataIndex, fallback) -> Any:
     obj = state_dict.get(index.fqn)

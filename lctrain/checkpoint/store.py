@@ -351,14 +351,41 @@ class _HashingWriter(FileSystemWriter):
         return fut
 
 
-class _CloneStager(AsyncStager):
-    """Stages a state dict for an asynchronous save: contiguous CPU copies of this rank's boxes and tensors."""
+class _ReusingStager(AsyncStager):
+    """Stages a state dict for an asynchronous save into CPU buffers kept from one save to the next.
+
+    Each box (and plain tensor) gets a contiguous CPU buffer, pinned when the source is on a GPU (so the copy is
+    a DMA that overlaps nothing else and needs no pageable bounce), allocated at the first save and reused by the
+    next ones while its shape and dtype stay the same: steady-state saves allocate nothing. Reuse is safe because
+    a Checkpointer has at most one save in flight (the next save waits for the previous one).
+    """
 
     _synchronize_after_execute = False
 
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.allocated_bytes = 0
+        """Bytes of staging buffers allocated so far (all saves together)."""
+
+    def _stage(self, key: tuple, t: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            self.buffers[key] = buf
+            self.allocated_bytes += buf.numel() * buf.element_size()
+        buf.copy_(t.detach(), non_blocking=t.is_cuda)
+        return buf
+
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.staged() if isinstance(v, Shards) else v.detach().to("cpu", copy=True)
-                for k, v in state_dict.items()}
+        out: dict[str, Any] = {}
+        for k, v in state_dict.items():
+            if isinstance(v, Shards):
+                out[k] = Shards(v.shape, v.dtype, [(off, self._stage((k, i), t)) for i, (off, t) in enumerate(v.boxes)])
+            else:
+                out[k] = self._stage((k,), v)
+        if torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()  # the non-blocking device-to-host copies have landed
+        return out
 
     def synchronize_staging(self) -> None:
         pass
@@ -387,6 +414,8 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if async_save and comm.is_distributed() else None
         self._pending: Future | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lctrain-ckpt") if async_save else None
+        self.stager = _ReusingStager() if async_save else None
+        """An async save's staging buffers, reused by every save of this Checkpointer."""
         self.last: Path | None = None
         """The newest checkpoint this object completed."""
         self.wait_s = 0.0
@@ -437,7 +466,7 @@ class Checkpointer:
             self._after_write(step, tmp, final, meta, barrier=True)
             return final
         fut = dcp.async_save(state, storage_writer=writer, planner=ShardsSavePlanner(), process_group=self.group,
-                             async_stager=_CloneStager())
+                             async_stager=self.stager)
         self._pending = self._executor.submit(self._finish_async, fut, step, tmp, final, meta)
         return final
 

@@ -99,14 +99,22 @@ def test_async_save_snapshots_the_state_and_round_trips_shards(tmp_path):
     w = torch.randn(6, 4)
     state = {"model/w": Shards((6, 4), torch.float32, [((0, 0), w[:2]), ((2, 0), w[2:])]), "optim/step": torch.tensor(5)}
     expect = w.clone()
-    ckpt = Checkpointer(tmp_path, keep=1, async_save=True)
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=True)
     final = ckpt.save(5, state, {"position": 1})
     w.add_(1.0)  # training goes on while the checkpoint is written
     assert ckpt.wait() == final and read_meta(final)["step"] == 5
+    staged = ckpt.stager.allocated_bytes
+    buffers = {k: b.data_ptr() for k, b in ckpt.stager.buffers.items()}
+    assert staged == 6 * 4 * 4 + 8  # this rank's boxes and the step count, once
+    second = ckpt.save(6, state, {"position": 2})  # the next save reuses the staging buffers: no new allocation
+    w.add_(1.0)
     ckpt.close()
-    out = torch.zeros(6, 4)
-    load_state(final, {"model/w": Shards((6, 4), torch.float32, [((0, 0), out[:3]), ((3, 0), out[3:])])})
-    assert torch.equal(out, expect)
+    assert ckpt.stager.allocated_bytes == staged
+    assert {k: b.data_ptr() for k, b in ckpt.stager.buffers.items()} == buffers
+    for path, want in ((final, expect), (second, expect + 1.0)):
+        out = torch.zeros(6, 4)
+        load_state(path, {"model/w": Shards((6, 4), torch.float32, [((0, 0), out[:3]), ((3, 0), out[3:])])})
+        assert torch.equal(out, want)
 
 
 def test_rewind_starts_a_branch_and_auto_follows_it(tmp_path):

@@ -4,7 +4,8 @@
 x <- x - 0.1 * mean_r(x * (r + 1)) / mean_r(r + 1) = 0.9 x, loss = x^2, so the losses are known exactly.
 Rank 0 appends to run.out_dir/metrics.jsonl and writes checkpoints/step_N.json every `checkpoint.every`
 steps (atomically); resume="auto" continues from the newest one. Every rank beats its heartbeat once per step
-(lctrain.train.heartbeat), as the real trainer does. The other functions inject faults.
+(lctrain.train.heartbeat), as the real trainer does; like it, the ranks agree on a preemption notice
+(lctrain.checkpoint.preempt) at every step end, save and return `preempted`. The other functions inject faults.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lctrain.checkpoint import preempt
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import init_distributed
 from lctrain.train import heartbeat
@@ -32,6 +34,7 @@ class FakeResult:
     losses: dict[int, float] = field(default_factory=dict)
     resumed_from: int | None = None
     env: dict[str, str] = field(default_factory=dict)
+    preempted: bool = False
 
 
 def expected_losses(seed: int, steps: int) -> dict[int, float]:
@@ -85,11 +88,17 @@ def run(cfg: Any, resume: str = "auto", fault: str | None = None) -> FakeResult:
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "loss": x * x, "tokens": 1, "tokens_per_s": 1.0}) + "\n")
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+        stop = comm.all_reduce(torch.tensor([int(preempt.requested())]), op=dist.ReduceOp.MAX).item() > 0
+        if rank == 0:
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop:
                 tmp = ckpt_dir / f".step_{step}.tmp"
                 tmp.write_text(json.dumps({"step": step, "x": x}))
                 tmp.rename(ckpt_dir / f"step_{step}.json")
         comm.barrier()
+        if stop:
+            preempt.clear()
+            result.preempted = True
+            break
     dist.destroy_process_group()
     return result
 

@@ -283,3 +283,50 @@ def test_elastic_restart_on_fewer_nodes(cluster, tmp_path, capsys):
     assert sorted(got) == sorted(ref) == list(range(1, 7))
     for step, loss in ref.items():
         assert got[step] == pytest.approx(loss, rel=2e-5), step
+
+
+@pytest.mark.slow
+def test_elastic_shrink_then_grow_back_when_the_node_returns(cluster, tmp_path, capsys):
+    """2 nodes x 1 rank (fake trainer); the worker node removed: the job goes on on 1 node (the smaller layout
+    re-checked first); a node added back: the supervisor stops the ranks at a step with a checkpoint and restarts
+    on 2 nodes. The losses are the fake trainer's whatever the world (up to float64 rounding of its mean)."""
+    out = tmp_path / "run"
+    args = _fake_args(out, "run", "train.steps=40", "launch.cpus_per_rank=2", "launch.replacement_timeout_s=2",
+                      "launch.max_restarts=2", "--nodes", "2", "--procs-per-node", "1", "--address", cluster.address)
+    rc = []
+    job = threading.Thread(target=lambda: rc.append(launch_main(args)), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 120
+    while _steps_done(out) < 3 and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (worker,) = cluster.worker_nodes
+    cluster.remove_node(worker)
+
+    def shrunk() -> bool:
+        return any(a["name"].endswith("-a1-rank0") for a in ray.util.list_named_actors(all_namespaces=True))
+
+    while not shrunk() and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert shrunk(), "the job did not restart on the node left"
+    cluster.add_node(num_cpus=2)
+    job.join(timeout=180)
+    printed = capsys.readouterr().out
+    assert rc == [0], printed[-3000:]
+    assert "continuing on 1 node(s) instead of 2" in printed
+    assert "growing back to 2 node(s)" in printed and "2 nodes are available again (running on 1)" in printed
+    got, want = _metrics(out), fake_trainer.expected_losses(1234, 40)
+    assert sorted(got) == sorted(want) and all(got[k] == pytest.approx(v, rel=1e-12) for k, v in want.items())
+
+
+def test_smaller_layout_is_rechecked_against_memory(tmp_path, monkeypatch):
+    """Before an elastic restart: a layout that fits passes; one predicted past the device's memory is refused."""
+    from lctrain.launch.supervisor import check_layout
+
+    cfg = load_config("configs/tiny.yaml", [f"run.out_dir={tmp_path}"])
+    monkeypatch.delenv("LCTRAIN_HARDWARE", raising=False)
+    assert check_layout(cfg, 2, 1) == []
+    big = load_config("configs/tiny.yaml", [f"run.out_dir={tmp_path}", "model.vocab_size=4000000",
+                                            "model.hidden_size=4096", "model.num_heads=32", "model.num_kv_heads=8",
+                                            "model.layer_pattern=A", "model.num_layers=2"])
+    (problem,) = check_layout(big, 2, 1, hardware="h100")
+    assert "exceeds the h100 device's 80 GB" in problem
