@@ -78,3 +78,21 @@ def test_a_call_the_tables_were_not_built_for_is_named():
     assert "local tokens" in docs.problem(q[:, :4], 1, 2, "zigzag")
     assert as_documents(docs, q, 1, 2, "zigzag") is docs
     assert torch.equal(as_documents(docs.cu_seqlens, q, 1, 2, "zigzag").starts, docs.starts)
+
+
+def test_mixers_pass_the_tables_only_to_sp_functions_that_take_them():
+    """lctrain's SP methods get the PackedDocuments; any other function with `cu_seqlens=` (a user's, a test's
+    stand-in) gets the boundaries tensor, as DESIGN.md specifies."""
+    from lctrain import sp
+    from lctrain.models.packing import packed_argument, takes_documents
+
+    methods = (sp.ring_attention, sp.allgather_attention, sp.ulysses_attention, sp.lasp2_linear_attention,
+               sp.lasp1_linear_attention, sp.lasp2_delta_attention, sp.lasp1_delta_attention)
+    assert all(takes_documents(fn) for fn in methods)
+
+    def stand_in(q, k, v, cu_seqlens: torch.Tensor | None = None):
+        return q
+
+    docs = PackedDocuments.from_host(torch.tensor([0, 7, 16]), 1, 16, 0, 1, "zigzag", "cpu")
+    assert packed_argument(sp.ring_attention, docs) is docs
+    assert packed_argument(stand_in, docs) is docs.cu_seqlens
