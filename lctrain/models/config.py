@@ -12,7 +12,7 @@ FEATURE_MAPS = ("identity", "elu1", "silu", "relu")
 LINEAR_DECAYS = ("none", "lightning", "lightning_depth")
 LINEAR_GATES = ("none", "sigmoid", "silu")
 SOFTMAX_SP = ("allgather", "ring", "ulysses")
-LINEAR_SP = ("lasp2", "lasp1")
+LINEAR_SP = ("lasp2", "lasp1", "lasp2_tree")
 WINDOW_SP = ("halo", "allgather", "ring")
 MIXERS = ("L", "A", "D", "G", "W")
 ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
@@ -53,7 +53,9 @@ class ModelConfig:
     softmax_sp: str = "allgather"
     """Context-parallel method of the softmax layers: allgather | ring | ulysses."""
     linear_sp: str = "lasp2"
-    """Context-parallel method of the linear layers: lasp2 | lasp1 (LASP-1 needs the contiguous layout)."""
+    """Context-parallel method of the linear layers: lasp2 | lasp1 (LASP-1 needs the contiguous layout) |
+    lasp2_tree (LASP-2 with the chunk maps folded by a log-depth P2P scan instead of one all-gather:
+    `scan="tree"`, lctrain.sp.lasp2_scan)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     init_std: float = 0.02

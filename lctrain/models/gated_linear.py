@@ -109,6 +109,7 @@ class GatedLinearMixer(torch.nn.Module):
         gdt = torch.promote_types(x.dtype, torch.float32)  # gates in at least float32
         scale = self.head_dim ** -0.5
         group, layout = self.mesh.cp_group, self.cp_layout
+        scan = {"scan": "tree"} if self.method == "lasp2_tree" else {}
         if self.kind == "D":
             q = F.normalize(q, dim=-1, eps=1e-6) * scale
             k = F.normalize(k, dim=-1, eps=1e-6)
@@ -118,14 +119,16 @@ class GatedLinearMixer(torch.nn.Module):
             if self.method == "lasp1":
                 o = sp.lasp1_delta_attention(q, k, v, beta.to(q.dtype), log_decay=g, group=group, **cu)
             else:
-                o = sp.lasp2_delta_attention(q, k, v, beta.to(q.dtype), log_decay=g, group=group, layout=layout, **cu)
+                o = sp.lasp2_delta_attention(q, k, v, beta.to(q.dtype), log_decay=g, group=group, layout=layout, **cu,
+                                             **scan)
         else:
             gk, _ = self.gk_proj(x)
             g = F.logsigmoid(gk.to(gdt)).view(b, s, self.local_heads, self.head_dim) / GLA_GATE_NORMALIZER
             if self.method == "lasp1":
                 o = sp.lasp1_linear_attention(q * scale, k, v, log_decay=g, group=group, **cu)
             else:
-                o = sp.lasp2_linear_attention(q * scale, k, v, log_decay=g, group=group, layout=layout, **cu)
+                o = sp.lasp2_linear_attention(q * scale, k, v, log_decay=g, group=group, layout=layout, **cu,
+                                              **scan)
         o = rms_norm(o, self.norm_weight.view(self.local_heads, self.head_dim), self.eps)
         gate, _ = self.gate(x)  # [b, s, h d / tp]
         o = o * F.silu(gate).view(b, s, self.local_heads, self.head_dim)

@@ -37,7 +37,8 @@ GATE_FNS = {"sigmoid": torch.sigmoid, "silu": F.silu}
 
 
 #: The SP function of each linear method (looked up in lctrain.sp when a layer is built).
-LINEAR_SP_FNS = {"lasp2": "lasp2_linear_attention", "lasp1": "lasp1_linear_attention"}
+LINEAR_SP_FNS = {"lasp2": "lasp2_linear_attention", "lasp1": "lasp1_linear_attention",
+                 "lasp2_tree": "lasp2_linear_attention"}
 
 
 class LinearAttention(torch.nn.Module):
@@ -92,6 +93,8 @@ class LinearAttention(torch.nn.Module):
                 self.log_decay = self.log_decay.to(q.device)
             log_decay = self.log_decay.to(torch.promote_types(q.dtype, torch.float32))  # [h/tp]
         kw = dict(log_decay=log_decay, group=self.mesh.cp_group, causal=True)
+        if self.method == "lasp2_tree":
+            kw["scan"] = "tree"
         layout = {} if self.method == "lasp1" else {"layout": self.cp_layout}  # LASP-1 is contiguous only
         if docs is None:
             o = self.sp_fn(q, k, v, **layout, **kw)  # [b, s, h/tp, d]

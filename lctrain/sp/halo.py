@@ -120,19 +120,14 @@ def _exchange(plan: HaloPlan, outgoing: dict[int, torch.Tensor], incoming_shape:
 
 
 class _Docs:
-    """Packed documents: positions and document ids of a rank's chunks and halos (device ops, no host sync)."""
+    """Packed documents: document ids of a rank's chunks and halos (searchsorted on the device, no host sync)."""
 
     def __init__(self, cu_seqlens: torch.Tensor, plan: HaloPlan, b: int, total: int, device: torch.device):
-        self.cu, self.b, self.total = cu_seqlens, b, total
-        self.plan, self.device = plan, device
+        # A `PackedDocuments` (lctrain.sp.documents) carries the boundaries tensor too.
+        self.cu, self.b, self.total = getattr(cu_seqlens, "cu_seqlens", cu_seqlens), b, total
 
     def _ids(self, pos: torch.Tensor) -> torch.Tensor:
         return document_ids(self.cu, self.b, self.total, pos)
-
-    def positions(self, slot: int, halo: bool) -> torch.Tensor:
-        g, c = self.plan.slots[slot], self.plan.chunk
-        start = g * c - self.plan.halo_len[slot] if halo else g * c
-        return torch.arange(start, g * c if halo else (g + 1) * c, device=self.device)
 
 
 def _mask(plan: HaloPlan, slot: int, rows: int, halo: bool, window: int, docs: _Docs | None,
