@@ -5,6 +5,8 @@ model's shapes and the ZeRO stage (timemodel.zero_state_bytes), the activation p
 (the planner's composed simulation: from the cache when `lctrain plan` left it there, else simulated now --
 1- and 2-layer models of each mixer type, seconds for small configs, tens of seconds at 1M tokens), and the
 device's OOM margin (allocator fragmentation + reserve, hardware.py). A job passes only when all of it fits.
+A job whose lower bound (states + the block inputs every checkpointing mode keeps + the reserve) is already
+over the device is refused at once, without simulating it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,17 @@ def predicted_memory(cfg: Config, world_size: int, hardware: str) -> tuple[float
     spec = SimSpec(model, tp=tp, cp=cp, cp_layout=cfg.parallel.cp_layout, seq_len=seq, micro_batch=mb,
                    activation_checkpointing=model.activation_checkpointing)
     spec.validate()
+    # A job whose lower bound (its ZeRO states + the block inputs every checkpointing mode keeps + the reserve)
+    # already exceeds the device is refused without simulating it.
+    from lctrain.models.flops import num_parameters
+    from lctrain.plan.search import memory_lower_bound
+
+    psi = num_parameters(model) // tp
+    bound = (zero_state_bytes(psi, cfg.train.zero_stage, cp * dp) + memory_lower_bound(model, tp, cp, dp, seq, mb)
+             - zero_state_bytes(psi, 3, cp * dp) + hw.memory_reserve_gb * 1e9)
+    if bound > hw.memory_gb * 1e9:
+        return bound, hw.memory_gb * 1e9, ("lower bound: states + block inputs + reserve, already over the "
+                                           "device; not simulated")
     cache = SimCache()
     keys = [spec_key(layer_variant(spec, m, n)) for m in set(model.mixers) for n in (1, 2)]
     cached = all(k in cache for k in keys)
