@@ -25,7 +25,8 @@ runs -- what the collective of a phase (fwd / bwd) can hide behind:
 - allgather (K/V): the all-gather is in flight while the rank's own diagonal blocks run, 1/(2 CP) of its
   attention; the dK/dV reduce-scatter is exposed.
 - lasp2, lasp2_delta: the one all-gather is in flight while the intra-chunk part runs (the phase's
-  linear-attention compute).
+  linear-attention compute). Their tree scan (linear_sp="lasp2_tree", tags "....round{k}"): log2(CP) rounds of
+  sends, exposed forward (the local pass needs the entering state), behind the recomputed chunk maps backward.
 - halo (sliding window): the halo transfers overlap the band (diagonal) attention.
 - lasp1: a serial chain, timed as a critical path (below), not as an overlap.
 - ulysses, conv_halo and anything unknown: exposed in full.
@@ -121,6 +122,10 @@ METHOD_RULES: dict[str, MethodRule] = {
     "lasp2": MethodRule("linear_attention"),
     "lasp2_delta": MethodRule("linear_attention"),
     "halo": MethodRule("attention", "all", docs_skip_blocks=True),
+    # LASP-2's tree scan (tags "lasp2.fwd.round0", ...): the forward rounds wait (the local pass needs the
+    # entering state); the backward rounds overlap the recomputed chunk maps.
+    "lasp2_tree": MethodRule("linear_attention", phases=("bwd",)),
+    "lasp2_delta_tree": MethodRule("linear_attention", phases=("bwd",)),
     "lasp1": MethodRule(chain=True),
     "lasp1_delta": MethodRule(chain=True),
     "ulysses": MethodRule(),
@@ -128,6 +133,16 @@ METHOD_RULES: dict[str, MethodRule] = {
     "megatron": MethodRule("matmul", "half", phases=("bwd",)),
 }
 _UNKNOWN = MethodRule()
+
+
+def rule_key(tag: str) -> tuple[str, str]:
+    """(METHOD_RULES key, phase) of a comm tag: "lasp2.fwd" -> ("lasp2", "fwd"); a tree scan's rounds
+    "lasp2.bwd.round1" -> ("lasp2_tree", "bwd")."""
+    parts = tag.split(".")
+    method, phase = parts[0], (parts[1] if len(parts) > 1 else "")
+    if any(p.startswith("round") for p in parts[2:]):
+        method += "_tree"
+    return method, phase
 
 
 def register_method_rule(tag: str, rule: MethodRule) -> None:
@@ -297,7 +312,7 @@ def _lasp1_segments(sim: RankSim, phase: str, chain_calls: float, zero_stage: in
     if zero_stage == 3:
         return chain_calls
     syncs = sum(c.calls for c in sim.comm if c.group == "cp" and c.tag.endswith("." + phase)
-                and not METHOD_RULES.get(c.tag.partition(".")[0], _UNKNOWN).chain
+                and not METHOD_RULES.get(rule_key(c.tag)[0], _UNKNOWN).chain
                 and (c.op in SYNCING_OPS or c.tag.startswith("ring")))
     return min(chain_calls, syncs + 1)
 
@@ -321,7 +336,7 @@ def estimate_step(sim: RankSim, hw: Hardware, dp: int, zero_stage: int, gpus_per
     exposed: dict[str, float] = {}
     chain_calls: dict[tuple[str, str], float] = {}
     for c in sim.comm:
-        method, _, phase = c.tag.partition(".")
+        method, phase = rule_key(c.tag)
         rule = METHOD_RULES.get(method, _UNKNOWN)
         link = links["tp" if c.group == "tp" else "cp"]
         per_call = c.bytes / c.calls if c.calls else 0.0
@@ -410,9 +425,9 @@ def estimate_step(sim: RankSim, hw: Hardware, dp: int, zero_stage: int, gpus_per
 
 
 def _methods(sim: RankSim) -> set[str]:
-    return {c.tag.partition(".")[0] for c in sim.comm}
+    return {rule_key(c.tag)[0] for c in sim.comm}
 
 
 __all__ = ["Job", "Link", "METHOD_RULES", "MethodRule", "StepEstimate", "ZERO_STAGES", "collective_time",
            "compute_times", "estimate_step", "group_spans_nodes", "lasp1_hop_work_s", "link_for",
-           "register_method_rule", "zero_state_bytes"]
+           "register_method_rule", "rule_key", "zero_state_bytes"]
