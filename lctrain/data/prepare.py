@@ -9,7 +9,7 @@ nodes and workers read them. Part i goes to node i mod N, and inside a node to a
 worker streams its part, tokenises it in batches with the tokenizer's batch encoder (Hugging Face tokenizers'
 `encode_batch_fast`; the byte tokenizer is a view of the UTF-8 bytes), adds `[bos] ... [eos]`, and writes
 
-    shard_PPPPP_KKK.bin   the part's token stream (uint16 / uint32), at most shard_tokens tokens per file
+    shard_PPPPP_KKK.bin   the part's token stream (uint8 / uint16 / uint32), at most shard_tokens tokens per file
     part_PPPPP.len.npy    int64 tokens per document        part_PPPPP.hash.npy  uint64 content hash per document
     part_PPPPP.json       written last: the part is done (a rerun of the same job skips it)
 
@@ -52,18 +52,21 @@ def part_bytes_for(total_bytes: int) -> int:
     return int(min(MAX_PART_BYTES, max(MIN_PART_BYTES, total_bytes // 256)))
 
 
-def doc_hash(text: str) -> int:
+def doc_hash(text: str | bytes) -> int:
     """64-bit content hash of a document (blake2b of its UTF-8 text); chooses its split."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    """The smallest unsigned type that holds every id (uint8 for the byte tokenizer)."""
+    return np.dtype(np.uint8 if vocab_size <= 1 << 8 else np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def encode_batch(tok, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """`[bos] + encode(text) + [eos]` for each text: (the tokens end to end, int64 length per document)."""
-    body, lens = tok.encode_batch(texts)
+def encode_batch(tok, texts: list[str], dtype: np.dtype, raw: list[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`[bos] + encode(text) + [eos]` for each text: (the tokens end to end, int64 length per document).
+    `raw`: the texts' UTF-8 bytes, when the caller has them (the byte tokenizer then needs no second encode)."""
+    body, lens = tok.encode_batch(texts, raw)
     head = 0 if tok.bos_id is None else 1
     total = lens + head + 1
     ends = np.cumsum(total)
@@ -138,10 +141,11 @@ def process_part(args: tuple) -> dict:
     lens, hashes, batch = [], [], []
 
     def flush() -> None:
-        tokens, total = encode_batch(tok, batch, np.dtype(dtype))
+        raw = [t.encode("utf-8") for t in batch]  # once, for the hash and the byte tokenizer
+        tokens, total = encode_batch(tok, batch, np.dtype(dtype), raw)
         writer.write(tokens)
         lens.append(total)
-        hashes.append(np.fromiter((doc_hash(t) for t in batch), dtype=np.uint64, count=len(batch)))
+        hashes.append(np.fromiter(map(doc_hash, raw), dtype=np.uint64, count=len(raw)))
         batch.clear()
 
     for text in part_documents(Part(**part), text_field):

@@ -3,7 +3,7 @@
 `lctrain data prepare` / :func:`prepare_text` (a pool of processes per node, any number of nodes; see prepare.py)
 tokenises each document as `[bos] + encode(text) + [eos]` (ids from the tokenizer) and publishes, with one rename,
 
-    shard_PPPPP_KKK.bin   the token stream (uint16 or uint32), documents end to end, in file order
+    shard_PPPPP_KKK.bin   the token stream (uint8, uint16 or uint32), documents end to end, in file order
     doc_offsets.npy   int64 [n_docs + 1]: where each document starts in the stream (memory-mapped by readers)
     doc_hash.npy      uint64 [n_docs]: a hash of each document's text (chooses its split)
     index.json        format, tokenizer (name, fingerprint, special ids), vocab size, counts, shards

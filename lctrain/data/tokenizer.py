@@ -42,9 +42,10 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
-    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The texts' ids end to end (uint8 view of their UTF-8 bytes) and int64 lengths."""
-        raw = [t.encode("utf-8") for t in texts]
+    def encode_batch(self, texts: list[str], raw: list[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The texts' ids end to end (uint8 view of their UTF-8 bytes, `raw` when the caller has them) and int64
+        lengths."""
+        raw = [t.encode("utf-8") for t in texts] if raw is None else raw
         lens = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
         return np.frombuffer(b"".join(raw), dtype=np.uint8), lens
 
@@ -110,7 +111,7 @@ class FileTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_batch(self, texts: list[str], raw: list[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The texts' ids end to end (int64) and int64 lengths, from the batch encoder (`encode_batch_fast`:
         no offsets; threads only when TOKENIZERS_PARALLELISM allows)."""
         enc = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)(texts, add_special_tokens=False)
