@@ -21,6 +21,9 @@ ROW_KEYS = {"tp", "cp", "dp", "softmax_sp", "linear_sp", "zero_stage", "activati
     (["configs/tiny.yaml", "parallel.cp=4", "--gpus", "4", "--seq", "36"], "not divisible by 2*CP = 8"),
     (["configs/tiny.yaml", "--gpus", "0", "--seq", "64"], "--gpus must be an integer >= 1"),
     (["configs/tiny.yaml", "--gpus", "4", "--seq", "34", "--search", "--cp", "4"], "no valid layout"),
+    (["configs/tiny.yaml", "--gpus", "4", "--seq", "64", "--pp", "2"], "pipeline parallelism (--pp 2) is not modelled"),
+    (["configs/tiny.yaml", "parallel.cp=2", "--gpus", "4", "--seq", "64", "--global-batch", "3"],
+     "not a positive multiple of micro-batch x DP"),
 ])
 def test_bad_input_is_a_clear_error(args, message, capsys):
     assert main(args + ["--no-cache"]) == 2
@@ -32,6 +35,14 @@ def test_json_rows_of_the_configured_layout(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 1 and ROW_KEYS <= set(rows[0])
     assert (rows[0]["tp"], rows[0]["cp"], rows[0]["dp"]) == (1, 2, 2)
+    r = rows[0]
+    # The breakdown: compute by class and by mixer add up to the compute, memory-bound bytes by op class.
+    assert set(r["compute_by_mixer_s"]) == {"L", "A", "MLP", "embed/loss"}
+    assert sum(r["compute_by_mixer_s"].values()) == pytest.approx(r["compute_s"])
+    assert sum(r["compute_by_class_s"].values()) == pytest.approx(r["compute_s"])
+    assert set(r["memory_bound_bytes"]) <= {"elementwise", "reduction", "copy", "fill"}
+    assert r["accumulation"] == 2  # tiny's global batch 4 = micro-batch 1 x DP 2 x 2
+    assert r["step_s"] == pytest.approx(r["compute_s"] + r["comm_exposed_s"] + r["optimizer_s"])
 
 
 def test_search_never_recommends_oom():
