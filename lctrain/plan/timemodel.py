@@ -378,7 +378,9 @@ def estimate_step(sim: RankSim, hw: Hardware, dp: int, zero_stage: int, gpus_per
     psi = float(sim.params_local)
     dl = links["dpcp"]
     layers = max(1, spec.model.num_layers)
-    if zero_stage <= 1:
+    if psi == 0:  # nothing to reduce (e.g. an SP function simulated alone)
+        dp_total = dp_exposed = 0.0
+    elif zero_stage <= 1:
         dp_total = collective_time("all_reduce", 2 * psi, n_shard, dl)
         dp_exposed = dp_total
     elif zero_stage == 2:
