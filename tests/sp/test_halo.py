@@ -187,3 +187,36 @@ def test_ring_and_allgather_with_window_skip_blocks_outside_it(world):
             s = seq // world
             if window <= 3:  # the local diagonal plus at most two (W-1) x (W-1) boxes: remote blocks skipped
                 assert 0 < r["area"] <= s * s + 2 * (window - 1) ** 2, (rank, r["case"], r["area"])
+
+
+def _steady_state(seed: int) -> dict:
+    from lctrain.testing.hot_path import count_host_syncs, count_syncing_ops, watch_collectives
+
+    world = dist.get_world_size()
+    init_mesh(MeshConfig(cp=world))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layout in ("zigzag", "contiguous"):
+        for docs in (False, True):
+            full = [torch.randn(2, 8 * world, 2, 4, generator=g) for _ in range(4)]
+            q, k, v, do = (shard_sequence(x, layout=layout) for x in full)
+            q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+            cu = torch.tensor([0, 3, 8 * world + 5, 16 * world]) if docs else None
+            halo_attention(q, k, v, window=5, layout=layout, cu_seqlens=cu).backward(do)  # warm-up
+            with count_syncing_ops() as ops, count_host_syncs() as syncs:
+                with watch_collectives() as fwd:
+                    o = halo_attention(q, k, v, window=5, layout=layout, cu_seqlens=cu)
+                with watch_collectives() as bwd:
+                    o.backward(do)
+            out[(layout, docs)] = (dict(fwd.counts), dict(bwd.counts), ops.calls + list(syncs.calls))
+    return out
+
+
+def test_halo_steady_state_one_exchange_each_way_no_syncs():
+    """After the first call of a signature: one batched P2P exchange forward, one backward, nothing else, and no
+    host sync or syncing op (documents included)."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    for out in run_distributed(_steady_state, 2, seed):
+        for case, (fwd, bwd, syncs) in out.items():
+            assert fwd == {"batch_isend_irecv": 1} and bwd == {"batch_isend_irecv": 1}, (case, fwd, bwd)
+            assert syncs == [], (case, syncs)

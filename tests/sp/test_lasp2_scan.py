@@ -200,3 +200,42 @@ def test_bad_scan_is_a_value_error():
         lasp2_linear_attention(x, x, x, scan="ring")
     with pytest.raises(ValueError, match="causal"):
         lasp2_linear_attention(x, x, x, causal=False, scan="tree")
+
+
+def _steady_state(seed):
+    from lctrain.testing.hot_path import count_host_syncs, count_syncing_ops, watch_collectives
+
+    world = dist.get_world_size()
+    init_mesh(MeshConfig(cp=world))
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layout in ("zigzag", "contiguous"):
+        for docs in (False, True):
+            n = 4 * world
+            q, k, v = make_qkv(gen, 1, n, 2, 3, 2, dtype=torch.float32, normalize_k=True)
+            g = make_gate("scalar", gen, 1, n, 2, 3, dtype=torch.float32)
+            beta = torch.rand(1, n, 2, generator=gen)
+            loc = [shard_sequence(x, dim=1, layout=layout).requires_grad_(True) for x in (q, k, v, g, beta)]
+            cu = torch.tensor([0, 3, n - 2, n]) if docs else None
+
+            def run():
+                return lasp2_delta_attention(loc[0], loc[1], loc[2], loc[4], log_decay=loc[3], layout=layout,
+                                             cu_seqlens=cu, scan="tree")
+            run().sum().backward()  # warm-up: the signature's one agreement exchange
+            with count_syncing_ops() as ops, count_host_syncs() as syncs:
+                with watch_collectives() as fwd:
+                    o = run()
+                with watch_collectives() as bwd:
+                    o.sum().backward()
+            out[(layout, docs)] = (dict(fwd.counts), dict(bwd.counts), ops.calls + list(syncs.calls))
+    return out
+
+
+def test_tree_steady_state_rounds_only_no_syncs():
+    """World 4, after the first call: exactly ceil(log2 4) = 2 batched P2P rounds forward and 2 backward, nothing
+    else, no host sync or syncing op (documents included)."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    for out in run_distributed(_steady_state, 4, seed):
+        for case, (fwd, bwd, syncs) in out.items():
+            assert fwd == {"batch_isend_irecv": 2} and bwd == {"batch_isend_irecv": 2}, (case, fwd, bwd)
+            assert syncs == [], (case, syncs)
