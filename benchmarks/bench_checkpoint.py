@@ -1,20 +1,27 @@
-"""Sharded checkpoint save: time the training loop is blocked, total write time, per-rank memory, bytes on disk.
+"""Sharded checkpoints: blocked/total save time, memory of save and load by allocation, resume verification vs
+the number of ranks, and `lctrain export`'s peak memory vs the file size limit.
 
     python benchmarks/bench_checkpoint.py --world 2 --hidden 1024 --layers 8 --vocab 32768 [--zero 1] [--tp 1]
+    python benchmarks/bench_checkpoint.py --world 4 --hidden 512 --layers 8 --vocab 32768 --verify --export
 
 Builds the hybrid model on `world` gloo ranks (CPU, float32), takes one optimizer step (so Adam moments exist),
-then saves the sharded state once synchronously and once asynchronously (checkpoint.async_save) while a thread
-samples the rank's RSS. Per rank it prints: the bytes it owns (its TP slice x ZeRO partition of master + moments),
-the RSS peak above the level before the save, the seconds the caller was blocked, and the seconds until the
-checkpoint was complete. Timings on a shared machine are noisy.
+then per rank: a synchronous save, a load of it, and two asynchronous saves (the second reuses the first one's
+staging buffers). Memory is measured by allocation, not RSS: the peak of the running sum of torch's CPU
+allocations (torch profiler; lctrain.bench._cpu_peak_bytes) and tracemalloc's peak of Python allocations.
+
+--verify: the ranks' share of the sha256 verification on resume (lctrain.checkpoint.store.verify_share) for
+N = 1, 2, 4, ... ranks, each share timed on its own in this process (on N nodes they run at once: the time of a
+resume's verification is the largest share). --export: `lctrain export` of the checkpoint with file limits from
+5 GB down to 8 MB, its allocation peak beside the largest file and the largest tensor. Timings on a shared
+machine are noisy; bytes and peaks are not.
 """
 from __future__ import annotations
 
 import argparse
 import shutil
 import tempfile
-import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import torch
@@ -22,11 +29,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _measure(overrides: list[str], out: str) -> list[dict]:
-    import psutil
+def _peaks(fn) -> tuple[int, int]:
+    """(torch CPU allocation peak, Python allocation peak) in bytes while `fn` runs."""
+    from lctrain.bench import _cpu_peak_bytes
 
+    tracemalloc.start()
+    try:
+        return _cpu_peak_bytes(fn), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _measure(overrides: list[str], out: str) -> list[dict]:
     from lctrain.checkpoint.state import sharded_state, state_bytes
-    from lctrain.checkpoint.store import Checkpointer
+    from lctrain.checkpoint.store import Checkpointer, load_state
     from lctrain.config import load_config
     from lctrain.models import build_model
     from lctrain.parallel.mesh import init_mesh
@@ -43,36 +59,77 @@ def _measure(overrides: list[str], out: str) -> list[dict]:
     for _ in range(plan.grad_accum):
         engine.backward(engine(ids, torch.arange(ids.shape[1]), ids).loss_sum)
         engine.step()
+    state = sharded_state(engine, mesh, 1)
     rows = []
-    proc = psutil.Process()
-    for mode in ("sync", "async"):
-        state = sharded_state(engine, mesh, 1)
-        peak, stop = [0], threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                time.sleep(0.002)
-
-        root = Path(out) / mode
-        ckpt = Checkpointer(root, keep=1, async_save=mode == "async")
+    for mode in ("sync", "load", "async", "async-again"):
         torch.distributed.barrier()
-        base = proc.memory_info().rss
-        t = threading.Thread(target=sample)
-        t.start()
         t0 = time.perf_counter()
-        final = ckpt.save(1, state, {"position": 0})
-        blocked = time.perf_counter() - t0
-        ckpt.close()
+        if mode == "sync":
+            ckpt = Checkpointer(Path(out) / "checkpoints", keep=1)
+            peak = _peaks(lambda: ckpt.save(1, state, {"position": 0, "config": {"model": dict(
+                vars(cfg.model))}}))
+            blocked = time.perf_counter() - t0
+            path = ckpt.last
+        elif mode == "load":
+            peak = _peaks(lambda: load_state(path, sharded_state(engine, mesh, 1, for_load=True)))
+            blocked = time.perf_counter() - t0
+        else:
+            if mode == "async":
+                actor = Checkpointer(Path(out) / "async", keep=1, async_save=True)
+            peak = _peaks(lambda: actor.save(1 if mode == "async" else 2, state, {"position": 0}))
+            blocked = time.perf_counter() - t0
+            actor.wait()
+            if mode == "async-again":
+                actor.close()
         total = time.perf_counter() - t0
-        stop.set()
-        t.join()
-        torch.distributed.barrier()
-        disk = sum(f.stat().st_size for f in final.iterdir()) if final.is_dir() else 0
         rows.append({"mode": mode, "params": model.num_parameters(), "own_MB": state_bytes(state) / 2**20,
-                     "rss_peak_delta_MB": (peak[0] - base) / 2**20, "rss_MB": base / 2**20, "blocked_s": blocked,
-                     "complete_s": total, "disk_MB": disk / 2**20})
+                     "torch_peak_MB": peak[0] / 2**20, "python_peak_MB": peak[1] / 2**20, "blocked_s": blocked,
+                     "complete_s": total, "checkpoint": str(path),
+                     "staged_MB": actor.stager.allocated_bytes / 2**20 if mode.startswith("async") else 0.0})
     return rows
+
+
+def _verify_table(path: Path, worlds: list[int]) -> None:
+    from lctrain.checkpoint.store import assigned_files, read_meta, verify_share
+
+    meta = read_meta(path, verify=False)
+    total = sum(f["size"] for f in meta["files"].values())
+    print(f"\nresume verification of {path.name} ({total / 2**20:.0f} MB in {len(meta['files'])} files): each rank "
+          "hashes its share; the largest share is the time on N nodes")
+    print("N  files/rank(max)  MB/rank(max)  s/rank(max)  s(sum of shares)")
+    for n in worlds:
+        times, sizes, counts = [], [], []
+        for r in range(n):
+            names = assigned_files(meta, r, n)
+            t0 = time.perf_counter()
+            assert not verify_share(path, meta, r, n)
+            times.append(time.perf_counter() - t0)
+            sizes.append(sum(meta["files"][f]["size"] for f in names))
+            counts.append(len(names))
+        print(f"{n:<2} {max(counts):>15}  {max(sizes) / 2**20:12.0f}  {max(times):11.2f}  {sum(times):16.2f}")
+
+
+def _export_table(path: Path, out: Path) -> None:
+    from lctrain.checkpoint.export import export
+    from lctrain.checkpoint.store import stored_tensors
+
+    largest = max(s.numel() * 4 for k, (s, _) in stored_tensors(path).items() if k.startswith("model/"))
+    print(f"\nlctrain export of {path.name} (fp32; largest tensor {largest / 2**20:.1f} MB), peak by allocation")
+    print("limit_MB  files  largest_file_MB  torch_peak_MB  python_peak_MB  s")
+    for limit in (5 * 10**9, 64 * 2**20, 8 * 2**20):
+        dest = out / f"export-{limit}"
+        t0 = time.perf_counter()
+        info, peak = None, None
+
+        def run():
+            nonlocal info
+            info = export(path, dest, max_shard_bytes=limit)
+
+        peak = _peaks(run)
+        sizes = [(dest / f).stat().st_size for f in info["files"]]
+        print(f"{limit / 2**20:8.0f}  {len(sizes):5}  {max(sizes) / 2**20:15.1f}  {peak[0] / 2**20:13.1f}  "
+              f"{peak[1] / 2**20:14.1f}  {time.perf_counter() - t0:.1f}")
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def main() -> None:
@@ -83,6 +140,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--zero", type=int, default=1)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--verify", action="store_true", help="resume verification time vs the number of ranks")
+    ap.add_argument("--export", action="store_true", help="lctrain export's peak memory vs the file size limit")
     args = ap.parse_args()
     from lctrain.testing import run_distributed
 
@@ -91,19 +150,26 @@ def main() -> None:
                  f"model.num_kv_heads={heads}", f"model.ffn_hidden_size={args.hidden * 11 // 4 // 64 * 64}",
                  f"model.vocab_size={args.vocab}", f"train.zero_stage={args.zero}", f"parallel.tp={args.tp}",
                  "train.global_batch_size=" + str(args.world // args.tp)]
-    out = tempfile.mkdtemp(prefix="lctrain-bench-ckpt-")
+    out = Path(tempfile.mkdtemp(prefix="lctrain-bench-ckpt-"))
     try:
-        res = run_distributed(_measure, args.world, overrides, out, timeout_s=1800)
+        res = run_distributed(_measure, args.world, overrides, str(out), timeout_s=1800)
+        params = res[0][0]["params"]
+        print(f"model: {params / 1e6:.0f}M parameters, full fp32 state (master + 2 moments) "
+              f"{12 * params / 2**20:.0f} MB; world {args.world}, tp {args.tp}, ZeRO-{args.zero}")
+        print("mode         rank  own_MB  torch_peak_MB  python_peak_MB  staged_MB  blocked_s  complete_s")
+        for rank, rows in enumerate(res):
+            for r in rows:
+                print(f"{r['mode']:<12} {rank:>4}  {r['own_MB']:6.0f}  {r['torch_peak_MB']:13.1f}  "
+                      f"{r['python_peak_MB']:14.1f}  {r['staged_MB']:9.0f}  {r['blocked_s']:9.2f}  "
+                      f"{r['complete_s']:10.2f}")
+        ckpt = Path(res[0][0]["checkpoint"])
+        if args.verify:
+            worlds = sorted({1, 2, 4, args.world, 2 * args.world})
+            _verify_table(ckpt, worlds)
+        if args.export:
+            _export_table(ckpt, out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    params = res[0][0]["params"]
-    print(f"model: {params / 1e6:.0f}M parameters, full fp32 state (master + 2 moments) "
-          f"{12 * params / 2**20:.0f} MB; world {args.world}, tp {args.tp}, ZeRO-{args.zero}")
-    print("mode   rank  own_MB  rss_before_MB  rss_peak_delta_MB  blocked_s  complete_s  disk_MB(all ranks)")
-    for rank, rows in enumerate(res):
-        for r in rows:
-            print(f"{r['mode']:<6} {rank:>4}  {r['own_MB']:6.0f}  {r['rss_MB']:13.0f}  {r['rss_peak_delta_MB']:17.0f}"
-                  f"  {r['blocked_s']:9.2f}  {r['complete_s']:10.2f}  {r['disk_MB']:.0f}")
 
 
 if __name__ == "__main__":

@@ -142,7 +142,9 @@ def test_hybrid_export_loads_back_bit_exactly_under_another_layout(tmp_path, cap
     from lctrain.train.cli import main as train_main
 
     (ckpt,) = set(run_distributed(_train, 2, [f"run.out_dir={tmp_path / 'a'}", "parallel.cp=2", "train.steps=2"]))
-    export(ckpt, tmp_path / "st")
+    from lctrain.cli import main as lctrain_main
+
+    assert lctrain_main(["export", str(tmp_path / "a"), "--out", str(tmp_path / "st")]) == 0  # the run's newest
     export(ckpt, tmp_path / "bf16", dtype="bf16")
     saved, exported = _masters(ckpt), _safetensors(tmp_path / "st")
     assert sorted(exported) == sorted(k[len("model/"):] for k in saved)

@@ -5,7 +5,6 @@ Reference losses come from the same tiny config (configs/tiny.yaml) without the 
 """
 import json
 import math
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -485,6 +484,7 @@ def test_sigterm_to_one_rank_during_async_saves_requeues_and_resumes_bit_exactly
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal:\n" + proc.communicate()[0][-3000:]
     t0 = time.monotonic()
     ranks = _rank_pids(proc.pid)
     assert len(ranks) == 2
