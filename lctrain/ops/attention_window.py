@@ -2,10 +2,11 @@
 
 Two entry points, both returning the log-sum-exp so blocks merge by `merge_attention` like every other local op:
 
-- :func:`band_attention_forward` / :func:`band_attention_backward`: the keys are a contiguous run of positions that
-  ends at the last query (bottom-right aligned, as a causal flash-attn call): a rank's chunk against itself, or
-  a chunk against [halo; chunk]. On CUDA with flash-attn installed this is flash-attn with
-  `window_size=(W - 1, 0)`; otherwise the masked form below.
+- :func:`band_attention_forward` / :func:`band_attention_backward`: queries and keys are contiguous runs of
+  positions, query i placed at key index i + sk - sq (bottom-right aligned, as flash-attn), seeing key indices
+  [i + sk - sq - left, i + sk - sq + right]: a chunk against itself is (left, right) = (W - 1, 0); its first n
+  queries against the H keys before it (a halo) are (W - 1 - n, n). On CUDA with flash-attn installed this is
+  flash-attn with `window_size=(left, right)`; otherwise the masked form below.
 - :func:`window_attention_forward` / :func:`window_attention_backward`: any query and key positions (the blocks
   of ring / all-gather / a halo, zigzag bounding boxes), optionally within documents: the mask
 
@@ -58,34 +59,35 @@ def _flash_band(q: torch.Tensor, k: torch.Tensor) -> bool:
     return attention_flash_attn.available() and attention_flash_attn.supports(q, k, k, True)
 
 
-def _flash_args(window: int, scale: float) -> dict:
-    args = attention_flash_attn._common(True, scale)
-    args.update(window_size=(window - 1, 0), window_size_left=window - 1, window_size_right=0)
+def _flash_args(left: int, right: int, scale: float) -> dict:
+    args = attention_flash_attn._common(False, scale)
+    args.update(window_size=(left, right), window_size_left=left, window_size_right=right)
     return args
 
 
-def _band_mask(sq: int, sk: int, window: int, device: torch.device) -> torch.Tensor:
-    pos = torch.arange(sk, device=device)
-    return window_mask(pos[sk - sq:], pos, window)
+def band_mask(sq: int, sk: int, left: int, right: int, device: torch.device) -> torch.Tensor:
+    """Bool `[1, sq, sk]`: key index j visible to query i iff i + sk - sq - left <= j <= i + sk - sq + right."""
+    rel = torch.arange(sk, device=device)[None, :] - torch.arange(sk - sq, sk, device=device)[:, None]  # j - (i + sk - sq)
+    return ((rel >= -left) & (rel <= right))[None]
 
 
-def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int,
                            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window attention of the last `sq` of `sk` contiguous positions against all `sk` (bottom-right aligned).
+    """Attention of query i to key indices [i + sk - sq - left, i + sk - sq + right] (module docstring).
 
     Returns o `[b, sq, h, d]` and lse `[b, h, sq]` (float32; float64 for float64 inputs).
     """
     if _flash_band(q, k):
         fa = attention_flash_attn._interface()
-        res = attention_flash_attn._call(fa._flash_attn_forward, dict(q=q, k=k, v=v, **_flash_args(window,
-                                                                                                    softmax_scale)))
+        res = attention_flash_attn._call(fa._flash_attn_forward,
+                                         dict(q=q, k=k, v=v, **_flash_args(left, right, softmax_scale)))
         o, lse = (res[0], res[5]) if len(res) == 8 else (res[0], res[1])
         return o, lse[..., : q.shape[1]]
-    return window_attention_forward(q, k, v, _band_mask(q.shape[1], k.shape[1], window, q.device), softmax_scale)
+    return window_attention_forward(q, k, v, band_mask(q.shape[1], k.shape[1], left, right, q.device), softmax_scale)
 
 
 def band_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                            lse: torch.Tensor, window: int,
+                            lse: torch.Tensor, left: int, right: int,
                             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of :func:`band_attention_forward` for the given (possibly merged) o and lse."""
     if _flash_band(q, k):
@@ -93,9 +95,9 @@ def band_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         attention_flash_attn._call(fa._flash_attn_backward, dict(
             dout=do.contiguous(), q=q, k=k, v=v, out=o.contiguous(), softmax_lse=lse.float().contiguous(),
-            dq=dq, dk=dk, dv=dv, **_flash_args(window, softmax_scale)))
+            dq=dq, dk=dk, dv=dv, **_flash_args(left, right, softmax_scale)))
         return dq, dk, dv
-    return window_attention_backward(do, q, k, v, o, lse, _band_mask(q.shape[1], k.shape[1], window, q.device),
+    return window_attention_backward(do, q, k, v, o, lse, band_mask(q.shape[1], k.shape[1], left, right, q.device),
                                      softmax_scale)
 
 
@@ -104,7 +106,7 @@ class _WindowAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, window, scale, cu_seqlens):
         b, s = q.shape[:2]
         if cu_seqlens is None:
-            o, lse = band_attention_forward(q, k, v, window, scale)
+            o, lse = band_attention_forward(q, k, v, window - 1, 0, scale)
         else:
             o, lse = window_attention_forward(q, k, v, _packed_mask(cu_seqlens, b, s, window), scale)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
@@ -116,7 +118,7 @@ class _WindowAttention(torch.autograd.Function):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
         b, s = q.shape[:2]
         if cu_seqlens is None:
-            grads = band_attention_backward(do, q, k, v, o, lse, ctx.window, ctx.scale)
+            grads = band_attention_backward(do, q, k, v, o, lse, ctx.window - 1, 0, ctx.scale)
         else:
             grads = window_attention_backward(do, q, k, v, o, lse, _packed_mask(cu_seqlens, b, s, ctx.window),
                                               ctx.scale)
@@ -146,5 +148,5 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     return _WindowAttention.apply(q, k, v, window, scale, cu_seqlens)
 
 
-__all__ = ["band_attention_backward", "band_attention_forward", "check_window", "window_attention",
+__all__ = ["band_attention_backward", "band_attention_forward", "band_mask", "check_window", "window_attention",
            "window_attention_backward", "window_attention_forward", "window_mask"]

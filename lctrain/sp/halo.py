@@ -165,7 +165,7 @@ def _forward(q, k, v, group, window, scale, layout, cu_seqlens):
     for m in range(len(plan.slots)):
         rows = slice(m * c, (m + 1) * c)
         if docs is None:
-            o_b, lse_b = band_attention_forward(q[:, rows], k[:, rows], v[:, rows], window, scale)
+            o_b, lse_b = band_attention_forward(q[:, rows], k[:, rows], v[:, rows], window - 1, 0, scale)
         else:
             o_b, lse_b = window_attention_forward(q[:, rows], k[:, rows], v[:, rows],
                                                   _mask(plan, m, c, False, window, docs, q.device), scale)
@@ -185,8 +185,11 @@ def _forward(q, k, v, group, window, scale, layout, cu_seqlens):
         if (nq := _halo_rows(plan, m, window)) == 0:
             continue
         rows = slice(m * c, m * c + nq)
-        o_b, lse_b = window_attention_forward(q[:, rows], halo[m][0], halo[m][1],
-                                              _mask(plan, m, nq, True, window, docs, q.device), scale)
+        if docs is None:  # query i of the chunk sees halo keys [i + H - W + 1, i + H]: a band (W - 1 - nq, nq)
+            o_b, lse_b = band_attention_forward(q[:, rows], halo[m][0], halo[m][1], window - 1 - nq, nq, scale)
+        else:
+            o_b, lse_b = window_attention_forward(q[:, rows], halo[m][0], halo[m][1],
+                                                  _mask(plan, m, nq, True, window, docs, q.device), scale)
         merge_attention(out[:, rows], lse[:, :, rows], o_b, lse_b)
     return out.to(q.dtype), lse, halo
 
@@ -206,9 +209,13 @@ def _backward(do, q, k, v, out, lse, halo, group, window, scale, layout, cu_seql
         if (nq := _halo_rows(plan, m, window)) == 0:
             continue
         rows = slice(m * c, m * c + nq)
-        dq_b, dk_b, dv_b = window_attention_backward(do[:, rows], q[:, rows], halo[m][0], halo[m][1], out[:, rows],
-                                                     lse[:, :, rows], _mask(plan, m, nq, True, window, docs,
-                                                                            q.device), scale)
+        if docs is None:
+            dq_b, dk_b, dv_b = band_attention_backward(do[:, rows], q[:, rows], halo[m][0], halo[m][1], out[:, rows],
+                                                       lse[:, :, rows], window - 1 - nq, nq, scale)
+        else:
+            dq_b, dk_b, dv_b = window_attention_backward(do[:, rows], q[:, rows], halo[m][0], halo[m][1],
+                                                         out[:, rows], lse[:, :, rows],
+                                                         _mask(plan, m, nq, True, window, docs, q.device), scale)
         dq[:, rows] += dq_b
         dhalo[m][0] += dk_b
         dhalo[m][1] += dv_b
@@ -223,7 +230,7 @@ def _backward(do, q, k, v, out, lse, halo, group, window, scale, layout, cu_seql
         rows = slice(m * c, (m + 1) * c)
         if docs is None:
             grads = band_attention_backward(do[:, rows], q[:, rows], k[:, rows], v[:, rows], out[:, rows],
-                                            lse[:, :, rows], window, scale)
+                                            lse[:, :, rows], window - 1, 0, scale)
         else:
             grads = window_attention_backward(do[:, rows], q[:, rows], k[:, rows], v[:, rows], out[:, rows],
                                               lse[:, :, rows], _mask(plan, m, c, False, window, docs, q.device),
