@@ -90,3 +90,54 @@ def test_recipes_give_the_save_its_time():
     (lead,) = [int(line.split("@")[1]) for line in text.splitlines() if line.startswith("#SBATCH --signal=B:USR1@")]
     assert lead >= grace + preempt.TEARDOWN_MARGIN_S and "#SBATCH --requeue" in text
     assert f'"$STATUS" = {preempt.REQUEUE_EXIT}' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+
+
+STUB_LCTRAIN = """#!/bin/bash
+# lctrain launch stand-in: waits for a preemption notice (USR1), then exits as lctrain launch does (75)
+trap 'echo "stub: USR1" >> "$STUB_LOG"; exit 75' USR1
+touch "$STUB_READY"
+for _ in $(seq 1 "${STUB_WAIT:-300}"); do sleep 0.1; done
+exit "${STUB_RC:-0}"
+"""
+
+
+def _sbatch_tail(tmp_path: Path, **env: str):
+    """The sbatch's last part (launch in the background, the USR1 trap, the requeue) with `on` running commands
+    here and stand-ins for lctrain and scontrol; returns the running bash process."""
+    import subprocess
+
+    text = (ROOT / "launch/slurm/lctrain.sbatch").read_text()
+    tail = text[text.index('LAUNCH_PID=""'):]
+    script = tmp_path / "tail.sh"
+    script.write_text('#!/bin/bash\nset -euo pipefail\non() { while [ "$1" != "--" ]; do shift; done; shift; "$@"; }\n'
+                      'CONFIG=c.yaml NUM_NODES=2 GPUS_PER_NODE=8 ADDRESS=10.0.0.1:6379 HEAD=node1\n' + tail)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "lctrain").write_text(STUB_LCTRAIN)
+    (stubs / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$STUB_LOG"\n')
+    for f in stubs.iterdir():
+        f.chmod(0o755)
+    full = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "log"),
+            "STUB_READY": str(tmp_path / "ready"), "SLURM_JOB_ID": "4242", **env}
+    return subprocess.Popen(["bash", str(script)], env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.parametrize("case", ["preempted", "finished", "failed"])
+def test_sbatch_passes_usr1_on_and_requeues(tmp_path, case):
+    import time
+
+    proc = _sbatch_tail(tmp_path, STUB_RC={"failed": "1"}.get(case, "0"),
+                        STUB_WAIT="300" if case == "preempted" else "1")
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if case == "preempted":
+        os.kill(proc.pid, signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@180` does: the batch shell only
+    out, _ = proc.communicate(timeout=60)
+    log = (tmp_path / "log").read_text() if (tmp_path / "log").exists() else ""
+    if case == "preempted":
+        assert proc.returncode == 0 and "stub: USR1" in log and "scontrol requeue 4242" in log, out + log
+        assert "requeueing job 4242" in out
+    else:
+        assert "scontrol" not in log and proc.returncode == {"failed": 1}.get(case, 0), out + log
