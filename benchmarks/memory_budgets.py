@@ -126,7 +126,8 @@ def main() -> None:
               f"{r['activations_bytes'] / GB:.2f} | {1 - r['peak_bytes'] / H100_BYTES:.1%} | `{r['command']}` |")
     peaks = [reports[f"1b-16k-cp{cp}"]["peak_bytes"] for cp in (16, 32, 64)]
     doc, nodoc = reports["8b-128k-doc-true"]["peak_bytes"], reports["8b-128k-doc-false"]["peak_bytes"]
-    print(f"\nLinear-Llama3-1B 16K/GPU: max {max(peaks) / GB:.2f} GB, spread {(max(peaks) - min(peaks)) / min(peaks):.1%}; "
+    spread = (max(peaks) - min(peaks)) / min(peaks)
+    print(f"\nLinear-Llama3-1B 16K/GPU: max {max(peaks) / GB:.2f} GB, spread {spread:.1%}; "
           f"Llama-3-8B 128K CP 8 documents / none: {doc / nodoc:.3f}\n")
     print("### Largest allocations, Llama-3-8B, 128K tokens, CP 8, document masks\n")
     print("| bytes (GB) | count | category | line |")

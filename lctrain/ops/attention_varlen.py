@@ -15,9 +15,10 @@ A block's mask travels as a :class:`DocumentMask` (positions and ids, O(sq + sk)
   blocks' document-id and position ranges (`document_block_mask`): blocks of 128 x 128 that no pair can see are
   skipped, blocks inside one document (and below the causal diagonal) run unmasked, only boundary blocks call
   the mask function. No `[sq, sk]` tensor exists: scores stay in the kernel, the block tables are
-  `[b, sq/128, sk/128]`. The forward and backward are custom ops (`lctrain::document_attention_fwd/_bwd`) whose
-  fake implementations only give shapes, so meta tensors pass through them. The backward differentiates a
-  recomputed block forward through autograd with the merge weights of an externally merged (o, lse):
+  `[b, sq/128, sk/128]`. On meta and fake tensors (the rehearsal, the planner) both passes only give shapes
+  (plain Python, not custom ops: the backward runs autograd inside, which an op's kernel cannot). The backward
+  differentiates a recomputed block forward through autograd with the merge weights of an externally merged
+  (o, lse):
   w = exp(lse_block - lse), dL/do_block = w do, dL/dlse_block = w (rowsum(do o_block) - rowsum(do o)).
   flash-attn's varlen functions are not used: a CP block's queries and keys are arbitrary position sets
   (zigzag halves, rank-major gathers), not the contiguous documents its cu_seqlens describe.
@@ -143,7 +144,9 @@ def document_block_mask(mask: DocumentMask, sq: int, sk: int):
     q_lo, q_hi = _blocks(qd, big, nq).amin(-1), _blocks(qd, -big, nq).amax(-1)  # [b, nq], real tokens only
     k_lo, k_hi = _blocks(kd, big, nk).amin(-1), _blocks(kd, -big, nk).amax(-1)
     any_pair = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
-    one_doc = ((q_lo == q_hi) & (qd_pad.amin(-1) >= 0))[:, :, None] & ((k_lo == k_hi) & (kd_pad.amin(-1) >= 0))[:, None, :]
+    q_one = (q_lo == q_hi) & (qd_pad.amin(-1) >= 0)  # [b, nq]: one document, no padding
+    k_one = (k_lo == k_hi) & (kd_pad.amin(-1) >= 0)
+    one_doc = q_one[:, :, None] & k_one[:, None, :]
     full = one_doc & (q_lo[:, :, None] == k_lo[:, None, :])
     if mask.causal:
         qp_hi, qp_lo = _blocks(qp, -big, nq).amax(-1), _blocks(qp, big, nq).amin(-1)
@@ -198,40 +201,30 @@ def backward_by_recompute(forward, do: torch.Tensor, q: torch.Tensor, k: torch.T
     return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
-def _mask_from(q_pos, k_pos, q_doc, k_doc, causal) -> DocumentMask:
-    return DocumentMask(q_pos, k_pos, q_doc, k_doc, causal)
+def _shape_only(x: torch.Tensor) -> bool:
+    """Meta or fake tensors (the rehearsal, the planner): only shapes exist, no kernel runs."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return x.device.type == "meta" or is_fake(x)
 
 
-@torch.library.custom_op("lctrain::document_attention_fwd", mutates_args=())
-def _document_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                            k_pos: torch.Tensor, q_doc: torch.Tensor, k_doc: torch.Tensor, causal: bool,
-                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = _flex_attention(q, k, v, _mask_from(q_pos, k_pos, q_doc, k_doc, causal), scale)
-    return o.contiguous(), lse.contiguous()
+def _gpu_forward(q, k, v, mask: DocumentMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if _shape_only(q):
+        b, sq, h, _ = q.shape
+        return (q.new_empty(b, sq, h, v.shape[-1]),
+                q.new_empty(b, h, sq, dtype=torch.promote_types(q.dtype, torch.float32)))
+    with torch.no_grad():
+        return _flex_attention(q, k, v, mask, scale)
 
 
-@_document_attention_fwd.register_fake
-def _(q, k, v, q_pos, k_pos, q_doc, k_doc, causal, scale):
-    b, sq, h, _ = q.shape
-    return q.new_empty(b, sq, h, v.shape[-1]), q.new_empty(b, h, sq, dtype=torch.promote_types(q.dtype, torch.float32))
-
-
-@torch.library.custom_op("lctrain::document_attention_bwd", mutates_args=())
-def _document_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                            lse: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor,
-                            k_doc: torch.Tensor, causal: bool,
-                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mask = _mask_from(q_pos, k_pos, q_doc, k_doc, causal)
+def _gpu_backward(do, q, k, v, o, lse, mask: DocumentMask, scale: float):
+    if _shape_only(q):
+        # What the real backward holds besides its results: the recomputed block output and lse.
+        transient = (torch.empty_like(o), torch.empty_like(lse))  # noqa: F841 - counted while alive
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     return backward_by_recompute(lambda q, k, v: _flex_attention(q, k, v, mask, scale), do, q, k, v, o, lse)
 
 
-@_document_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _spec(m: DocumentMask) -> tuple:
-    return (m.q_pos, m.k_pos, m.q_doc, m.k_doc, m.causal)
 
 
 #: Force the plain PyTorch definition everywhere (tests flip it to compare the fused CPU path against it).
@@ -270,7 +263,7 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """
     if isinstance(mask, DocumentMask):
         if is_gpu_tensor(q) and not REFERENCE_ONLY:
-            return _document_attention_fwd(q, k, v, *_spec(mask), softmax_scale)
+            return _gpu_forward(q, k, v, mask, softmax_scale)
         mask = mask.dense()
     if _fused(q):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -290,7 +283,7 @@ def varlen_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     """
     if isinstance(mask, DocumentMask):
         if is_gpu_tensor(q) and not REFERENCE_ONLY:
-            return _document_attention_bwd(do, q, k, v, o, lse, *_spec(mask), softmax_scale)
+            return _gpu_backward(do, q, k, v, o, lse, mask, softmax_scale)
         mask = mask.dense()
     if _fused(q):
         # Rows with lse = -inf see no key: any finite lse gives them p = 0 under the bias.

@@ -20,7 +20,8 @@ U0 = (I + A)^-1 diag(beta) V, the chunk's new values are U = U0 - W S and
           = (e^(G_last) I - Kd^T W) S + Kd^T U0      (the chunk's affine map T S + M, T a full dk x dk matrix)
 
 Only the state recurrence between chunks is sequential. Math in float32 (float64 for float64 inputs), backward
-by autograd of a graph rebuilt in backward: forward keeps only the inputs (`lctrain.ops.chunk_recompute`). Derivation and its use across ranks: lctrain/sp/README_lasp2_gated.md.
+by autograd of a graph rebuilt in backward: forward keeps only the inputs (`lctrain.ops.chunk_recompute`).
+Derivation and its use across ranks: lctrain/sp/README_lasp2_gated.md.
 """
 from __future__ import annotations
 

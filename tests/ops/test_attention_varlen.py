@@ -148,6 +148,6 @@ def test_gpu_branch_allocates_no_scores():
                                          DocumentMask(pos, pos, docs, docs, True), 0.125)
         if gpu:
             assert Largest.numel < s * s, Largest.numel
-            assert any("document_attention_bwd" in op for op in Largest.ops), Largest.ops
+            assert not any("bmm" in op or "matmul" in op for op in Largest.ops), Largest.ops  # no score products
         else:
             assert Largest.numel >= s * s  # the reference path forms the scores: the check can fail
