@@ -20,8 +20,10 @@ pair (E, L). The final state, when asked for, is L_(<r) o L_r (S_late leaving), 
 Backward is the same scan over the adjoint maps Lambda -> T_c^T Lambda + D_c in the reverse chunk order
 (Lambda_c = D_c + T_c^T Lambda_(c+1), dL/dM_c = Lambda_(c+1)); the gradient of the final state, a sum of every
 rank's share, rides along as an additive component of both directions' messages. While the backward rounds are
-in flight each rank recomputes its own chunk maps under autograd (what the all-gather version overlaps too); the
-forward rounds are not overlapped (the local pass needs the entering state, as in the all-gather version).
+in flight each rank recomputes its own chunk maps under autograd (what the all-gather version overlaps too). While
+the forward rounds are in flight, gated linear attention (plain, fixed decay, scalar and vector gates) computes its
+chunks from a zero state and afterwards adds the state term (q_t e^(G_t)) S_in; the delta rule's local pass waits
+for the entering state, as in the all-gather version.
 
 Each round is one `batch_isend_irecv` tagged `{tag}.fwd.round{k}` / `{tag}.bwd.round{k}` (tests count them).
 """
@@ -153,6 +155,19 @@ def tree_scan(up: Elem | None, down: Elem | None, ascending: dict[str, bool], va
     return ex_up, ex_dn
 
 
+def _decayed_queries(qs: torch.Tensor, gs: torch.Tensor | None, sdt: torch.dtype) -> torch.Tensor:
+    """q_t e^(G_t), G_t the chunk's log gates summed up to and including t: what multiplies the entering state
+    (gated linear attention; a `[h]` decay gives lambda^(t+1), a -inf document start zeroes the rest)."""
+    q = qs.to(sdt)
+    if gs is None:
+        return q
+    if gs.dim() == 1:  # [h]: the same log gate at every token
+        steps = torch.arange(1, q.shape[1] + 1, device=q.device, dtype=sdt)
+        return q * torch.exp(steps[:, None] * gs.to(sdt))[None, :, :, None]
+    cum = torch.exp(gs.to(sdt).cumsum(1))  # [b, C, h] or [b, C, h, dk]; sums of terms <= 0: no cancellation
+    return q * (cum[..., None] if gs.dim() == 3 else cum)
+
+
 def _get(e: Elem | None, name: str):
     return None if e is None else e.get(name)
 
@@ -184,8 +199,16 @@ class LASP2TreeScan(torch.autograd.Function):
         if zig and want_final:
             up["G"] = late
         down: Elem | None = ({"F": early, "G": late} if zig else {"F": early}) if zig or want_final else None
+        # Gated linear attention: o = o(S = 0) + (q_t e^(G_t)) S, so the state-free part runs during the rounds.
+        # (The delta rule's state term is no such product: its local pass waits for the entering state.)
+        split: dict = {}
+
+        def intra():
+            split["o0"] = _local(variant, qs, ks, vs, gs, bs, s0.new_zeros((len(qs),) + tuple(s0.shape[1:])), backend)
+
         with comm.comm_tag(f"{tag}.fwd"):
-            ex_up, ex_dn = tree_scan(up, down, {"F": True, "G": False}, variant, group, rank, world, tag)
+            ex_up, ex_dn = tree_scan(up, down, {"F": True, "G": False}, variant, group, rank, world, tag,
+                                     overlap=intra if variant != "delta" else None)
         enter = [_run(_get(ex_up, "F"), s0, variant)]
         leave = _run(early, enter[0], variant)
         if zig:
@@ -194,7 +217,11 @@ class LASP2TreeScan(torch.autograd.Function):
         else:
             final = _run(_get(ex_dn, "F"), leave, variant) if want_final else None
         entering = torch.cat(enter, dim=0)  # [n_loc*b, h, dk, dv]
-        o = _local(variant, qs, ks, vs, gs, bs, entering, backend)
+        if variant == "delta":
+            o = _local(variant, qs, ks, vs, gs, bs, entering, backend)
+        else:
+            inter = torch.einsum("bshk,bhkv->bshv", _decayed_queries(qs, gs, sdt), entering)
+            o = (split["o0"].to(sdt) + inter).to(split["o0"].dtype)
         ctx.variant, ctx.group, ctx.layout, ctx.rank, ctx.world, ctx.tag = variant, group, layout, rank, world, tag
         ctx.has_initial, ctx.want_final, ctx.backend = initial_state is not None, want_final, backend
         ctx.save_for_backward(q, k, v, g, beta, entering, t_loc)

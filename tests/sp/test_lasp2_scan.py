@@ -19,7 +19,7 @@ from lctrain.sp.lasp2_scan import scan_rounds
 from lctrain.testing import run_distributed
 from tests.ops.gated_cases import make_gate, make_qkv, per_head_close
 
-B, H, DK, DV, S_PER_RANK = 1, 2, 3, 2, 4
+B, H, DK, DV, S_PER_RANK = 2, 2, 3, 2, 4
 
 #: (variant, gate kind, layout, initial state, final state, packed documents). "plain" goes through
 #: lasp2_linear_attention (no gate or a fixed [h] decay), the others through the chunk-map entry points.
@@ -62,8 +62,8 @@ def _check(cfg, seed):
     wf = torch.randn(world, B, H, DK, DV, generator=gen, dtype=torch.float64)  # rank r's weight on the final state
     cu = None
     if docs:
-        cuts = sorted(set(torch.randint(1, n, (3,), generator=gen).tolist()))
-        cu = torch.tensor([0] + cuts + [n])
+        cuts = sorted(set(torch.randint(1, B * n, (4,), generator=gen).tolist()) | set(range(n, B * n, n)))
+        cu = torch.tensor([0] + cuts + [B * n])
     names = ["q", "k", "v", "g", "beta", "s0"]
     full = [q, k, v, g, beta, s0]
     present = [i for i, x in enumerate(full) if x is not None]
