@@ -45,3 +45,23 @@ def test_mesh_config_validate_without_processes():
         MeshConfig(tp=4).validate(6)
     with pytest.raises(ValueError, match="cp_layout"):
         MeshConfig(cp_layout="striped").validate(1)
+
+
+@pytest.mark.parametrize("backend,cuda,expected", [(None, True, "cpu:gloo,cuda:nccl"), ("nccl", True, "cpu:gloo,cuda:nccl"),
+                                                   (None, False, "gloo"), ("gloo", True, "gloo")])
+def test_default_group_carries_a_cpu_backend_beside_nccl(monkeypatch, backend, cuda, expected):
+    """On a GPU the default group is NCCL for CUDA tensors plus gloo for CPU ones (object collectives, DCP planning)."""
+    import torch
+
+    from lctrain.parallel import mesh
+
+    seen = {}
+    monkeypatch.setattr(mesh.comm, "is_distributed", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.setdefault("device", i))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.setdefault("backend", backend))
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    mesh.init_distributed(backend)
+    assert seen["backend"] == expected
+    assert ("device" in seen) == (expected != "gloo")
