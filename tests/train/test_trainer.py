@@ -143,3 +143,13 @@ def test_dry_run(tmp_path, capsys):
     assert "not divisible by 6" in capsys.readouterr().err
     assert main([TINY, "train.global_batch_size=3", "--nproc", "2", "--dry-run"]) == 2
     assert main([TINY, "train.nope=1", "--dry-run"]) == 2
+
+
+def test_losses_are_read_at_log_points_only(straight, tmp_path):
+    """train.log_every=4 with checkpoints at 3 and 6: the device is read at steps 3, 4 and 6 only, yet every step's
+    loss is returned, equal to the run that reads every step (log_every=1), and metrics.jsonl has the log steps."""
+    _, ref = straight
+    res = run_distributed(_train, 2, [f"run.out_dir={tmp_path}", "train.log_every=4"])[0]
+    assert res["losses"] == ref["losses"]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [4, 6]
