@@ -205,7 +205,7 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, gpus_per_node: int, seq: int,
     """Every valid (tp, cp, cp_layout, softmax_sp, linear_sp) for the job (rules in the module docstring)."""
     mixers = set(cfg.mixers)
     ssps = list(softmax_sps or (SOFTMAX_SP if "A" in mixers else [cfg.softmax_sp]))
-    lsps = list(linear_sps or (LINEAR_SP if "L" in mixers else [cfg.linear_sp]))
+    lsps = list(linear_sps or (LINEAR_SP if mixers & set(LINEAR_MIXERS) else [cfg.linear_sp]))
     out = []
     for tp in (tps or [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0]):
         if gpus % tp:
@@ -227,14 +227,18 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, gpus_per_node: int, seq: int,
     return out
 
 
+#: Mixers whose SP method is `linear_sp` (linear attention, GatedDeltaNet, GLA).
+LINEAR_MIXERS = ("L", "D", "G")
+
+
 def _layouts(lsps: list[str], mixers: set[str]) -> list[tuple[str, str]]:
     """(linear_sp, cp_layout) pairs: LASP-1 needs contiguous; softmax layers want zigzag (causal balance); a
     pure linear model runs LASP-2 on either (contiguous: one state per rank instead of two)."""
     out = []
     for lsp in lsps:
-        if "L" in mixers and lsp == "lasp1":
+        if mixers & set(LINEAR_MIXERS) and lsp == "lasp1":
             out.append((lsp, "contiguous"))
-        elif "A" not in mixers:
+        elif not mixers & {"A", "W"}:
             out += [(lsp, "zigzag"), (lsp, "contiguous")]
         else:
             out.append((lsp, "zigzag"))

@@ -874,13 +874,14 @@ def spec_key(spec: SimSpec) -> str:
 
 
 def layer_variant(spec: SimSpec, mixer: str, num_layers: int) -> SimSpec:
-    """`spec` with a model of `num_layers` layers of one mixer type (the other type's SP method reset to its
-    default, so that variants which cannot differ share a cache key)."""
+    """`spec` with a model of `num_layers` layers of one mixer type (the SP methods of the other types reset to
+    their defaults, so that variants which cannot differ share a cache key; L, D and G share linear_sp)."""
     cfg = spec.model
     defaults = ModelConfig()
     model = replace(cfg, layer_pattern=mixer, num_layers=num_layers,
                     softmax_sp=cfg.softmax_sp if mixer == "A" else defaults.softmax_sp,
-                    linear_sp=cfg.linear_sp if mixer == "L" else defaults.linear_sp)
+                    linear_sp=cfg.linear_sp if mixer in ("L", "D", "G") else defaults.linear_sp,
+                    window_sp=cfg.window_sp if mixer == "W" else defaults.window_sp)
     return replace(spec, model=model)
 
 

@@ -26,7 +26,8 @@ runs -- what the collective of a phase (fwd / bwd) can hide behind:
   attention; the dK/dV reduce-scatter is exposed.
 - lasp2, lasp2_delta: the one all-gather is in flight while the intra-chunk part runs (the phase's
   linear-attention compute). Their tree scan (linear_sp="lasp2_tree", tags "....round{k}"): log2(CP) rounds of
-  sends, exposed forward (the local pass needs the entering state), behind the recomputed chunk maps backward.
+  sends behind the recomputed chunk maps backward, and forward behind the state-free local pass (linear and
+  gated layers; the delta rule's forward rounds wait for the entering state: exposed).
 - halo (sliding window): the halo transfers overlap the band (diagonal) attention.
 - lasp1: a serial chain, timed as a critical path (below), not as an overlap.
 - ulysses, conv_halo and anything unknown: exposed in full.
@@ -122,9 +123,10 @@ METHOD_RULES: dict[str, MethodRule] = {
     "lasp2": MethodRule("linear_attention"),
     "lasp2_delta": MethodRule("linear_attention"),
     "halo": MethodRule("attention", "all", docs_skip_blocks=True),
-    # LASP-2's tree scan (tags "lasp2.fwd.round0", ...): the forward rounds wait (the local pass needs the
-    # entering state); the backward rounds overlap the recomputed chunk maps.
-    "lasp2_tree": MethodRule("linear_attention", phases=("bwd",)),
+    # LASP-2's tree scan (tags "lasp2.fwd.round0", ...): backward rounds overlap the recomputed chunk maps;
+    # forward rounds overlap the state-free local pass for linear / gated layers, while the delta rule's local
+    # pass waits for its entering state.
+    "lasp2_tree": MethodRule("linear_attention"),
     "lasp2_delta_tree": MethodRule("linear_attention", phases=("bwd",)),
     "lasp1": MethodRule(chain=True),
     "lasp1_delta": MethodRule(chain=True),

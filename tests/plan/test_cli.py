@@ -84,3 +84,20 @@ def test_plot_writes_a_png(tmp_path, capsys):
                  "--hardware", "a100-80g", "--plot", str(out), "--plot-points", "2", "--no-cache"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot: {out}" in capsys.readouterr().out
+
+
+def test_gated_layers_search_their_linear_sp():
+    """D and G layers use linear_sp like L: the search offers every linear method (LASP-1 on the contiguous
+    layout) and the per-layer-type simulation keeps the method (it used to reset it to lasp2)."""
+    from dataclasses import replace
+
+    from lctrain.plan.search import candidate_layouts
+    from lctrain.plan.simulate import SimSpec, layer_variant
+
+    cfg = replace(load_config("configs/tiny.yaml").model, layer_pattern="DDDA")
+    got = candidate_layouts(cfg, 4, 4, 256, tps=[1], cps=[4], softmax_sps=["allgather"])
+    assert {(layout, lsp) for _, _, layout, _, lsp in got} == {("zigzag", "lasp2"), ("contiguous", "lasp1"),
+                                                               ("zigzag", "lasp2_tree")}
+    spec = SimSpec(replace(cfg, linear_sp="lasp1"), cp=4, cp_layout="contiguous", seq_len=256)
+    assert layer_variant(spec, "D", 1).model.linear_sp == "lasp1"
+    assert layer_variant(spec, "A", 1).model.linear_sp == "lasp2"  # cannot differ: shares a cache key
