@@ -186,13 +186,16 @@ def test_packed_documents_shrink_model_flops_and_skipping_kernels():
 
 
 def test_tree_scan_rounds_follow_their_rule():
-    """LASP-2's tree scan: forward rounds exposed, backward rounds behind the backward linear attention."""
+    """LASP-2's tree scan: the delta rule's forward rounds are exposed (its local pass needs the entering state);
+    linear / gated layers' forward rounds and every backward round run behind the phase's linear attention."""
     from lctrain.plan.timemodel import rule_key
 
     assert rule_key("lasp2.bwd.round1") == ("lasp2_tree", "bwd") and rule_key("lasp2.fwd") == ("lasp2", "fwd")
-    comm = [CommStat("cp", "send", "lasp2.fwd.round0", 4, calls=2, bytes=int(2e6)),
-            CommStat("cp", "send", "lasp2.bwd.round0", 4, calls=2, bytes=int(2e6))]
+    comm = [CommStat("cp", "send", "lasp2_delta.fwd.round0", 4, calls=2, bytes=int(2e6)),
+            CommStat("cp", "send", "lasp2_delta.bwd.round0", 4, calls=2, bytes=int(2e6)),
+            CommStat("cp", "send", "lasp2.fwd.round0", 4, calls=2, bytes=int(2e6))]
     est = estimate_step(_sim(comm), HW, dp=2, zero_stage=1, gpus_per_node=8)
     send = 2 * (1e-5 + 1e6 / W)
-    assert est.comm_exposed_by_kind_s["lasp2.fwd.round0"] == pytest.approx(send)
-    assert est.comm_exposed_by_kind_s["lasp2.bwd.round0"] == 0.0  # hidden behind 2/3 of 2 ms
+    assert est.comm_exposed_by_kind_s["lasp2_delta.fwd.round0"] == pytest.approx(send)
+    assert est.comm_exposed_by_kind_s["lasp2_delta.bwd.round0"] == 0.0  # behind 2/3 of 2 ms
+    assert est.comm_exposed_by_kind_s["lasp2.fwd.round0"] == 0.0  # behind 1/3 of 2 ms
