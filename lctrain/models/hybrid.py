@@ -105,6 +105,7 @@ class HybridLM(torch.nn.Module):
         self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
                                            init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
                                            skip_weight_param_allocation=cfg.tie_embeddings, tp_group=mesh.tp_group)
+        self.head = FusedOutputLoss(mesh.tp_group)
         # Packed batches: decided here, once, from what each mixer's SP method takes (see packing.py).
         modes = [getattr(layer.mixer, "packed_mode", None) for layer in self.layers]
         unsupported = sorted({f"{type(layer.mixer).__name__} ({getattr(layer.mixer, 'method', '?')})"
@@ -161,8 +162,13 @@ class HybridLM(torch.nn.Module):
             x = layer(x, cos, sin, docs)
         x = self.norm(x)
         # The output projection fused with the loss, in chunks of tokens: the [b, s, V/tp] logits never exist whole.
-        weight = self.embed.weight if self.cfg.tie_embeddings else self.output.weight  # [V/tp, hidden]
-        return lm_loss_from_hidden(x, weight, labels, loss_mask, self.mesh.tp_group, return_predictions)
+        loss_sum, num_tokens, *predictions = self.head(x, self._output_weight(), labels, loss_mask,
+                                                       return_predictions)
+        return LMOutput(loss_sum, num_tokens, predictions[0] if predictions else None)
+
+    def _output_weight(self) -> torch.nn.Parameter:
+        """`[V/tp, hidden]`: the output projection (tied: the embedding)."""
+        return self.embed.weight if self.cfg.tie_embeddings else self.output.weight
 
     def _check_inputs(self, input_ids, position_ids, labels, loss_mask) -> None:
         if input_ids.dim() != 2:
@@ -182,9 +188,10 @@ class HybridLM(torch.nn.Module):
                              f"divisible by 2*CP = {2 * self.mesh.cp}")
 
     def shared_parameters(self) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
-        """(module, parameter) pairs where a module reads another module's parameter (the tied output layer);
-        ZeRO-3 must gather such a parameter for the reading module too (see lctrain.train.engine)."""
-        return [(self.output, self.embed.weight)] if self.cfg.tie_embeddings else []
+        """(module, parameter) pairs where a module reads another module's parameter: the fused output loss
+        reads the output projection (tied: the embedding); ZeRO-3 must gather it around that module's forward and
+        backward too (see lctrain.train.engine)."""
+        return [(self.head, self._output_weight())]
 
     def num_parameters(self) -> int:
         """Parameters of the full model (not of this rank's shard)."""
@@ -193,6 +200,25 @@ class HybridLM(torch.nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at sequence length `seq_len`; see flops.py."""
         return flops_per_token(self.cfg, seq_len)
+
+
+class FusedOutputLoss(torch.nn.Module):
+    """The output projection fused with the loss (`lm_loss_from_hidden`), as a module of its own.
+
+    It owns no parameter: the weight is the output layer's (or the tied embedding's), registered with it as a
+    ZeRO-3 external parameter, so DeepSpeed gathers the weight around this module's forward and its backward
+    (the chunked loss recomputes logits there). Returns a tuple of tensors, (loss_sum, num_tokens[, predictions]),
+    because ZeRO-3 hooks the backward of tensor outputs only.
+    """
+
+    def __init__(self, tp_group) -> None:
+        super().__init__()
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None,
+                return_predictions: bool = False) -> tuple[torch.Tensor, ...]:
+        out = lm_loss_from_hidden(x, weight, labels, loss_mask, self.tp_group, return_predictions)
+        return (out.loss_sum, out.num_tokens) + ((out.predictions,) if return_predictions else ())
 
 
 def build_model(cfg: ModelConfig, mesh: Mesh | None = None, cp_layout: str = "zigzag") -> HybridLM:

@@ -125,7 +125,9 @@ BIGGER = [*BIG, "model.vocab_size=32768"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["train.zero_stage=1"], ["parallel.tp=2", "train.zero_stage=3"]],
+@pytest.mark.parametrize("layout", [["train.zero_stage=1"],
+                                    # TP=2 halves the output layer: twice the vocabulary keeps its share above the cap
+                                    ["parallel.tp=2", "train.zero_stage=3", "model.vocab_size=65536"]],
                          ids=["dp2-zero1", "tp2-zero3"])
 def test_sharded_save_memory_and_bytes(tmp_path, layout):
     """Memory by allocation (torch's CPU allocator through the profiler, and tracemalloc), not RSS: a load holds
@@ -396,7 +398,11 @@ def test_deepspeed_options_pass_through(reference, tmp_path, opts):
     _, ref = reference
     res = run_distributed(_train, 2, [f"run.out_dir={tmp_path}", "train.steps=4", "train.exit_after=2",
                                       "train.zero_stage=2", opts])[0]
-    assert res["losses"] == {s: ref[s] for s in (1, 2)}
+    # Step 1 is bit-identical; from step 2 on the clip coefficient (grad norm ~8-16 against grad_clip 1.0) comes
+    # from the norm's partial sums, added in another order over ZeRO-2's 1000-element buckets than over ZeRO-1's
+    # partition: measured 4.3e-8 relative at step 2 since the chunked loss (376fe04), 0 before.
+    assert res["losses"][1] == ref[1]
+    _close(res["losses"], {s: ref[s] for s in (1, 2)}, rtol=1e-6)
     from lctrain.train.trainer import plan_run
 
     with pytest.raises(ValueError, match="lctrain derives itself"):
