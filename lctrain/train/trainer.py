@@ -42,6 +42,7 @@ from lctrain.checkpoint.store import (Checkpointer, CheckpointError, check_compl
                                       read_meta, stored_tensors, verify_share)
 from lctrain.config import Config, save_config, to_dict
 from lctrain.models import build_model
+from lctrain.models.config import ModelConfig
 from lctrain.models.loss import global_token_mean
 from lctrain.data.sampler import build_dataset, collate, data_vocab_size, micro_batch_indices
 from lctrain.parallel import comm
@@ -264,8 +265,9 @@ def _save(ckpt: Checkpointer, engine, mesh: Mesh, cfg: Config, plan: Plan, step:
 
 
 def _model_dict(model_cfg) -> dict:
-    """The model config as compared on resume (activation checkpointing changes memory, not the model)."""
-    d = dict(model_cfg) if isinstance(model_cfg, dict) else to_dict(model_cfg)
+    """The model config as compared on resume (activation checkpointing changes memory, not the model). A key
+    the checkpoint's config predates takes its default, so adding a config field does not orphan old runs."""
+    d = to_dict(ModelConfig()) | (dict(model_cfg) if isinstance(model_cfg, dict) else to_dict(model_cfg))
     d.pop("activation_checkpointing", None)
     return d
 

@@ -153,3 +153,16 @@ def test_losses_are_read_at_log_points_only(straight, tmp_path):
     assert res["losses"] == ref["losses"]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [4, 6]
+
+
+def test_resume_compares_model_configs_with_defaults_for_newer_keys():
+    """A checkpoint saved before a model-config field existed resumes when the field keeps its default, and is
+    refused when the run sets it otherwise; activation checkpointing never counts."""
+    from lctrain.config import to_dict
+    from lctrain.models.config import ModelConfig
+    from lctrain.train.trainer import _model_dict
+
+    old = to_dict(ModelConfig(layer_pattern="LA"))
+    del old["window_size"], old["window_sp"]
+    assert _model_dict(old) == _model_dict(ModelConfig(layer_pattern="LA", activation_checkpointing="full"))
+    assert _model_dict(old) != _model_dict(ModelConfig(layer_pattern="LA", window_size=64))
