@@ -369,6 +369,12 @@ _GPU_SDPA = {
 }
 
 
+#: lctrain's own attention custom ops (flash-attn's and the Triton kernel's, `[b, s, h, d]`): (q index, k index,
+#: causal index, FLOPs / forward FLOPs).
+_LCTRAIN_ATTENTION = {"flash_attn_fwd": (0, 1, 3, 1.0), "flash_attn_bwd": (1, 2, 6, 2.0),
+                      "flash_attention_fwd": (0, 1, 3, 1.0), "flash_attention_bwd": (1, 2, 6, 2.0)}
+
+
 def _flop_formula(func, args, out) -> tuple[str, float] | None:
     """(class, FLOPs) of one aten/plan op, or None for memory-bound ops."""
     packet = func._overloadpacket
@@ -380,6 +386,11 @@ def _flop_formula(func, args, out) -> tuple[str, float] | None:
         return "attention", _sdpa_cpu_fwd(*args)
     if packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:
         return "attention", _sdpa_cpu_bwd(*args)
+    if func.namespace == "lctrain" and packet.__name__ in _LCTRAIN_ATTENTION:
+        qi, ki, ci, factor = _LCTRAIN_ATTENTION[packet.__name__]
+        q, k = args[qi], args[ki]  # [b, s, h, d]
+        return "attention", factor * _attention_flops(q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.shape[3],
+                                                      bool(args[ci]))
     if packet in _GPU_SDPA:
         qi, ki, ci, factor = _GPU_SDPA[packet]
         q, k = args[qi], args[ki]

@@ -78,3 +78,17 @@ def test_rule_function_directly():
     x = torch.randn(2, 3)
     assert memory_op_bytes(torch.ops.aten.detach.default, (x,), {}, x) is None
     assert memory_op_bytes(torch.ops.aten.clone.default, (x,), {}, x.clone()) == ("copy", 48)
+
+
+def test_lctrain_attention_ops_count_as_attention():
+    """The Triton flash kernel's custom op (what a GPU run calls), on meta tensors: causal FLOPs by formula."""
+    pytest.importorskip("triton")
+    from lctrain.kernels.flash_attention import triton as flash  # noqa: F401  (registers lctrain::flash_attention_*)
+
+    b, s, h, d = 1, 64, 2, 16
+    q = torch.empty(b, s, h, d, device="meta", dtype=torch.bfloat16)
+    with StepTracker() as t:
+        o, lse = torch.ops.lctrain.flash_attention_fwd(q, q, q, True, 0.25)
+        torch.ops.lctrain.flash_attention_bwd(o, q, q, q, o, lse, True, 0.25, None)
+    fwd = 4 * b * h * d * s * (s + 1) / 2
+    assert t.flops_detail == {"embed/loss|attention|bf16": 3 * fwd}
