@@ -315,3 +315,26 @@ def test_runs_under_fake_tensors_and_the_fake_backend(fake_group):
             assert isinstance(o, FakeTensor) and o.shape == (1, 64, 2, 8), name
             assert isinstance(q.grad, FakeTensor) and isinstance(g.grad, FakeTensor), name
     assert rec.calls("all_gather_object") == 0, rec.summary()
+
+
+@pytest.mark.parametrize("variant", ["scalar", "vector", "delta"])
+def test_affine_scan_equals_the_sequential_fold(variant):
+    """The log-depth prefix scan gives the states of S_(c+1) = T_c S_c + M_c, c = 0 ... G-1, for any G (float64)."""
+    from lctrain.sp.lasp2_delta import _apply, affine_scan
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    b, h, dk, dv = 2, 3, 4, 5
+    for g in (1, 2, 3, 5, 8, 9):
+        t_shape = {"scalar": (g, b, h), "vector": (g, b, h, dk), "delta": (g, b, h, dk, dk)}[variant]
+        t = torch.rand(t_shape, generator=gen, dtype=torch.float64)
+        if variant == "delta":
+            t = t / dk  # contractive, as the gated delta rule's maps are
+        m = torch.randn(g, b, h, dk, dv, generator=gen, dtype=torch.float64)
+        state = torch.randn(b, h, dk, dv, generator=gen, dtype=torch.float64)
+        entering, final = affine_scan(t, m, state, variant)
+        want = []
+        for c in range(g):
+            want.append(state)
+            state = _apply(t[c], state, variant) + m[c]
+        assert torch.allclose(entering, torch.stack(want), rtol=0, atol=1e-12), (variant, g)
+        assert torch.allclose(final, state, rtol=0, atol=1e-12), (variant, g)
