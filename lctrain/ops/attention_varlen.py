@@ -34,6 +34,7 @@ All return the log-sum-exp, so blocks merge by `merge_attention`, and the backwa
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,9 @@ class DocumentMask:
     """int64 `[b, sk]`: the keys' document ids."""
     causal: bool
     """Whether a query sees only keys at positions <= its own."""
+    batch_key: tuple | None = None
+    """(the batch's document object, this block's name): the GPU branch builds the block's BlockMask once per batch
+    and every layer reuses it (None: built per call)."""
 
     def dense(self) -> torch.Tensor:
         """Bool `[b, sq, sk]` (:func:`document_mask`): for the CPU and reference paths only."""
@@ -101,10 +105,12 @@ class DocumentMask:
         """Blocks stacked along the batch (as `torch.cat(..., dim=0)` of their dense masks)."""
         def rows(pos, doc):
             return _rows(pos).expand(doc.shape[0], -1)
+        keys = [m.batch_key for m in masks]
+        key = None if None in keys else (keys[0][0], ("cat", *(k[1] for k in keys)))
         return DocumentMask(torch.cat([rows(m.q_pos, m.q_doc) for m in masks]),
                             torch.cat([rows(m.k_pos, m.k_doc) for m in masks]),
                             torch.cat([m.q_doc for m in masks]), torch.cat([m.k_doc for m in masks]),
-                            masks[0].causal)
+                            masks[0].causal, key)
 
 
 #: FlexAttention's block size (queries and keys) for document block masks.
@@ -174,9 +180,25 @@ def _flex():
     return torch.compile(flex_attention, dynamic=True) if torch.cuda.is_available() else flex_attention
 
 
+#: BlockMasks by batch (the document object, weakly held: freed with the batch) and block name.
+_BLOCK_MASKS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def cached_block_mask(mask: DocumentMask, sq: int, sk: int):
+    """:func:`document_block_mask`, built once per batch and block when the mask names them (`batch_key`)."""
+    if mask.batch_key is None:
+        return document_block_mask(mask, sq, sk)
+    owner, name = mask.batch_key
+    table = _BLOCK_MASKS.setdefault(owner, {})
+    key = (name, sq, sk, mask.causal)
+    if key not in table:
+        table[key] = document_block_mask(mask, sq, sk)
+    return table[key]
+
+
 def _flex_attention(q, k, v, mask: DocumentMask, scale: float):
     """(o `[b, sq, h, d]`, lse `[b, h, sq]`) of FlexAttention over `mask`'s block mask, differentiable."""
-    block_mask = document_block_mask(mask, q.shape[1], k.shape[1])
+    block_mask = cached_block_mask(mask, q.shape[1], k.shape[1])
     o, lse = _flex()(_t(q), _t(k), _t(v), block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
                      return_lse=True)
     return _t(o), lse
@@ -320,5 +342,5 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     return _VarlenAttention.apply(q, k, v, q_pos, k_pos, q_doc, k_doc, causal, scale)
 
 
-__all__ = ["DocumentMask", "backward_by_recompute", "document_block_mask", "document_ids", "document_mask",
+__all__ = ["DocumentMask", "backward_by_recompute", "cached_block_mask", "document_block_mask", "document_ids", "document_mask",
            "varlen_attention", "varlen_attention_backward", "varlen_attention_forward"]

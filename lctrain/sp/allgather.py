@@ -93,24 +93,25 @@ class _Docs:
     """Packed documents: masks for the blocks of one rank (positions from the layout, ids on the device)."""
 
     def __init__(self, docs: PackedDocuments, causal: bool, zigzag: bool):
-        self.docs, self.causal = docs, causal
+        self.docs, self.causal, self.zigzag = docs, causal, zigzag
         size, s, device = docs.world, docs.s_local, docs.token_positions.device
         self.q_pos = docs.token_positions  # [s]
         # Positions of the gathered keys: global order for causal zigzag (reordered), else rank-major.
         self.k_pos = (torch.arange(s * size, device=device) if zigzag
                       else rank_major_positions(size, s, docs.layout, device))
 
-    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> DocumentMask:
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, name: tuple) -> DocumentMask:
         ids = (self.docs.ids_at(pos) for pos in (q_pos, k_pos))  # searchsorted: no sync
-        return DocumentMask(q_pos, k_pos, *ids, self.causal)  # positions and ids: no [sq, sk] tensor
+        # Positions and ids: no [sq, sk] tensor; named per batch, so the GPU branch's block mask is built once.
+        return DocumentMask(q_pos, k_pos, *ids, self.causal, (self.docs, ("allgather", self.zigzag, *name)))
 
     def diagonal(self, n: int) -> DocumentMask:
         """`[n*b, c, c]`: each local chunk against itself, stacked like `_diag`."""
-        return DocumentMask.cat([self._mask(p, p) for p in self.q_pos.chunk(n)])
+        return DocumentMask.cat([self._mask(p, p, ("diag", i)) for i, p in enumerate(self.q_pos.chunk(n))])
 
     def remote(self, rows: slice, start: int, end: int) -> DocumentMask:
         """`[b, rows, end-start]`: local query rows against gathered keys [start, end)."""
-        return self._mask(self.q_pos[rows], self.k_pos[start:end])
+        return self._mask(self.q_pos[rows], self.k_pos[start:end], ("remote", rows.start, rows.stop, start, end))
 
 
 def _fwd(q, k, v, causal, scale, mask):

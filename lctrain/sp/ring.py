@@ -65,7 +65,8 @@ def _doc_block(docs: PackedDocuments, src: int, causal: bool) -> tuple[slice, sl
     qs, ks, _ = plan
     q_pos = docs.token_positions[qs]
     k_pos = rank_positions(src, docs.world, docs.s_local, docs.layout, q_pos.device)[ks]
-    return qs, ks, DocumentMask(q_pos, k_pos, docs.doc_ids[:, qs], docs.ids_at(k_pos), causal)
+    # Named per batch (docs) and source rank: the GPU branch builds this block's mask once for every layer.
+    return qs, ks, DocumentMask(q_pos, k_pos, docs.doc_ids[:, qs], docs.ids_at(k_pos), causal, (docs, ("ring", src)))
 
 
 def _window_block(rank: int, src: int, size: int, s: int, b: int, layout: str, window: int,

@@ -151,3 +151,31 @@ def test_gpu_branch_allocates_no_scores():
             assert not any("bmm" in op or "matmul" in op for op in Largest.ops), Largest.ops  # no score products
         else:
             assert Largest.numel >= s * s  # the reference path forms the scores: the check can fail
+
+
+def test_block_mask_is_built_once_per_batch_and_block():
+    """Masks naming the same batch and block share one BlockMask (every layer reuses it); another block or another
+    batch gets its own; the cache lets go of a batch with its document object."""
+    import gc
+
+    from lctrain.ops.attention_varlen import _BLOCK_MASKS, cached_block_mask
+
+    class Batch:  # stands in for the batch's PackedDocuments
+        pass
+
+    batch = Batch()
+    base = _case(0, 1, 2 * FLEX_BLOCK, True, False)
+
+    def named(owner, name):
+        return DocumentMask(base.q_pos, base.k_pos, base.q_doc.clone(), base.k_doc.clone(), True, (owner, name))
+
+    sq, sk = base.q_pos.shape[0], base.k_pos.shape[0]
+    first = cached_block_mask(named(batch, "blk"), sq, sk)
+    assert cached_block_mask(named(batch, "blk"), sq, sk) is first  # the next layer
+    assert cached_block_mask(named(batch, "other"), sq, sk) is not first
+    assert cached_block_mask(named(Batch(), "blk"), sq, sk) is not first
+    assert cached_block_mask(base, sq, sk) is not first  # unnamed: built per call
+    assert batch in _BLOCK_MASKS
+    del batch, first
+    gc.collect()
+    assert not any(isinstance(owner, Batch) for owner in _BLOCK_MASKS.keys())
