@@ -342,5 +342,5 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     return _VarlenAttention.apply(q, k, v, q_pos, k_pos, q_doc, k_doc, causal, scale)
 
 
-__all__ = ["DocumentMask", "backward_by_recompute", "cached_block_mask", "document_block_mask", "document_ids", "document_mask",
-           "varlen_attention", "varlen_attention_backward", "varlen_attention_forward"]
+__all__ = ["DocumentMask", "backward_by_recompute", "cached_block_mask", "document_block_mask", "document_ids",
+           "document_mask", "varlen_attention", "varlen_attention_backward", "varlen_attention_forward"]
