@@ -19,7 +19,9 @@ U0 = (I + A)^-1 diag(beta) V, the chunk's new values are U = U0 - W S and
     S_out = e^(G_last) S + Kd^T U,                   Kd_j = e^(G_last - G_j) k_j
           = (e^(G_last) I - Kd^T W) S + Kd^T U0      (the chunk's affine map T S + M, T a full dk x dk matrix)
 
-Only the state recurrence between chunks is sequential. Math in float32 (float64 for float64 inputs), backward
+Only the state recurrence between chunks is sequential. Matmuls in the input dtype; gates, states, the
+triangular solves and the [dk, dk] map compositions in float32 (float64 for float64 inputs;
+`lctrain.ops.precision`), backward
 by autograd of a graph rebuilt in backward: forward keeps only the inputs (`lctrain.ops.chunk_recompute`).
 Derivation and its use across ranks: lctrain/sp/README_lasp2_gated.md.
 """
@@ -36,6 +38,7 @@ from lctrain.ops.gated_fla import fla_available, fla_gated_delta_rule, fla_suppo
 from lctrain.ops.gla import (GatedBackend, GatedFn, check_gated_inputs, from_chunks, scalar_log_gate,
                              segment_log_decay, to_chunks)
 from lctrain.ops.linear_attention_ref import compute_dtype
+from lctrain.ops.precision import fp32_by_design
 from lctrain.ops.registry import BackendRegistry, always
 
 #: Tokens per chunk of the "chunk" backend.
@@ -44,8 +47,13 @@ CHUNK_SIZE = 64
 
 def _chunk_terms(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor, chunk: int,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Per-chunk quantities of the WY / UT form, `[b, h, nc, ...]` (padding tokens have k = v = beta = g = 0)."""
-    kc, vc = to_chunks(k, chunk, dtype), to_chunks(v, chunk, dtype)  # [b, h, nc, c, d]
+    """Per-chunk quantities of the WY / UT form, `[b, h, nc, ...]` (padding tokens have k = v = beta = g = 0).
+
+    Matmul operands in the input dtype, gates in `dtype`; the triangular solves run in `dtype` by design (a
+    `[c, c]` unit-triangular system per chunk: no bf16 trsm) and w, u0, k_dec come back in the input dtype.
+    """
+    idt = k.dtype
+    kc, vc = to_chunks(k, chunk, idt), to_chunks(v, chunk, idt)  # [b, h, nc, c, d]
     bc = to_chunks(beta[..., None], chunk, dtype)[..., 0]  # [b, h, nc, c]
     gc = to_chunks(scalar_log_gate(g, k, dtype)[..., None], chunk, dtype)[..., 0]  # [b, h, nc, c]
     G = gc.cumsum(3)  # chunk-local cumulative log gates
@@ -53,11 +61,14 @@ def _chunk_terms(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta:
     seg = segment_log_decay(gc)  # [b, h, nc, c, c], G_i - G_j for j <= i without cancellation
     decay = torch.exp(seg)
     eye = torch.eye(chunk, dtype=dtype, device=k.device)
-    a = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * decay).tril(-1)  # strictly lower
+    a = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)).to(dtype) * decay).tril(-1)  # strictly lower
     ut = eye + a  # unit lower triangular
-    w = torch.linalg.solve_triangular(ut, (bc * torch.exp(G))[..., None] * kc, upper=False, unitriangular=True)
-    u0 = torch.linalg.solve_triangular(ut, bc[..., None] * vc, upper=False, unitriangular=True)
-    k_dec = kc * torch.exp(seg[..., -1, :])[..., None]  # [b, h, nc, c, dk], e^(G_last - G_j)
+    with fp32_by_design("gated delta rule: per-chunk unit-triangular solve (I + A)^-1 of [c, c]"):
+        w = torch.linalg.solve_triangular(ut, (bc * torch.exp(G))[..., None] * kc.to(dtype), upper=False,
+                                          unitriangular=True).to(idt)
+        u0 = torch.linalg.solve_triangular(ut, bc[..., None] * vc.to(dtype), upper=False,
+                                           unitriangular=True).to(idt)
+    k_dec = (kc.to(dtype) * torch.exp(seg[..., -1, :])[..., None]).to(idt)  # [b, h, nc, c, dk], e^(G_last - G_j)
     return dict(kc=kc, G=G, g_last=g_last, decay=decay, w=w, u0=u0, k_dec=k_dec)
 
 
@@ -70,20 +81,22 @@ def _chunk_gated_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     dv = v.shape[-1]
     c = chunk_size or CHUNK_SIZE
     t = _chunk_terms(k, v, g, beta, c, cdt)
-    qc = to_chunks(q, c, cdt)
-    p = (qc @ t["kc"].transpose(-1, -2)) * t["decay"]  # [b, h, nc, c, c]
-    q_dec = qc * torch.exp(t["G"])[..., None]  # [b, h, nc, c, dk]
+    idt = q.dtype  # matmul operands in the input dtype, gates and states in cdt (lctrain.ops.precision)
+    qc = to_chunks(q, c, idt)
+    p = ((qc @ t["kc"].transpose(-1, -2)).to(cdt) * t["decay"]).to(idt)  # [b, h, nc, c, c]
+    q_dec = (qc.to(cdt) * torch.exp(t["G"])[..., None]).to(idt)  # [b, h, nc, c, dk]
 
     state = (initial_state.to(cdt) if initial_state is not None
              else torch.zeros(b, h, dk, dv, dtype=cdt, device=q.device))
     entering, values = [], []
     decays = torch.exp(t["g_last"])[..., None, None].unbind(2)  # [b, h, 1, 1] per chunk
     for w_j, u0_j, kd_j, dec_j in zip(t["w"].unbind(2), t["u0"].unbind(2), t["k_dec"].unbind(2), decays):
-        u_j = u0_j - w_j @ state  # [b, h, c, dv], the chunk's new values
+        u_j = (u0_j.to(cdt) - (w_j @ state.to(idt)).to(cdt)).to(idt)  # [b, h, c, dv], the chunk's new values
         entering.append(state)
         values.append(u_j)
-        state = dec_j * state + kd_j.transpose(-1, -2) @ u_j
-    o = q_dec @ torch.stack(entering, dim=2) + p @ torch.stack(values, dim=2)  # [b, h, nc, c, dv]
+        state = dec_j * state + (kd_j.transpose(-1, -2) @ u_j).to(cdt)
+    o = ((q_dec @ torch.stack(entering, dim=2).to(idt)).to(cdt)
+         + (p @ torch.stack(values, dim=2)).to(cdt))  # [b, h, nc, c, dv]
     o = from_chunks(o * scale, n)
     return o.to(v.dtype), (state if output_final_state else None)
 
@@ -118,9 +131,11 @@ def gated_delta_chunk_map(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | No
     decays = torch.exp(t["g_last"])[..., None, None].unbind(2)
     for w_j, u0_j, kd_j, dec_j in zip(t["w"].unbind(2), t["u0"].unbind(2), t["k_dec"].unbind(2), decays):
         kd_t = kd_j.transpose(-1, -2)  # [b, h, dk, c]
-        t_j = dec_j * eye - kd_t @ w_j  # [b, h, dk, dk]
-        tmap = t_j @ tmap
-        mmap = t_j @ mmap + kd_t @ u0_j
+        with fp32_by_design("gated delta rule: composing [dk, dk] chunk maps (no sequence dimension)"):
+            t_j = dec_j * eye - (kd_t @ w_j).to(cdt)  # [b, h, dk, dk]
+            tmap = t_j @ tmap
+            mmap = t_j @ mmap
+        mmap = mmap + (kd_t @ u0_j).to(cdt)
     return tmap, mmap
 
 

@@ -19,7 +19,8 @@ a million tokens: the sums never leave the chunk). Inside a chunk (i, j chunk po
     S_c+1 = diag(exp(G_last)) S_c + sum_j (k_j * exp(G_last - G_j))^T v_j
 
 A vector gate needs the pairwise factors exp(G_i - G_j) per key dimension ([C, C, dk] per chunk), so its
-chunks are shorter (VECTOR_CHUNK_SIZE). Math in float32 (float64 for float64 inputs); autograd backward of a
+chunks are shorter (VECTOR_CHUNK_SIZE). Matmuls in the input dtype, gates and states in float32 (float64 for
+float64 inputs; `lctrain.ops.precision`); autograd backward of a
 graph rebuilt in backward: forward keeps only the inputs (`lctrain.ops.chunk_recompute`, fla's memory model).
 Derivation and the cross-rank use: lctrain/sp/README_lasp2_gated.md.
 """
@@ -112,25 +113,28 @@ def _chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     b, n, h, dk = q.shape
     dv = v.shape[-1]
     c = chunk_size or (VECTOR_CHUNK_SIZE if kind == "vector" else CHUNK_SIZE)
-    qc, kc, vc = (to_chunks(x, c, cdt) for x in (q, k, v))  # [b, h, nc, c, d]
+    idt = q.dtype  # matmul operands in the input dtype, gates and states in cdt (lctrain.ops.precision)
+    qc, kc, vc = (to_chunks(x, c, idt) for x in (q, k, v))  # [b, h, nc, c, d]
     if kind == "vector":
         gc = to_chunks(g, c, cdt)  # [b, h, nc, c, dk]
         G = gc.cumsum(3)  # chunk-local cumulative log gates
         seg = segment_log_decay(gc.movedim(-1, -2))  # [b, h, nc, dk, c, c]
-        scores = torch.einsum("bhnid,bhnjd,bhndij->bhnij", qc, kc, torch.exp(seg))  # [b, h, nc, c, c]
-        q_dec = qc * torch.exp(G)
-        k_dec = kc * torch.exp(seg[..., -1, :]).transpose(-1, -2)  # exp(G_last - G_j)
+        # Per-dimension pairwise decays: an elementwise product summed over dk in cdt (fla's diagonal blocks), no GEMM.
+        scores = (qc.to(cdt)[..., :, None, :] * kc.to(cdt)[..., None, :, :]
+                  * torch.exp(seg).movedim(-3, -1)).sum(-1).to(idt)  # [b, h, nc, c, c]
+        q_dec = (qc.to(cdt) * torch.exp(G)).to(idt)
+        k_dec = (kc.to(cdt) * torch.exp(seg[..., -1, :]).transpose(-1, -2)).to(idt)  # exp(G_last - G_j)
         chunk_decay = torch.exp(G[:, :, :, -1])[..., None]  # [b, h, nc, dk, 1]
     else:
         gc = to_chunks(scalar_log_gate(g, q, cdt)[..., None], c, cdt)[..., 0]  # [b, h, nc, c]
         G = gc.cumsum(3)
         seg = segment_log_decay(gc)  # [b, h, nc, c, c]
-        scores = (qc @ kc.transpose(-1, -2)) * torch.exp(seg)
-        q_dec = qc * torch.exp(G)[..., None]
-        k_dec = kc * torch.exp(seg[..., -1, :])[..., None]
+        scores = ((qc @ kc.transpose(-1, -2)).to(cdt) * torch.exp(seg)).to(idt)  # decayed in cdt, then rounded
+        q_dec = (qc.to(cdt) * torch.exp(G)[..., None]).to(idt)
+        k_dec = (kc.to(cdt) * torch.exp(seg[..., -1, :])[..., None]).to(idt)
         chunk_decay = torch.exp(G[..., -1])[..., None, None]  # [b, h, nc, 1, 1]
-    o = scores @ vc  # [b, h, nc, c, dv], the intra-chunk part
-    mem = k_dec.transpose(-1, -2) @ vc  # [b, h, nc, dk, dv], each chunk's state from a zero start
+    o = (scores @ vc).to(cdt)  # [b, h, nc, c, dv], the intra-chunk part
+    mem = (k_dec.transpose(-1, -2) @ vc).to(cdt)  # [b, h, nc, dk, dv], each chunk's state from a zero start
 
     state = (initial_state.to(cdt) if initial_state is not None
              else torch.zeros(b, h, dk, dv, dtype=cdt, device=q.device))
@@ -139,7 +143,7 @@ def _chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     for mem_j, decay_j in zip(mem.unbind(2), chunk_decay.unbind(2)):
         entering.append(state)
         state = decay_j * state + mem_j
-    o = o + q_dec @ torch.stack(entering, dim=2)
+    o = o + (q_dec @ torch.stack(entering, dim=2).to(idt)).to(cdt)
     o = from_chunks(o * scale, n)  # [b, n, h, dv]
     return o.to(v.dtype), (state if output_final_state else None)
 
@@ -171,8 +175,8 @@ def gla_chunk_map(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None = Non
     total = gv.sum(1)  # [b, h(, dk)]
     after = torch.cat([gv.flip(1).cumsum(1).flip(1)[:, 1:], torch.zeros_like(gv[:, :1])], dim=1)  # sum_{t>j}
     w = torch.exp(after)
-    kw = k.to(cdt) * (w if kind == "vector" else w[..., None])  # [b, s, h, dk]
-    return torch.exp(total), torch.einsum("bshk,bshv->bhkv", kw, v.to(cdt))
+    kw = (k.to(cdt) * (w if kind == "vector" else w[..., None])).to(k.dtype)  # [b, s, h, dk], rounded for the GEMM
+    return torch.exp(total), torch.einsum("bshk,bshv->bhkv", kw, v).to(cdt)
 
 
 #: The registered backends; "fla" is registered by gated_fla.py (it imports fla only when called on CUDA).

@@ -14,7 +14,8 @@ and is loaded on first dispatch if `lctrain.kernels.lightning_attention` exists.
 
 The "chunk" backend is the lightning-attention split in plain PyTorch: the sequence is cut into chunks of
 `CHUNK_SIZE` tokens; inside a chunk, masked attention with the decay matrix; across chunks, the state
-recurrence S_{c+1} = lambda^L_c S_c + M_c. Math in float32 (float64 for float64 inputs); any length (the last
+recurrence S_{c+1} = lambda^L_c S_c + M_c. Matmuls in the input dtype, decays and states in float32 (float64
+for float64 inputs; `lctrain.ops.precision`); any length (the last
 chunk may be short); gradients through autograd. It keeps for backward only its inputs (q, k, v, decay, initial
 state) and recomputes the intra-chunk terms there (`lctrain.ops.chunk_recompute`, fla's memory model). The
 derivation is in lctrain/sp/README_lasp2.md.
@@ -89,8 +90,10 @@ def _chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     nc = max(1, -(-n // c))
     pad = nc * c - n
 
+    idt = q.dtype  # matmul operands stay in the input dtype (lctrain.ops.precision); gates and states in cdt
+
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(cdt).transpose(1, 2)  # [b, h, n, d]
+        x = x.transpose(1, 2)  # [b, h, n, d]
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
         return x.reshape(b, h, nc, c, x.shape[-1])  # [b, h, nc, c, d]
@@ -106,19 +109,20 @@ def _chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     if log_decay is None:
         intra = causal.to(cdt)  # [c, c]
         q_dec = qc
-        k_dec = kc * valid.to(cdt)[:, :, None]
+        k_dec = kc * valid.to(idt)[:, :, None]
         chunk_dec = None
     else:
         ld = log_decay.to(cdt)[:, None, None]  # [h, 1, 1]
         # Exponents are clamped before exp so masked entries stay finite (no inf * 0 in gradients).
         intra = (torch.exp(ld * dist.clamp_min(0)) * causal)[:, None]  # [h, 1, c, c]
-        q_dec = qc * torch.exp(ld * (i + 1).to(cdt)[:, None])[:, None]  # [b, h, nc, c, dk]
+        q_dec = (qc.to(cdt) * torch.exp(ld * (i + 1).to(cdt)[:, None])[:, None]).to(idt)  # [b, h, nc, c, dk]
         k_w = torch.exp(ld * to_end.clamp_min(0)) * valid  # [h, nc, c], lambda^(steps to the chunk's end)
-        k_dec = kc * k_w[..., None]  # [b, h, nc, c, dk]
+        k_dec = (kc.to(cdt) * k_w[..., None]).to(idt)  # [b, h, nc, c, dk]
         chunk_dec = torch.exp(log_decay.to(cdt)[:, None] * lengths.to(cdt)[None, :])  # [h, nc]
 
-    o = ((qc @ kc.transpose(-1, -2)) * intra) @ vc  # [b, h, nc, c, dv]
-    mem = k_dec.transpose(-1, -2) @ vc  # [b, h, nc, dk, dv], each chunk's own contribution to the state
+    scores = ((qc @ kc.transpose(-1, -2)).to(cdt) * intra).to(idt)  # decayed in cdt, rounded for the product
+    o = (scores @ vc).to(cdt)  # [b, h, nc, c, dv]
+    mem = (k_dec.transpose(-1, -2) @ vc).to(cdt)  # [b, h, nc, dk, dv], each chunk's own contribution to the state
 
     if initial_state is not None:
         state = initial_state.to(cdt)
@@ -136,7 +140,7 @@ def _chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             state = decay_j * state + mem_j
         entering = torch.stack(states, dim=2)  # [b, h, nc, dk, dv], the state entering each chunk
     if entering is not None:
-        o = o + q_dec @ entering
+        o = o + (q_dec @ entering.to(idt)).to(cdt)
     if nc == 1 and initial_state is None and output_final_state:
         state = mem[:, :, 0]
     o = o.reshape(b, h, nc * c, dv)[:, :, :n].transpose(1, 2)  # [b, n, h, dv]
@@ -162,12 +166,12 @@ def memory_state(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | Non
         `[b, h, dk, dv]` in float32 (float64 for float64 inputs); differentiable.
     """
     cdt = compute_dtype(k.dtype)
-    kf = k.to(cdt)
+    kf = k
     if log_decay is not None:
         n = k.shape[1]
         to_end = torch.arange(n - 1, -1, -1, device=k.device, dtype=cdt)  # [n], n-1-s
-        kf = kf * torch.exp(to_end[:, None] * log_decay.to(cdt)[None, :])[..., None]  # [b, n, h, dk]
-    return torch.einsum("bshk,bshv->bhkv", kf, v.to(cdt))
+        kf = (k.to(cdt) * torch.exp(to_end[:, None] * log_decay.to(cdt)[None, :])[..., None]).to(k.dtype)
+    return torch.einsum("bshk,bshv->bhkv", kf, v).to(cdt)  # input-dtype operands, float32 state
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,7 @@ def rehearse(cfg: Config, gpus: int, gpus_per_node: int | None = None, rank: int
         by_phase = {p: _collectives(coll.calls[slice(*m)], names) for p, m in marks.items()
                     if not p.startswith("step")}
         h2d = dict(devdt.h2d)
+        notes.extend(devdt.by_design_notes())
     params = sum(e[0] for e in mem.live.values() if e[1] == "param")
     opt = sum(e[0] for e in mem.live.values() if e[1] == "optimizer")
     grads = _grad_bytes(engine, dtype) if engine is not None else 0

@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lctrain.ops.precision import fp32_reason
 from lctrain.testing.hot_path import source_line
 
 #: Device types that stand for GPU memory (meta in a rehearsal, cuda on a GPU).
@@ -174,10 +175,12 @@ class DeviceDtypeWatcher(TorchDispatchMode):
     refuse), and matmul / attention ops with fp32 inputs when the run computes in `dtype` (bf16). Also counts the
     explicit host-to-device copies (bytes and lines), which are allowed.
 
-    Every fp32 matmul under bf16 is a finding, the linear-attention state chain's included (DESIGN.md keeps states
-    and their prefix chain in float32): by shape alone a [c, c] chunk product cannot be told from a [d_k, d_v]
-    state when the chunk is as long as the head dim (64 and 64 in the Llama-1B configs), so nothing is excused and
-    the report lists each line; whoever owns it decides.
+    Every fp32 matmul under bf16 is a finding unless the code that issued it marked it with
+    `lctrain.ops.precision.fp32_by_design(reason)` (state-only math, e.g. the LASP-2 prefix fold of `[h, dk, dv]`
+    states; DESIGN.md keeps states and their prefix chain in float32): those are counted in `by_design`
+    (reason -> [calls, FLOPs]) and reported, not failed; so are the backward matmuls the autograd engine runs on a
+    float32 storage such a block made or viewed (the flag is not set there). Nothing is excused by shape: a [c, c] chunk product cannot
+    be told from a [d_k, d_v] state when the chunk is as long as the head dim (64 and 64 in the Llama-1B configs).
     """
 
     def __init__(self, phase: Phase, dtype: torch.dtype) -> None:
@@ -185,10 +188,38 @@ class DeviceDtypeWatcher(TorchDispatchMode):
         self.phase, self.dtype = phase, dtype
         self.findings: list[Finding] = []
         self.h2d: dict[str, int] = {}  # source line -> bytes copied host-to-device (explicit)
+        self.by_design: dict[str, list[int]] = {}  # fp32_by_design reason -> [matmul calls, FLOPs]
+        self._tagged: dict[int, str] = {}  # storage id -> reason, for float32 storages made inside fp32_by_design
+
+    def by_design_notes(self) -> list[str]:
+        """One line per `fp32_by_design` reason: calls and FLOPs of its float32 matmuls (not findings)."""
+        return [f"fp32 by design: {reason}: {calls} matmul(s), {flops:.3g} FLOPs"
+                for reason, (calls, flops) in sorted(self.by_design.items())]
+
+    def _tag(self, out: Any, reason: str) -> None:
+        """Remember the float32 storages an `fp32_by_design` block made or took a view of (the backward matmuls the
+        autograd engine runs on them are by design too; sequence operands are never float32 there under bf16)."""
+        for x in tree_flatten(out)[0]:
+            if isinstance(x, torch.Tensor) and x.device.type in DEVICE_TYPES and x.dtype == torch.float32:
+                st = x.untyped_storage()
+                if id(st) not in self._tagged:
+                    self._tagged[id(st)] = reason
+                    weakref.finalize(st, self._tagged.pop, id(st), None)
+
+    def _backward_reason(self, inputs: list[torch.Tensor]) -> str | None:
+        """Inside the autograd engine, the reason of an `fp32_by_design` block that produced one of `inputs`."""
+        if not self._tagged or torch._C._current_graph_task_id() == -1:
+            return None
+        for t in inputs:
+            reason = self._tagged.get(id(t.untyped_storage()))
+            if reason is not None:
+                return f"{reason} (backward)"
+        return None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._overloadpacket.__name__
+        design = fp32_reason()
         flat, _ = tree_flatten((args, kwargs))
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         on_device = [t for t in tensors if t.device.type in DEVICE_TYPES]
@@ -211,10 +242,31 @@ class DeviceDtypeWatcher(TorchDispatchMode):
                 # Attention ops: q, k, v (and dO) only; the log-sum-exp is float32 by definition.
                 inputs = on_device if name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul") else [
                     t for t in on_device[:4] if t.dim() == 4]
-                if any(t.dtype == torch.float32 for t in inputs):
+                reason = design or self._backward_reason(inputs)
+                if design is not None:
+                    self._tag(out, design)
+                if reason is not None and any(t.dtype == torch.float32 for t in inputs):
+                    entry = self.by_design.setdefault(reason, [0, 0])
+                    entry[0] += 1
+                    entry[1] += _matmul_flops(name, args, out)
+                elif any(t.dtype == torch.float32 for t in inputs):
                     shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs[:3])
                     self.findings.append(Finding("fp32_matmul", name, source_line(),
                                                  f"{name} in float32 under {str(self.dtype).replace('torch.', '')} "
                                                  f"({shapes})", self.phase.label()))
                 return out
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if design is not None and name not in _COPY_OPS:
+            self._tag(out, design)
+        return out
+
+
+def _matmul_flops(name: str, args: tuple, out: Any) -> int:
+    """2 x output elements x contraction length of a (batched) matmul; 0 for attention ops."""
+    if name not in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul") or not isinstance(out, torch.Tensor):
+        return 0
+    a = args[1] if name in ("addmm", "baddbmm", "addbmm") else args[0]
+    if not isinstance(a, torch.Tensor):
+        return 0
+    inner = a.shape[-1]
+    return 2 * out.numel() * inner * (a.shape[0] if name == "addbmm" else 1)

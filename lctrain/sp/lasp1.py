@@ -52,7 +52,7 @@ class _LASP1(torch.autograd.Function):
             with comm.comm_tag("lasp1.fwd"):
                 total = _ring_sum(memory_state(k, v), rank, world, group)  # [b, h, dk, dv]
             ctx.save_for_backward(q, k, v, total)
-            return torch.einsum("bshk,bhkv->bshv", q.to(total.dtype), total).to(v.dtype)
+            return torch.einsum("bshk,bhkv->bshv", q, total.to(q.dtype)).to(v.dtype)  # input-dtype operands
 
         mem = memory_state(k, v, log_decay)  # [b, h, dk, dv]; computed before waiting on the chain
         entering = torch.zeros_like(mem)
@@ -76,10 +76,11 @@ class _LASP1(torch.autograd.Function):
             q, k, v, total = ctx.saved_tensors
             sdt = total.dtype
             with comm.comm_tag("lasp1.bwd"):
-                d_mem = _ring_sum(torch.einsum("bshk,bshv->bhkv", q.to(sdt), do.to(sdt)), rank, world, group)
-            dq = torch.einsum("bshv,bhkv->bshk", do.to(sdt), total)
-            dk = torch.einsum("bshv,bhkv->bshk", v.to(sdt), d_mem)
-            dv = torch.einsum("bshk,bhkv->bshv", k.to(sdt), d_mem)
+                d_mem = _ring_sum(torch.einsum("bshk,bshv->bhkv", q, do.to(q.dtype)).to(sdt), rank, world, group)
+            idt = q.dtype  # matmul operands in the input dtype, the ring-summed states in sdt
+            dq = torch.einsum("bshv,bhkv->bshk", do.to(idt), total.to(idt))
+            dk = torch.einsum("bshv,bhkv->bshk", v, d_mem.to(idt))
+            dv = torch.einsum("bshk,bhkv->bshv", k, d_mem.to(idt))
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
         q, k, v, log_decay, entering = ctx.saved_tensors

@@ -34,6 +34,7 @@ from lctrain.ops.chunk_recompute import differentiate_now
 from lctrain.ops.debug import debug_checks_enabled
 from lctrain.ops.linear_attention import check_linear_attention_inputs, linear_attention, memory_state
 from lctrain.ops.linear_attention_ref import compute_dtype
+from lctrain.ops.precision import fp32_by_design
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import LAYOUTS
@@ -148,7 +149,7 @@ class _LASP2(torch.autograd.Function):
             with comm.comm_tag("lasp2.fwd"):
                 total = comm.all_gather(mem, group=group).sum(0)  # [b, h, dk, dv]
             ctx.save_for_backward(q, k, v, total)
-            return torch.einsum("bshk,bhkv->bshv", q.to(sdt), total).to(v.dtype)
+            return torch.einsum("bshk,bhkv->bshv", q, total.to(q.dtype)).to(v.dtype)
 
         b, s, h, _ = q.shape
         chunk_len = s // n_loc
@@ -160,13 +161,14 @@ class _LASP2(torch.autograd.Function):
         mem_all = pending.wait()  # [world*n_loc, b, h, dk, dv], rank-major
         own = _chunk_gids(rank, world, n_loc, q.device)
         weights = _prefix_weights(log_decay, own, _all_gids(world, n_loc, q.device), chunk_len, h, sdt)
-        entering = torch.einsum("gjh,jbhkv->gbhkv", weights, mem_all).flatten(0, 1)  # [n_loc*b, h, dk, dv]
+        with fp32_by_design("LASP-2 prefix fold of the gathered chunk states (no sequence dimension)"):
+            entering = torch.einsum("gjh,jbhkv->gbhkv", weights, mem_all).flatten(0, 1)  # [n_loc*b, h, dk, dv]
         del mem_all  # the gathered states are not kept: backward needs only this rank's entering states
-        q_in = qs.to(sdt)
+        q_in = qs
         q_dec = _q_decay(log_decay, chunk_len, sdt, q.device)
         if q_dec is not None:
-            q_in = q_in * q_dec[:, :, None]
-        o = o_intra.to(sdt) + torch.einsum("bshk,bhkv->bshv", q_in, entering)
+            q_in = (q_in.to(sdt) * q_dec[:, :, None]).to(q.dtype)  # decayed in float32, rounded for the matmul
+        o = o_intra.to(sdt) + torch.einsum("bshk,bhkv->bshv", q_in, entering.to(q.dtype)).to(sdt)
         # Kept for backward: the inputs and this rank's entering states only (what LASP-1 keeps); the intra-chunk
         # terms and the memory states are recomputed there.
         ctx.save_for_backward(q, k, v, log_decay, entering)
@@ -178,13 +180,14 @@ class _LASP2(torch.autograd.Function):
         if not ctx.causal:
             q, k, v, total = ctx.saved_tensors
             sdt = total.dtype
-            d_total = torch.einsum("bshk,bshv->bhkv", q.to(sdt), do.to(sdt))[None]  # this rank's share of d(sum M)
+            d_total = torch.einsum("bshk,bshv->bhkv", q, do.to(q.dtype)).to(sdt)[None]  # this rank's d(sum M)
             with comm.comm_tag("lasp2.bwd"):
                 pending = comm.all_gather(d_total, group=group, async_op=True)
-            dq = torch.einsum("bshv,bhkv->bshk", do.to(sdt), total)  # overlaps the all-gather
-            d_mem = pending.wait().sum(0)  # [b, h, dk, dv]
-            dk = torch.einsum("bshv,bhkv->bshk", v.to(sdt), d_mem)
-            dv = torch.einsum("bshk,bhkv->bshv", k.to(sdt), d_mem)
+            idt = q.dtype
+            dq = torch.einsum("bshv,bhkv->bshk", do.to(idt), total.to(idt))  # overlaps the all-gather
+            d_mem = pending.wait().sum(0).to(idt)  # [b, h, dk, dv]
+            dk = torch.einsum("bshv,bhkv->bshk", v, d_mem)
+            dv = torch.einsum("bshk,bhkv->bshv", k, d_mem)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
         q, k, v, log_decay, entering = ctx.saved_tensors
@@ -195,11 +198,12 @@ class _LASP2(torch.autograd.Function):
         dos = _stack_chunks(do, n_loc)  # [n_loc*b, C, h, dv]
         q_dec = _q_decay(log_decay, chunk_len, sdt, q.device)  # [C, h] or None
         qs, ks, vs = (_stack_chunks(x, n_loc) for x in (q, k, v))
-        q_in = qs.to(sdt)
+        idt = q.dtype
+        q_in = qs
         if q_dec is not None:
-            q_in = q_in * q_dec[:, :, None]
+            q_in = (q_in.to(sdt) * q_dec[:, :, None]).to(idt)
         # dL/dS_g for this rank's chunks, from the inter-chunk term o += (q_t lambda^(t+1)) S_g.
-        d_in = torch.einsum("bshk,bshv->bhkv", q_in, dos.to(sdt))  # [n_loc*b, h, dk, dv]
+        d_in = torch.einsum("bshk,bshv->bhkv", q_in, dos.to(idt)).to(sdt)  # [n_loc*b, h, dk, dv]
         with comm.comm_tag("lasp2.bwd"):
             pending = comm.all_gather(d_in.view(n_loc, b, *d_in.shape[1:]), group=group, async_op=True)
 
@@ -214,19 +218,20 @@ class _LASP2(torch.autograd.Function):
             del o_intra
             mem = memory_state(leaves[1], leaves[2], ld)  # [n_loc*b, h, dk, dv]
         dqs = grads[0].to(sdt)
-        dq_raw = torch.einsum("bshv,bhkv->bshk", dos.to(sdt), entering)  # d(q_in) of the inter term
+        dq_raw = torch.einsum("bshv,bhkv->bshk", dos.to(idt), entering.to(idt)).to(sdt)  # d(q_in), inter term
         dqs = dqs + (dq_raw * q_dec[:, :, None] if q_dec is not None else dq_raw)
         d_ld = None
         if decay_grad:
             pos = torch.arange(1, chunk_len + 1, device=q.device, dtype=sdt)
-            d_ld = grads[3].to(sdt) + torch.einsum("bshk,bshk,s->h", q_in, dq_raw, pos)
+            d_ld = grads[3].to(sdt) + ((q_in.to(sdt) * dq_raw).sum(-1) * pos[:, None]).sum((0, 1))  # no GEMM
 
         d_in_all = pending.wait()  # [world*n_loc, b, h, dk, dv], rank-major
         own = _chunk_gids(rank, world, n_loc, q.device)
         every = _all_gids(world, n_loc, q.device)
         # dM_j = sum_{g>j} W[g, j] dS_g for this rank's chunks j (a suffix sum over later chunks).
         w_back = _prefix_weights(log_decay, every, own, chunk_len, h, sdt)  # [G, n_loc, h]
-        d_mem = torch.einsum("gjh,gbhkv->jbhkv", w_back, d_in_all).flatten(0, 1)  # [n_loc*b, h, dk, dv]
+        with fp32_by_design("LASP-2 suffix fold of the gathered state gradients (no sequence dimension)"):
+            d_mem = torch.einsum("gjh,gbhkv->jbhkv", w_back, d_in_all).flatten(0, 1)  # [n_loc*b, h, dk, dv]
         mem_grads = torch.autograd.grad(mem, [leaves[1], leaves[2]] + ([ld] if decay_grad else []), d_mem)
         dks = grads[1].to(sdt) + mem_grads[0]
         dvs = grads[2].to(sdt) + mem_grads[1]
@@ -235,7 +240,8 @@ class _LASP2(torch.autograd.Function):
             # C (g-1-j) W. Every pair (g, j) is counted once in the group: on the rank that holds chunk j (its own
             # M_j, every rank's dS_g from the all-gather), so no gathered M is kept from forward.
             steps = ((every[:, None] - 1 - own[None, :]).clamp_min(0) * chunk_len).to(sdt)  # [G, n_loc]
-            d_w = torch.einsum("gbhkv,jbhkv->gjh", d_in_all, mem.detach().view(n_loc, b, *mem.shape[1:]))
+            with fp32_by_design("LASP-2 decay gradient of the prefix weights (states only)"):
+                d_w = torch.einsum("gbhkv,jbhkv->gjh", d_in_all, mem.detach().view(n_loc, b, *mem.shape[1:]))
             d_ld = (d_ld + mem_grads[2] + (d_w * w_back * steps[..., None]).sum((0, 1))).to(log_decay.dtype)
         dq, dk, dv = (_unstack_chunks(x, n_loc) for x in (dqs, dks, dvs))
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(do.dtype), d_ld, None, None, None, None, None

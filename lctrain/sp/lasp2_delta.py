@@ -40,6 +40,7 @@ from lctrain.ops.debug import debug_checks_enabled
 from lctrain.ops.gated_delta import gated_delta_chunk_map, gated_delta_rule
 from lctrain.ops.gla import check_gate_values, check_gated_inputs, gated_linear_attention, gla_chunk_map
 from lctrain.ops.linear_attention_ref import compute_dtype
+from lctrain.ops.precision import fp32_by_design
 from lctrain.parallel import comm
 from lctrain.parallel.mesh import cp_group_or_default
 from lctrain.parallel.sharding import LAYOUTS, chunk_ids
@@ -163,13 +164,14 @@ def affine_scan(t: torch.Tensor, m: torch.Tensor, start: torch.Tensor,
     Returns:
         entering `[G, b, h, dk, dv]` (entering[c] is the state before map c) and the state after the last map.
     """
-    span = 1
-    while span < t.shape[0]:
-        t, m = (torch.cat([t[:span], _compose(t[span:], t[:-span], variant)]),
-                torch.cat([m[:span], _apply(t[span:], m[:-span], variant) + m[span:]]))
-        span *= 2
-    after = _apply(t, start, variant) + m  # [G, b, h, dk, dv], the state after each map
-    return torch.cat([start[None], after[:-1]]), after[-1]
+    with fp32_by_design("LASP-2 chunk-map prefix scan of states and [dk, dk] maps (no sequence dimension)"):
+        span = 1
+        while span < t.shape[0]:
+            t, m = (torch.cat([t[:span], _compose(t[span:], t[:-span], variant)]),
+                    torch.cat([m[:span], _apply(t[span:], m[:-span], variant) + m[span:]]))
+            span *= 2
+        after = _apply(t, start, variant) + m  # [G, b, h, dk, dv], the state after each map
+        return torch.cat([start[None], after[:-1]]), after[-1]
 
 
 def _chunk_map(variant: str, k, v, g, beta):
@@ -272,7 +274,8 @@ class _LASP2ChunkMap(torch.autograd.Function):
             # While the all-gather is in flight: the rank's own chunk maps S_out = T S_in + M under autograd
             # (S_in held fixed: its gradient is Lambda, formed below).
             t_loc, m_loc = _chunk_map(variant, ks, vs, gs_loc, bs_loc)
-            leaving = _apply(t_loc, entering, variant) + m_loc
+            with fp32_by_design("LASP-2 chunk map applied to the entering state (no sequence dimension)"):
+                leaving = _apply(t_loc, entering, variant) + m_loc
         per_rank = pending.wait().view(world, -1).split(sizes, dim=1)
         d_all = _to_global_order(per_rank[0].reshape(world * n_loc, b, *d_in.shape[1:]), world, layout)
         t_all = _to_global_order(per_rank[1].reshape(world * n_loc, b, *t_own.shape[1:]), world, layout)

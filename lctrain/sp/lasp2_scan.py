@@ -220,8 +220,9 @@ class LASP2TreeScan(torch.autograd.Function):
         if variant == "delta":
             o = _local(variant, qs, ks, vs, gs, bs, entering, backend)
         else:
-            inter = torch.einsum("bshk,bhkv->bshv", _decayed_queries(qs, gs, sdt), entering)
-            o = (split["o0"].to(sdt) + inter).to(split["o0"].dtype)
+            # Input-dtype operands (decayed in sdt, then rounded), float32 state cast for the product only.
+            inter = torch.einsum("bshk,bhkv->bshv", _decayed_queries(qs, gs, sdt).to(qs.dtype), entering.to(qs.dtype))
+            o = (split["o0"].to(sdt) + inter.to(sdt)).to(split["o0"].dtype)
         ctx.variant, ctx.group, ctx.layout, ctx.rank, ctx.world, ctx.tag = variant, group, layout, rank, world, tag
         ctx.has_initial, ctx.want_final, ctx.backend = initial_state is not None, want_final, backend
         ctx.save_for_backward(q, k, v, g, beta, entering, t_loc)
