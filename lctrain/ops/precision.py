@@ -17,8 +17,6 @@ import contextlib
 import threading
 from typing import Iterator
 
-import torch
-
 _STATE = threading.local()
 
 
@@ -38,9 +36,4 @@ def fp32_reason() -> str | None:
     return getattr(_STATE, "reason", None)
 
 
-def operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`x` as a matmul operand of a computation whose inputs are `dtype` (a no-op for float32/float64 inputs)."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
-__all__ = ["fp32_by_design", "fp32_reason", "operand"]
+__all__ = ["fp32_by_design", "fp32_reason"]

@@ -179,8 +179,9 @@ class DeviceDtypeWatcher(TorchDispatchMode):
     `lctrain.ops.precision.fp32_by_design(reason)` (state-only math, e.g. the LASP-2 prefix fold of `[h, dk, dv]`
     states; DESIGN.md keeps states and their prefix chain in float32): those are counted in `by_design`
     (reason -> [calls, FLOPs]) and reported, not failed; so are the backward matmuls the autograd engine runs on a
-    float32 storage such a block made or viewed (the flag is not set there). Nothing is excused by shape: a [c, c] chunk product cannot
-    be told from a [d_k, d_v] state when the chunk is as long as the head dim (64 and 64 in the Llama-1B configs).
+    float32 storage such a block made or viewed (the flag is not set there). Nothing is excused by shape: a [c, c]
+    chunk product cannot be told from a [d_k, d_v] state when the chunk is as long as the head dim (64 and 64 in the
+    Llama-1B configs).
     """
 
     def __init__(self, phase: Phase, dtype: torch.dtype) -> None:

@@ -3,9 +3,8 @@ plain-PyTorch chunk backends issue no float32 matmul under bf16 (meta tensors, f
 import pytest
 import torch
 
-from lctrain.ops.gated_delta import chunk_gated_delta
+from lctrain.ops.gated_delta import chunk_gated_delta, gated_delta_chunk_map
 from lctrain.ops.gla import chunk_gla, gla_chunk_map
-from lctrain.ops.gated_delta import gated_delta_chunk_map
 from lctrain.ops.linear_attention import chunk_linear_attention, memory_state
 from lctrain.ops.precision import fp32_by_design
 from lctrain.rehearse.watch import DeviceDtypeWatcher, Phase
