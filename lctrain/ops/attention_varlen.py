@@ -6,15 +6,17 @@ must be a boundary). Tokens carry their position in their sequence and their doc
 packed sequence's queries and keys -- a CP rank's shard, a ring block, a rank-major gather -- is masked exactly:
 
     mask[b, i, j] = doc_q[b, i] == doc_k[b, j]  and  (not causal or pos_k[j] <= pos_q[i])
+                    and  (no window or pos_k[j] > pos_q[i] - W)
 
-A block's mask travels as a :class:`DocumentMask` (positions and ids, O(sq + sk)), or as a dense bool
-`[b, sq, sk]` (window masks). Three paths compute the masked attention, with the same results:
+A sliding window W (causal) is the same mask with the last term; without documents all tokens carry id 0. A
+block's mask travels as a :class:`DocumentMask` (positions, ids and the window, O(sq + sk)), or as a dense bool
+`[b, sq, sk]`. Three paths compute the masked attention, with the same results:
 
 - GPU (`lctrain.ops.registry.is_gpu_tensor`, so meta tensors under the rehearsal's `meta_as_gpu` too), given a
   DocumentMask: FlexAttention (`torch.nn.attention.flex_attention`, compiled) with a BlockMask built from the
   blocks' document-id and position ranges (`document_block_mask`): blocks of 128 x 128 that no pair can see are
-  skipped, blocks inside one document (and below the causal diagonal) run unmasked, only boundary blocks call
-  the mask function. No `[sq, sk]` tensor exists: scores stay in the kernel, the block tables are
+  skipped, blocks inside one document (and below the causal diagonal, and inside the window) run unmasked, only
+  boundary blocks call the mask function. No `[sq, sk]` tensor exists: scores stay in the kernel, the block tables are
   `[b, sq/128, sk/128]`. On meta and fake tensors (the rehearsal, the planner) both passes only give shapes
   (plain Python, not custom ops: the backward runs autograd inside, which an op's kernel cannot). The backward
   differentiates a recomputed block forward through autograd with the merge weights of an externally merged
@@ -61,16 +63,19 @@ def document_ids(cu_seqlens: torch.Tensor, batch: int, seq_len: int,
 
 
 def document_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor, k_doc: torch.Tensor,
-                  causal: bool) -> torch.Tensor:
-    """Bool `[b, sq, sk]`: query i may see key j (same document; causal: not a later position).
+                  causal: bool, window: int | None = None) -> torch.Tensor:
+    """Bool `[b, sq, sk]`: query i may see key j (same document; causal: not a later position; window W: not one
+    W or more positions back).
 
     Args:
         q_pos, k_pos: positions in the sequence, `[sq]`, `[sk]` (or per row, `[b, sq]`, `[b, sk]`).
-        q_doc, k_doc: document ids, `[b, sq]`, `[b, sk]`.
+        q_doc, k_doc: document ids, `[b, sq]`, `[b, sk]` (`b` = 1 broadcasts over the batch).
     """
     mask = q_doc[:, :, None] == k_doc[:, None, :]
     if causal:
         mask = mask & (_rows(k_pos)[:, None, :] <= _rows(q_pos)[:, :, None])
+    if window is not None:
+        mask = mask & (_rows(k_pos)[:, None, :] > _rows(q_pos)[:, :, None] - window)
     return mask
 
 
@@ -87,7 +92,7 @@ class DocumentMask:
     k_pos: torch.Tensor
     """int `[sk]` or `[b, sk]`: the keys' positions."""
     q_doc: torch.Tensor
-    """int64 `[b, sq]`: the queries' document ids."""
+    """int64 `[b, sq]`: the queries' document ids (`b` = 1: the same for every batch row)."""
     k_doc: torch.Tensor
     """int64 `[b, sk]`: the keys' document ids."""
     causal: bool
@@ -95,10 +100,24 @@ class DocumentMask:
     batch_key: tuple | None = None
     """(the batch's document object, this block's name): the GPU branch builds the block's BlockMask once per batch
     and every layer reuses it (None: built per call)."""
+    window: int | None = None
+    """Sliding window W (causal only): a query at position p sees keys at positions p - W < j <= p."""
+
+    def __post_init__(self):
+        if self.window is not None and (not self.causal or isinstance(self.window, bool)
+                                        or not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"a DocumentMask window must be a positive int with causal=True, got {self.window!r}")
 
     def dense(self) -> torch.Tensor:
         """Bool `[b, sq, sk]` (:func:`document_mask`): for the CPU and reference paths only."""
-        return document_mask(self.q_pos, self.k_pos, self.q_doc, self.k_doc, self.causal)
+        return document_mask(self.q_pos, self.k_pos, self.q_doc, self.k_doc, self.causal, self.window)
+
+    def batched(self, batch: int) -> "DocumentMask":
+        """This mask with ids of one row broadcast to `batch` rows (views, no copy); itself when nothing to do."""
+        if self.q_doc.shape[0] == batch and self.k_doc.shape[0] == batch:
+            return self
+        return DocumentMask(self.q_pos, self.k_pos, self.q_doc.expand(batch, -1), self.k_doc.expand(batch, -1),
+                            self.causal, self.batch_key, self.window)
 
     @staticmethod
     def cat(masks: list["DocumentMask"]) -> "DocumentMask":
@@ -110,7 +129,7 @@ class DocumentMask:
         return DocumentMask(torch.cat([rows(m.q_pos, m.q_doc) for m in masks]),
                             torch.cat([rows(m.k_pos, m.k_doc) for m in masks]),
                             torch.cat([m.q_doc for m in masks]), torch.cat([m.k_doc for m in masks]),
-                            masks[0].causal, key)
+                            masks[0].causal, key, masks[0].window)
 
 
 #: FlexAttention's block size (queries and keys) for document block masks.
@@ -133,8 +152,9 @@ def document_block_mask(mask: DocumentMask, sq: int, sk: int):
     """FlexAttention BlockMask of a DocumentMask, from per-block ranges of document ids and positions.
 
     A (query block, key block) pair is skipped unless their document-id ranges overlap (and, causal, some key
-    position is <= some query position); it runs without calling the mask function when both blocks lie in one
-    and the same document (and, causal, every key position is <= every query position). Ids within a block form
+    position is <= some query position; window W, some key position is > some query position - W); it runs
+    without calling the mask function when both blocks lie in one and the same document (and, causal, every key
+    position is <= every query position; window, every key position is > every query position - W). Ids within a block form
     a contiguous range (documents are contiguous in the sequence), so overlapping ranges share a document.
     Tables are `[b, ceil(sq/128), ceil(sk/128)]`; device ops only (no host sync).
     """
@@ -159,14 +179,21 @@ def document_block_mask(mask: DocumentMask, sq: int, sk: int):
         kp_lo, kp_hi = _blocks(kp, big, nk).amin(-1), _blocks(kp, -big, nk).amax(-1)
         any_pair = any_pair & (kp_lo[:, None, :] <= qp_hi[:, :, None])
         full = full & (kp_hi[:, None, :] <= qp_lo[:, :, None])
+        if mask.window is not None:
+            any_pair = any_pair & (kp_hi[:, None, :] > qp_lo[:, :, None] - mask.window)
+            full = full & (kp_lo[:, None, :] > qp_hi[:, :, None] - mask.window)
     partial = any_pair & ~full
     qd_flat, kd_flat = qd_pad.flatten(1), kd_pad.flatten(1)  # [b, nq*128], [b, nk*128]
     qp_flat, kp_flat = _blocks(qp, 0, nq).flatten(1), _blocks(kp, 0, nk).flatten(1)
-    causal = mask.causal
+    causal, window = mask.causal, mask.window
 
     def mask_mod(bi, hi, qi, ki):
         ok = qd_flat[bi, qi] == kd_flat[bi, ki]
-        return ok & (kp_flat[bi, ki] <= qp_flat[bi, qi]) if causal else ok
+        if causal:
+            ok = ok & (kp_flat[bi, ki] <= qp_flat[bi, qi])
+        if window is not None:
+            ok = ok & (kp_flat[bi, ki] > qp_flat[bi, qi] - window)
+        return ok
 
     return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
                                     seq_lengths=(sq, sk))
@@ -190,7 +217,7 @@ def cached_block_mask(mask: DocumentMask, sq: int, sk: int):
         return document_block_mask(mask, sq, sk)
     owner, name = mask.batch_key
     table = _BLOCK_MASKS.setdefault(owner, {})
-    key = (name, sq, sk, mask.causal)
+    key = (name, sq, sk, mask.causal, mask.window)
     if key not in table:
         table[key] = document_block_mask(mask, sq, sk)
     return table[key]
@@ -284,6 +311,7 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         softmax_scale: multiplies q k^T.
     """
     if isinstance(mask, DocumentMask):
+        mask = mask.batched(q.shape[0])
         if is_gpu_tensor(q) and not REFERENCE_ONLY:
             return _gpu_forward(q, k, v, mask, softmax_scale)
         mask = mask.dense()
@@ -304,6 +332,7 @@ def varlen_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     With D = rowsum(do * o), p = exp(s - lse): ds = p * (do v^T - D), dq = scale ds k, dk = scale ds^T q, dv = p^T do.
     """
     if isinstance(mask, DocumentMask):
+        mask = mask.batched(q.shape[0])
         if is_gpu_tensor(q) and not REFERENCE_ONLY:
             return _gpu_backward(do, q, k, v, o, lse, mask, softmax_scale)
         mask = mask.dense()

@@ -6,14 +6,18 @@ Two entry points, both returning the log-sum-exp so blocks merge by `merge_atten
   positions, query i placed at key index i + sk - sq (bottom-right aligned, as flash-attn), seeing key indices
   [i + sk - sq - left, i + sk - sq + right]: a chunk against itself is (left, right) = (W - 1, 0); its first n
   queries against the H keys before it (a halo) are (W - 1 - n, n). On CUDA with flash-attn installed this is
-  flash-attn with `window_size=(left, right)`; otherwise the masked form below.
+  flash-attn with `window_size=(left, right)`; otherwise the band is a causal window W' = left + right + 1 on
+  positions q_pos = arange(sk - sq, sk) + right, k_pos = arange(sk) (query i sees q_pos - W' < j <= q_pos), run
+  as below.
 - :func:`window_attention_forward` / :func:`window_attention_backward`: any query and key positions (the blocks
   of ring / all-gather / a halo, zigzag bounding boxes), optionally within documents: the mask
 
       mask[b, i, j] = pos_k[j] <= pos_q[i]  and  pos_k[j] > pos_q[i] - W  and  (same document)
 
-  through `lctrain.ops.attention_varlen` (PyTorch's fused CPU kernel with an additive mask, or the plain masked
-  definition: exact in float64).
+  kept as a `DocumentMask` with `window=W` (positions and ids, O(sq + sk); one id 0 without documents) and run by
+  `lctrain.ops.attention_varlen`: FlexAttention over a block mask that skips blocks outside the window on the
+  GPU branch (no `[sq, sk]` tensor), PyTorch's fused CPU kernel with an additive mask, or the plain masked
+  definition (exact in float64).
 
 `window_attention` is the differentiable single-process form (the reference of the CP methods and the local
 compute of a window layer at CP 1). A window >= the sequence is plain causal attention.
@@ -23,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from lctrain.ops import attention_flash_attn
-from lctrain.ops.attention_varlen import document_ids, varlen_attention_backward, varlen_attention_forward
+from lctrain.ops.attention_varlen import (DocumentMask, document_ids, varlen_attention_backward,
+                                          varlen_attention_forward)
 
 
 def check_window(window: int) -> None:
@@ -33,26 +38,27 @@ def check_window(window: int) -> None:
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, q_doc: torch.Tensor | None = None,
-                k_doc: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool `[b, sq, sk]` (`b` = 1 without documents): key j visible to query i under the window (and document)."""
-    diff = q_pos[:, None] - k_pos[None, :]  # [sq, sk]
-    mask = ((diff >= 0) & (diff < window))[None]
-    if q_doc is not None:
-        mask = mask & (q_doc[:, :, None] == k_doc[:, None, :])
-    return mask
+                k_doc: torch.Tensor | None = None, batch_key: tuple | None = None) -> DocumentMask:
+    """The window (and document) mask of query positions `[sq]` against key positions `[sk]`, O(sq + sk):
+    key j visible to query i iff pos_q[i] - W < pos_k[j] <= pos_q[i] (and same document). Without documents every
+    token carries id 0 (`[1, s]`, broadcast over the batch); `.dense()` gives the bool `[b, sq, sk]`."""
+    if q_doc is None:
+        q_doc = torch.zeros(1, q_pos.shape[-1], dtype=torch.int64, device=q_pos.device)
+        k_doc = torch.zeros(1, k_pos.shape[-1], dtype=torch.int64, device=k_pos.device)
+    return DocumentMask(q_pos, k_pos, q_doc, k_doc, True, batch_key, window)
 
 
-def window_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def window_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask,
                              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o `[b, sq, h, d]` and lse `[b, h, sq]` under a `window_mask` (broadcast over the batch)."""
-    return varlen_attention_forward(q, k, v, mask.expand(q.shape[0], -1, -1), softmax_scale)
+    """o `[b, sq, h, d]` and lse `[b, h, sq]` under a :func:`window_mask` (ids of one row broadcast over the batch)."""
+    return varlen_attention_forward(q, k, v, mask, softmax_scale)
 
 
 def window_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                              lse: torch.Tensor, mask: torch.Tensor,
+                              lse: torch.Tensor, mask: DocumentMask,
                               softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of :func:`window_attention_forward` for the given (possibly merged) o and lse."""
-    return varlen_attention_backward(do, q, k, v, o, lse, mask.expand(q.shape[0], -1, -1), softmax_scale)
+    return varlen_attention_backward(do, q, k, v, o, lse, mask, softmax_scale)
 
 
 def _flash_band(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -66,9 +72,19 @@ def _flash_args(left: int, right: int, scale: float) -> dict:
 
 
 def band_mask(sq: int, sk: int, left: int, right: int, device: torch.device) -> torch.Tensor:
-    """Bool `[1, sq, sk]`: key index j visible to query i iff i + sk - sq - left <= j <= i + sk - sq + right."""
+    """Bool `[1, sq, sk]`: key index j visible to query i iff i + sk - sq - left <= j <= i + sk - sq + right (the
+    definition; tests compare :func:`band_window` against it)."""
     rel = torch.arange(sk, device=device)[None, :] - torch.arange(sk - sq, sk, device=device)[:, None]  # j - (i + sk - sq)
     return ((rel >= -left) & (rel <= right))[None]
+
+
+def band_window(sq: int, sk: int, left: int, right: int, device: torch.device) -> DocumentMask:
+    """The band (left, right) as a causal window W' = left + right + 1 on q_pos = arange(sk - sq, sk) + right,
+    k_pos = arange(sk): q_pos - W' < j <= q_pos  <=>  i + sk - sq - left <= j <= i + sk - sq + right."""
+    if left < 0 or right < 0:
+        raise ValueError(f"band (left, right) must be non-negative, got ({left}, {right})")
+    q_pos = torch.arange(sk - sq + right, sk + right, device=device)
+    return window_mask(q_pos, torch.arange(sk, device=device), left + right + 1)
 
 
 def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int,
@@ -83,7 +99,8 @@ def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
                                          dict(q=q, k=k, v=v, **_flash_args(left, right, softmax_scale)))
         o, lse = (res[0], res[5]) if len(res) == 8 else (res[0], res[1])
         return o, lse[..., : q.shape[1]]
-    return window_attention_forward(q, k, v, band_mask(q.shape[1], k.shape[1], left, right, q.device), softmax_scale)
+    return window_attention_forward(q, k, v, band_window(q.shape[1], k.shape[1], left, right, q.device),
+                                    softmax_scale)
 
 
 def band_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -97,7 +114,7 @@ def band_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
             dout=do.contiguous(), q=q, k=k, v=v, out=o.contiguous(), softmax_lse=lse.float().contiguous(),
             dq=dq, dk=dk, dv=dv, **_flash_args(left, right, softmax_scale)))
         return dq, dk, dv
-    return window_attention_backward(do, q, k, v, o, lse, band_mask(q.shape[1], k.shape[1], left, right, q.device),
+    return window_attention_backward(do, q, k, v, o, lse, band_window(q.shape[1], k.shape[1], left, right, q.device),
                                      softmax_scale)
 
 
@@ -125,7 +142,7 @@ class _WindowAttention(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _packed_mask(cu_seqlens: torch.Tensor, b: int, s: int, window: int) -> torch.Tensor:
+def _packed_mask(cu_seqlens: torch.Tensor, b: int, s: int, window: int) -> DocumentMask:
     pos = torch.arange(s, device=cu_seqlens.device)
     doc = document_ids(cu_seqlens, b, s, pos)
     return window_mask(pos, pos, window, doc, doc)
@@ -148,5 +165,5 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     return _WindowAttention.apply(q, k, v, window, scale, cu_seqlens)
 
 
-__all__ = ["band_attention_backward", "band_attention_forward", "band_mask", "check_window", "window_attention",
-           "window_attention_backward", "window_attention_forward", "window_mask"]
+__all__ = ["band_attention_backward", "band_attention_forward", "band_mask", "band_window", "check_window",
+           "window_attention", "window_attention_backward", "window_attention_forward", "window_mask"]

@@ -7,7 +7,8 @@ C = ceil((W - 1) / c) (no more than the chunks that exist). Each rank therefore
 
 - forward: posts ONE batch of point-to-point transfers (one packed K/V buffer per peer, all pieces for that peer
   concatenated; a piece whose chunk the rank holds itself is a local copy), computes each chunk against itself
-  (the band: flash-attn's `window_size` on GPU, the masked form on CPU) while the halo is in flight, then its
+  (the band: flash-attn's `window_size` on GPU when installed, else a `DocumentMask` window: FlexAttention on GPU,
+  the masked form on CPU) while the halo is in flight, then its
   first min(c, W - 1) queries against the halo, merged by log-sum-exp. The halo is kept for backward (O(W)).
 - backward: computes the halo blocks' gradients first, posts the halo's dK/dV back to their owners along the same
   pieces (reverse direction), and differentiates the diagonal blocks while they travel.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lctrain.ops.attention_varlen import document_ids
+from lctrain.ops.attention_varlen import DocumentMask, document_ids
 from lctrain.ops.attention_window import (band_attention_backward, band_attention_forward, window_attention_backward,
                                           window_attention_forward, window_mask)
 from lctrain.parallel import comm
@@ -125,13 +126,15 @@ class _Docs:
     def __init__(self, cu_seqlens: torch.Tensor, plan: HaloPlan, b: int, total: int, device: torch.device):
         # A `PackedDocuments` (lctrain.sp.documents) carries the boundaries tensor too.
         self.cu, self.b, self.total = getattr(cu_seqlens, "cu_seqlens", cu_seqlens), b, total
+        # The batch's document object names its block masks (one BlockMask per batch and block on the GPU branch).
+        self.owner = cu_seqlens if hasattr(cu_seqlens, "cu_seqlens") else None
 
     def _ids(self, pos: torch.Tensor) -> torch.Tensor:
         return document_ids(self.cu, self.b, self.total, pos)
 
 
 def _mask(plan: HaloPlan, slot: int, rows: int, halo: bool, window: int, docs: _Docs | None,
-          device: torch.device) -> torch.Tensor:
+          device: torch.device) -> DocumentMask:
     """The window (and document) mask of slot `slot`'s first `rows` queries against its halo or its own chunk."""
     g, c = plan.slots[slot], plan.chunk
     q_pos = torch.arange(g * c, g * c + rows, device=device)
@@ -139,7 +142,8 @@ def _mask(plan: HaloPlan, slot: int, rows: int, halo: bool, window: int, docs: _
              else torch.arange(g * c, (g + 1) * c, device=device))
     if docs is None:
         return window_mask(q_pos, k_pos, window)
-    return window_mask(q_pos, k_pos, window, docs._ids(q_pos), docs._ids(k_pos))
+    key = None if docs.owner is None else (docs.owner, ("halo", slot, rows, halo))
+    return window_mask(q_pos, k_pos, window, docs._ids(q_pos), docs._ids(k_pos), key)
 
 
 def _halo_rows(plan: HaloPlan, slot: int, window: int) -> int:

@@ -8,13 +8,16 @@ key positions (a rank's chunks: one run contiguous, two zigzag). For one query r
 
 and nothing when either range is empty. A block's visible part is the bounding box of its runs' visible parts (in
 local rows / key offsets): `None` when no run pair is visible -- the block is then skipped, not masked -- and
-otherwise only that box is computed, under the window (and document) mask. Used by `ring_attention` and
-`allgather_attention` with `window=`; `halo_attention` needs none of this (it fetches only the halo).
+otherwise only that box is computed, under the window (and document) mask, kept as a `DocumentMask` with
+`window=W` (positions and ids; on the GPU branch FlexAttention skips the box's blocks outside the window). Used by
+`ring_attention` and `allgather_attention` with `window=`; `halo_attention` needs none of this (it fetches only the
+halo).
 """
 from __future__ import annotations
 
 import torch
 
+from lctrain.ops.attention_varlen import DocumentMask
 from lctrain.ops.attention_window import window_mask
 from lctrain.parallel.sharding import chunk_ids
 
@@ -60,11 +63,15 @@ def positions(runs: list[Run], rows: slice, total: int, device: torch.device) ->
     return torch.cat([torch.arange(p, p + n, device=device) for _, p, n in restrict(runs, rows, total)])
 
 
-def block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, batch: int, docs=None) -> torch.Tensor:
-    """Bool `[b, sq, sk]`: the window mask, within documents when `docs` (a `PackedDocuments`) is given."""
+def block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, batch: int, docs=None,
+               name: tuple | None = None) -> DocumentMask:
+    """The block's window mask (a `DocumentMask`, O(sq + sk)), within documents when `docs` (a `PackedDocuments`)
+    is given (then `name`, naming the block within the batch, lets every layer reuse one BlockMask); ids of one row
+    broadcast (as views) to `batch` rows without documents."""
     if docs is None:
-        return window_mask(q_pos, k_pos, window).expand(batch, -1, -1)
-    return window_mask(q_pos, k_pos, window, docs.ids_at(q_pos), docs.ids_at(k_pos))
+        return window_mask(q_pos, k_pos, window).batched(batch)
+    key = None if name is None else (docs, name)
+    return window_mask(q_pos, k_pos, window, docs.ids_at(q_pos), docs.ids_at(k_pos), key)
 
 
 def window_problem(window: object, causal: bool) -> str | None:
@@ -87,16 +94,16 @@ class WindowBlocks:
         self.runs, self.s, self.window, self.batch, self.docs, self.device = (
             rank_runs(rank, world, s_local, layout), s_local, window, batch, docs, device)
 
-    def diagonal(self, n: int) -> torch.Tensor:
-        """`[n*b, c, c]`: each of the rank's n chunks against itself (stacked along the batch)."""
+    def diagonal(self, n: int) -> DocumentMask:
+        """Each of the rank's n chunks against itself, stacked along the batch (`n*b` rows)."""
         c = self.s // n
         masks = []
         for m in range(n):
             pos = positions(self.runs, slice(m * c, (m + 1) * c), self.s, self.device)
-            masks.append(block_mask(pos, pos, self.window, self.batch, self.docs))
-        return torch.cat(masks, dim=0)
+            masks.append(block_mask(pos, pos, self.window, self.batch, self.docs, ("window-diag", n, m)))
+        return DocumentMask.cat(masks)
 
-    def remote(self, rows: slice, start: int, end: int) -> tuple[slice, int, int, torch.Tensor] | None:
+    def remote(self, rows: slice, start: int, end: int) -> tuple[slice, int, int, DocumentMask] | None:
         """The visible box of local query rows `rows` against gathered keys [start, end), with its mask; None:
         nothing visible (skip the block)."""
         box = visible_box(restrict(self.runs, rows, self.s), [(start, start, end - start)], self.window)
@@ -105,4 +112,5 @@ class WindowBlocks:
         qs, ks = box
         q_pos = positions(self.runs, qs, self.s, self.device)
         k_pos = torch.arange(ks.start, ks.stop, device=self.device)
-        return qs, ks.start, ks.stop, block_mask(q_pos, k_pos, self.window, self.batch, self.docs)
+        return qs, ks.start, ks.stop, block_mask(q_pos, k_pos, self.window, self.batch, self.docs,
+                                                 ("window-remote", qs.start, qs.stop, ks.start, ks.stop))

@@ -6,6 +6,8 @@ definition as the recomputed block forward, and the GPU branch's memory on meta 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from lctrain.ops.attention_varlen import (FLEX_BLOCK, DocumentMask, _flex_attent
 from lctrain.ops.registry import meta_as_gpu
 
 
-def _case(seed: int, b: int, s: int, causal: bool, zigzag: bool):
+def _case(seed: int, b: int, s: int, causal: bool, zigzag: bool, window: int | None = None, docs: bool = True):
     gen = torch.Generator().manual_seed(seed)
     cuts = sorted(set(torch.randint(1, b * s, (6,), generator=gen).tolist()) | {s * i for i in range(1, b)})
     cu = torch.tensor([0, *cuts, b * s])
@@ -25,7 +27,10 @@ def _case(seed: int, b: int, s: int, causal: bool, zigzag: bool):
     if zigzag:  # a CP rank's two halves, as in the zigzag layout
         pos = torch.cat([pos[: s // 4], pos[-s // 4:]])
     k_pos = torch.arange(s)
-    return DocumentMask(pos, k_pos, document_ids(cu, b, s, pos), document_ids(cu, b, s, k_pos), causal)
+    if not docs:  # one id for every token, broadcast over the batch (as a window without documents)
+        return DocumentMask(pos, k_pos, torch.zeros(1, len(pos), dtype=torch.int64),
+                            torch.zeros(1, s, dtype=torch.int64), causal, None, window).batched(b)
+    return DocumentMask(pos, k_pos, document_ids(cu, b, s, pos), document_ids(cu, b, s, k_pos), causal, None, window)
 
 
 def _tables(bm, name: str) -> torch.Tensor:
@@ -39,10 +44,13 @@ def _tables(bm, name: str) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("causal,zigzag", [(True, False), (True, True), (False, False)])
-def test_block_mask_runs_every_visible_pair_and_skips_the_rest(causal, zigzag):
+@pytest.mark.parametrize("causal,zigzag,window,docs", [
+    (True, False, None, True), (True, True, None, True), (False, False, None, True),
+    (True, False, 1, True), (True, False, 200, True), (True, True, 200, True), (True, False, 300, False),
+    (True, True, 130, False)])
+def test_block_mask_runs_every_visible_pair_and_skips_the_rest(causal, zigzag, window, docs):
     b, s = 2, 5 * FLEX_BLOCK + 17  # not a multiple of the block
-    mask = _case(int(torch.randint(0, 2**31, ()).item()), b, s, causal, zigzag)
+    mask = _case(int(torch.randint(0, 2**31, ()).item()), b, s, causal, zigzag, window, docs)
     sq, sk = mask.q_pos.shape[0], mask.k_pos.shape[0]
     dense = mask.dense()  # [b, sq, sk]
     bm = document_block_mask(mask, sq, sk)
@@ -61,6 +69,16 @@ def test_block_mask_runs_every_visible_pair_and_skips_the_rest(causal, zigzag):
     if not zigzag:  # contiguous positions: exactly the blocks with a visible pair run
         assert torch.equal(partial | full, seen)
     assert (partial | full).sum() < partial.numel()  # something was skipped
+    if window is not None:
+        # No listed block lies wholly outside the window: each has a key position > a query position - W.
+        q_blk = torch.nn.functional.pad(mask.q_pos, (0, nq * FLEX_BLOCK - sq), value=-10**9).view(nq, FLEX_BLOCK)
+        k_blk = torch.nn.functional.pad(mask.k_pos, (0, nk * FLEX_BLOCK - sk), value=-10**9).view(nk, FLEX_BLOCK)
+        q_lo = torch.where(q_blk < 0, 10**9, q_blk).amin(-1)
+        in_window = k_blk.amax(-1)[None, :] > q_lo[:, None] - window  # [nq, nk]
+        assert not ((partial | full) & ~in_window).any()
+        without = document_block_mask(dataclasses.replace(mask, window=None), sq, sk)
+        listed_without = _tables(without, "kv") | _tables(without, "full_kv")
+        assert (listed_without & ~in_window).any()  # the window pruned blocks the mask without it lists
 
 
 def _definition(q, k, v, mask: DocumentMask, scale):
@@ -74,10 +92,12 @@ def _definition(q, k, v, mask: DocumentMask, scale):
     return torch.einsum("bhqk,bkhd->bqhd", p, v.repeat_interleave(g, 2)), lse
 
 
-def test_flex_forward_matches_the_definition():
-    """FlexAttention (CPU eager) with the document block mask, float64, GQA, a row that sees no key."""
+@pytest.mark.parametrize("window", [None, 150])
+def test_flex_forward_matches_the_definition(window):
+    """FlexAttention (CPU eager) with the document block mask, float64, GQA, a row that sees no key; with a
+    sliding window too (the block mask's mask_mod applies it inside partial blocks)."""
     b, s, h, hk, d = 2, 2 * FLEX_BLOCK + 9, 4, 2, 16
-    mask = _case(int(torch.randint(0, 2**31, ()).item()), b, s, True, True)
+    mask = _case(int(torch.randint(0, 2**31, ()).item()), b, s, True, True, window)
     mask.k_doc[0, :] += 1000  # row 0: no query of batch row 0 sees a key
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(b, mask.q_pos.shape[0], h, d, generator=gen, dtype=torch.float64)
@@ -117,40 +137,44 @@ def test_backward_by_recompute_from_a_merged_lse():
         assert torch.allclose(got, want, rtol=0, atol=1e-11), (name, (got - want).abs().max())
 
 
+def largest_allocation(run) -> tuple[int, set[str]]:
+    """(the most elements of any tensor an op returns, the ops called) while `run()` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = {"numel": 0, "ops": set()}
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen["ops"].add(str(func))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    seen["numel"] = max(seen["numel"], t.numel())
+            return out
+
+    with Largest():
+        run()
+    return seen["numel"], seen["ops"]
+
+
 def test_gpu_branch_allocates_no_scores():
     """On meta tensors standing in for GPU ones, a document-masked forward + backward creates no tensor of
     sq * sk elements (the CPU/reference paths do: the test fails if the GPU branch is bypassed)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        numel, ops = 0, set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            Largest.ops.add(str(func))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    Largest.numel = max(Largest.numel, t.numel())
-            return out
-
     b, s, h, hk, d = 1, 4096, 4, 2, 64
     q, k, v = (torch.randn(b, s, n, d, device="meta", requires_grad=True) for n in (h, hk, hk))
     pos = torch.arange(s, device="meta")
     docs = torch.zeros(b, s, dtype=torch.int64, device="meta")
-    for gpu in (True, False):
-        Largest.numel, Largest.ops = 0, set()
-        with Largest():
-            if gpu:
-                with meta_as_gpu():
-                    varlen_attention(q, k, v, pos, pos, docs, docs, True, 0.125).sum().backward()
-            else:
-                varlen_attention_forward(q.detach(), k.detach(), v.detach(),
-                                         DocumentMask(pos, pos, docs, docs, True), 0.125)
-        if gpu:
-            assert Largest.numel < s * s, Largest.numel
-            assert not any("bmm" in op or "matmul" in op for op in Largest.ops), Largest.ops  # no score products
-        else:
-            assert Largest.numel >= s * s  # the reference path forms the scores: the check can fail
+
+    def gpu():
+        with meta_as_gpu():
+            varlen_attention(q, k, v, pos, pos, docs, docs, True, 0.125).sum().backward()
+
+    numel, ops = largest_allocation(gpu)
+    assert numel < s * s, numel
+    assert not any("bmm" in op or "matmul" in op for op in ops), ops  # no score products
+    numel, _ = largest_allocation(lambda: varlen_attention_forward(q.detach(), k.detach(), v.detach(),
+                                                                   DocumentMask(pos, pos, docs, docs, True), 0.125))
+    assert numel >= s * s  # the reference path forms the scores: the check can fail
 
 
 def test_block_mask_is_built_once_per_batch_and_block():

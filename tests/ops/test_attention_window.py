@@ -4,7 +4,7 @@ form equals the position mask for a chunk against itself and against the halo be
 import pytest
 import torch
 
-from lctrain.ops.attention_window import band_mask, window_attention, window_mask
+from lctrain.ops.attention_window import band_mask, band_window, window_attention, window_mask
 from tests.sp.test_halo import masked_window_reference
 
 
@@ -32,8 +32,51 @@ def test_band_form_equals_position_mask(window, c, h):
     g = 3  # chunk g starts at position g * c; its halo holds the h positions before it
     start = g * c
     q_pos = torch.arange(start, start + c)
-    assert torch.equal(band_mask(c, c, window - 1, 0, "cpu"), window_mask(q_pos, q_pos, window))
+    assert torch.equal(band_mask(c, c, window - 1, 0, "cpu"), window_mask(q_pos, q_pos, window).dense())
     if h:
         n = min(c, window - 1)
         halo = torch.arange(start - h, start)
-        assert torch.equal(band_mask(n, h, window - 1 - n, n, "cpu"), window_mask(q_pos[:n], halo, window))
+        assert torch.equal(band_mask(n, h, window - 1 - n, n, "cpu"), window_mask(q_pos[:n], halo, window).dense())
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 9, 17])
+def test_band_as_causal_window_equals_band_mask(window):
+    """The non-flash band path: (left, right) as a causal window W' = left + right + 1 on shifted positions equals
+    the band's definition for every (left, right) halo uses: (W - 1, 0) on a chunk, (W - 1 - n, n) on a halo."""
+    cases = [(c, c, window - 1, 0) for c in (1, 3, 8, 20)]
+    cases += [(n, h, window - 1 - n, n) for n in range(1, window) for h in range(1, 2 * window + 1)]
+    for sq, sk, left, right in cases:
+        got = band_window(sq, sk, left, right, "cpu")
+        assert got.window == left + right + 1
+        assert torch.equal(got.dense(), band_mask(sq, sk, left, right, "cpu")), (sq, sk, left, right)
+    with pytest.raises(ValueError):
+        band_window(2, 4, -1, 0, "cpu")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_window_layer_on_the_gpu_branch_allocates_no_scores(packed):
+    """A W layer's local step (halo_attention at CP 1: the band of the chunk, FlexAttention over the window's block
+    mask) on meta tensors standing in for GPU ones, forward + backward: no tensor of s * s elements and no score
+    matmul; the same call off the GPU branch forms the dense mask (the check can fail)."""
+    from lctrain.ops.registry import meta_as_gpu
+    from lctrain.sp.halo import halo_attention
+    from tests.ops.test_attention_varlen import largest_allocation
+
+    b, s, h, hk, d, window = 2, 4096, 4, 2, 64, 512
+    q, k, v = (torch.randn(b, s, n, d, device="meta", requires_grad=True) for n in (h, hk, hk))
+    cu = torch.tensor([0, 1000, 4096, 5000, 2 * s], device="meta") if packed else None
+
+    def step(gpu: bool):
+        def run():
+            if gpu:
+                with meta_as_gpu():
+                    halo_attention(q, k, v, causal=True, window=window, cu_seqlens=cu).sum().backward()
+            else:
+                with torch.no_grad():
+                    halo_attention(q, k, v, causal=True, window=window, cu_seqlens=cu)
+        return largest_allocation(run)
+
+    numel, ops = step(True)
+    assert numel < s * s, numel
+    assert not any("bmm" in op or "matmul" in op for op in ops), sorted(ops)
+    assert step(False)[0] >= s * s
