@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from lctrain.ops.chunk_recompute import differentiate_now
 from lctrain.ops.linear_attention_ref import compute_dtype
+from lctrain.ops.precision import fp32_by_design
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
 from lctrain.parallel.mesh import cp_group_or_default
@@ -43,7 +44,8 @@ class _LASP1ChunkMap(torch.autograd.Function):
             if rank > 0:
                 entering = _recv(entering, rank - 1, group)
             if rank < world - 1:
-                leaving = (_apply(t_loc.to(sdt), entering, variant) + m_loc.to(sdt)).contiguous()
+                with fp32_by_design("LASP-1 chunk map applied to the entering state (no sequence dimension)"):
+                    leaving = (_apply(t_loc.to(sdt), entering, variant) + m_loc.to(sdt)).contiguous()
                 send = comm.batch_isend_irecv([P2POp("send", leaving, rank + 1)], group)
         o = _local(variant, q, k, v, g, beta, entering, backend)
         if send is not None:
@@ -74,13 +76,15 @@ class _LASP1ChunkMap(torch.autograd.Function):
                 lam_next = _recv(lam, rank + 1, group)  # Lambda_(r+1) = dL/dM_r
                 with torch.enable_grad():
                     t_loc, m_loc = _chunk_map(variant, kr, vr, gr, br)
-                    leaving = _apply(t_loc, entering, variant) + m_loc
+                    with fp32_by_design("LASP-1 chunk map applied to the entering state (no sequence dimension)"):
+                        leaving = _apply(t_loc, entering, variant) + m_loc
                     map_grads = torch.autograd.grad(leaving, [kr, vr] + extra, lam_next, allow_unused=True)
                 grads[1] = grads[1] + map_grads[0]
                 grads[2] = grads[2] + map_grads[1]
                 for i, mg in enumerate(map_grads[2:]):
                     grads[4 + i] = mg if grads[4 + i] is None else (grads[4 + i] if mg is None else grads[4 + i] + mg)
-                lam = lam + _apply(t_loc.detach(), lam_next, variant, transpose=True)
+                with fp32_by_design("LASP-1 adjoint chunk map on the state gradient (no sequence dimension)"):
+                    lam = lam + _apply(t_loc.detach(), lam_next, variant, transpose=True)
             if rank > 0:
                 send = comm.batch_isend_irecv([P2POp("send", lam.contiguous(), rank - 1)], group)
         if send is not None:
