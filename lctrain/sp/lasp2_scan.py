@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from lctrain.ops.linear_attention_ref import compute_dtype
+from lctrain.ops.precision import fp32_by_design
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
 from lctrain.parallel.sharding import chunk_ids
@@ -43,6 +44,10 @@ SCANS = ("allgather", "tree")
 Map = tuple[torch.Tensor, torch.Tensor]
 #: A scan element: named maps (composed in their leg's direction) and "sum" (an additive `[b, h, dk, dv]` term).
 Elem = dict[str, "Map | torch.Tensor"]
+
+
+#: The `fp32_by_design` reason of the scan's state-only products (lctrain.ops.precision).
+_STATE_ONLY = "LASP-2 tree scan: composing and applying chunk maps (states and [dk, dk] maps, no sequence dimension)"
 
 
 def scan_rounds(world: int) -> int:
@@ -57,12 +62,16 @@ def _times(a: torch.Tensor, b: torch.Tensor, variant: str) -> torch.Tensor:
 
 def _compose(outer: Map, inner: Map, variant: str) -> Map:
     """outer o inner: S -> U_o (U_i S + D_i) + D_o."""
-    return _times(outer[0], inner[0], variant), _apply(outer[0], inner[1], variant) + outer[1]
+    with fp32_by_design(_STATE_ONLY):
+        return _times(outer[0], inner[0], variant), _apply(outer[0], inner[1], variant) + outer[1]
 
 
 def _run(m: Map | None, s: torch.Tensor, variant: str) -> torch.Tensor:
     """m(s); None is the identity."""
-    return s if m is None else _apply(m[0], s, variant) + m[1]
+    if m is None:
+        return s
+    with fp32_by_design(_STATE_ONLY):
+        return _apply(m[0], s, variant) + m[1]
 
 
 def _combine(lower: Elem | None, higher: Elem | None, ascending: dict[str, bool], variant: str) -> Elem | None:
@@ -265,7 +274,7 @@ class LASP2TreeScan(torch.autograd.Function):
             # While the rounds are in flight: the rank's own chunk maps S_out = T S_in + M under autograd.
             with torch.enable_grad():
                 t_l, m_l = _chunk_map(variant, ks, vs, gs_loc, bs_loc)
-                state["leaving"] = _apply(t_l, entering, variant) + m_l
+                state["leaving"] = _run((t_l, m_l), entering, variant)
 
         with comm.comm_tag(f"{ctx.tag}.bwd"):
             ex_up, ex_dn = tree_scan(up, down, ascending, variant, group, rank, world, ctx.tag,
