@@ -307,13 +307,13 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Args:
         q: `[b, sq, h, d]`; k, v: `[b, sk, h_kv, d]`, `h % h_kv == 0`.
-        mask: a :class:`DocumentMask` (the GPU path never forms `[sq, sk]`), or a bool `[b, sq, sk]`.
+        mask: a :class:`DocumentMask` (the GPU path never forms `[sq, sk]`), or a bool `[b, sq, sk]` (`b` = 1
+            broadcasts over the batch: the CPU paths keep a one-row mask at one row).
         softmax_scale: multiplies q k^T.
     """
     if isinstance(mask, DocumentMask):
-        mask = mask.batched(q.shape[0])
         if is_gpu_tensor(q) and not REFERENCE_ONLY:
-            return _gpu_forward(q, k, v, mask, softmax_scale)
+            return _gpu_forward(q, k, v, mask.batched(q.shape[0]), softmax_scale)
         mask = mask.dense()
     if _fused(q):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -332,9 +332,8 @@ def varlen_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     With D = rowsum(do * o), p = exp(s - lse): ds = p * (do v^T - D), dq = scale ds k, dk = scale ds^T q, dv = p^T do.
     """
     if isinstance(mask, DocumentMask):
-        mask = mask.batched(q.shape[0])
         if is_gpu_tensor(q) and not REFERENCE_ONLY:
-            return _gpu_backward(do, q, k, v, o, lse, mask, softmax_scale)
+            return _gpu_backward(do, q, k, v, o, lse, mask.batched(q.shape[0]), softmax_scale)
         mask = mask.dense()
     if _fused(q):
         # Rows with lse = -inf see no key: any finite lse gives them p = 0 under the bias.
