@@ -154,8 +154,8 @@ def document_block_mask(mask: DocumentMask, sq: int, sk: int):
     A (query block, key block) pair is skipped unless their document-id ranges overlap (and, causal, some key
     position is <= some query position; window W, some key position is > some query position - W); it runs
     without calling the mask function when both blocks lie in one and the same document (and, causal, every key
-    position is <= every query position; window, every key position is > every query position - W). Ids within a block form
-    a contiguous range (documents are contiguous in the sequence), so overlapping ranges share a document.
+    position is <= every query position; window, every key position is > every query position - W). Ids within a
+    block form a contiguous range (documents are contiguous in the sequence), so overlapping ranges share a document.
     Tables are `[b, ceil(sq/128), ceil(sk/128)]`; device ops only (no host sync).
     """
     from torch.nn.attention.flex_attention import BlockMask

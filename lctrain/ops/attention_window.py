@@ -74,7 +74,8 @@ def _flash_args(left: int, right: int, scale: float) -> dict:
 def band_mask(sq: int, sk: int, left: int, right: int, device: torch.device) -> torch.Tensor:
     """Bool `[1, sq, sk]`: key index j visible to query i iff i + sk - sq - left <= j <= i + sk - sq + right (the
     definition; tests compare :func:`band_window` against it)."""
-    rel = torch.arange(sk, device=device)[None, :] - torch.arange(sk - sq, sk, device=device)[:, None]  # j - (i + sk - sq)
+    # rel[i, j] = j - (i + sk - sq)
+    rel = torch.arange(sk, device=device)[None, :] - torch.arange(sk - sq, sk, device=device)[:, None]
     return ((rel >= -left) & (rel <= right))[None]
 
 

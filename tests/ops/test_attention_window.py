@@ -53,6 +53,15 @@ def test_band_as_causal_window_equals_band_mask(window):
         band_window(2, 4, -1, 0, "cpu")
 
 
+def test_window_mask_rejects_a_non_causal_or_bad_window():
+    from lctrain.ops.attention_varlen import DocumentMask
+
+    pos, ids = torch.arange(4), torch.zeros(1, 4, dtype=torch.int64)
+    for causal, window in [(False, 3), (True, 0), (True, True), (True, 2.0)]:
+        with pytest.raises(ValueError):
+            DocumentMask(pos, pos, ids, ids, causal, None, window)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_window_layer_on_the_gpu_branch_allocates_no_scores(packed):
     """A W layer's local step (halo_attention at CP 1: the band of the chunk, FlexAttention over the window's block
