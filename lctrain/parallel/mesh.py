@@ -125,13 +125,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
     device_backend = backend
     if backend == "nccl":
         backend = "cpu:gloo,cuda:nccl"
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
     if device_backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        # One process, no launcher: a world of 1 on a local port. The environment is left alone, so a later
+        # command in the same process (a test, a notebook) is not taken for a rank of a launched job.
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                                init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        return
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 

@@ -65,3 +65,21 @@ def test_default_group_carries_a_cpu_backend_beside_nccl(monkeypatch, backend, c
     mesh.init_distributed(backend)
     assert seen["backend"] == expected
     assert ("device" in seen) == (expected != "gloo")
+
+
+def test_single_process_world_leaves_the_environment_alone(monkeypatch):
+    """Without a launcher, a world of 1 on a local port; RANK/WORLD_SIZE are not set, so a later `--nproc 4` in the
+    same process (a test, a notebook) is not taken for a rank of a launched job of world 1."""
+    import os
+
+    from lctrain.parallel import mesh
+
+    seen = {}
+    monkeypatch.setattr(mesh.comm, "is_distributed", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    mesh.init_distributed("gloo")
+    assert (seen["rank"], seen["world_size"], seen["backend"]) == (0, 1, "gloo")
+    assert seen["init_method"].startswith("tcp://127.0.0.1:")
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
