@@ -217,7 +217,7 @@ def cached_block_mask(mask: DocumentMask, sq: int, sk: int):
         return document_block_mask(mask, sq, sk)
     owner, name = mask.batch_key
     table = _BLOCK_MASKS.setdefault(owner, {})
-    key = (name, sq, sk, mask.causal, mask.window)
+    key = (name, sq, sk, mask.q_doc.shape[0], mask.causal, mask.window)
     if key not in table:
         table[key] = document_block_mask(mask, sq, sk)
     return table[key]

@@ -79,13 +79,22 @@ def band_mask(sq: int, sk: int, left: int, right: int, device: torch.device) -> 
     return ((rel >= -left) & (rel <= right))[None]
 
 
+class _Bands:
+    """Owns the bands' FlexAttention BlockMasks for the process (a band's mask depends on its shape only, so every
+    layer and step reuses one per shape; `lctrain.ops.attention_varlen.cached_block_mask`)."""
+
+
+_BANDS = _Bands()
+
+
 def band_window(sq: int, sk: int, left: int, right: int, device: torch.device) -> DocumentMask:
     """The band (left, right) as a causal window W' = left + right + 1 on q_pos = arange(sk - sq, sk) + right,
     k_pos = arange(sk): q_pos - W' < j <= q_pos  <=>  i + sk - sq - left <= j <= i + sk - sq + right."""
     if left < 0 or right < 0:
         raise ValueError(f"band (left, right) must be non-negative, got ({left}, {right})")
     q_pos = torch.arange(sk - sq + right, sk + right, device=device)
-    return window_mask(q_pos, torch.arange(sk, device=device), left + right + 1)
+    return window_mask(q_pos, torch.arange(sk, device=device), left + right + 1,
+                       batch_key=(_BANDS, ("band", left, right, str(torch.device(device)))))
 
 
 def band_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int,

@@ -89,3 +89,19 @@ def test_window_layer_on_the_gpu_branch_allocates_no_scores(packed):
     assert numel < s * s, numel
     assert not any("bmm" in op or "matmul" in op for op in ops), sorted(ops)
     assert step(False)[0] >= s * s
+
+
+def test_band_block_mask_is_built_once_per_shape():
+    """A band's BlockMask depends on its shape only: every layer (and step) reuses one; another band (left, right),
+    length or batch gets its own, and the reused one lists the same blocks as a fresh build."""
+    from lctrain.ops.attention_varlen import FLEX_BLOCK, cached_block_mask, document_block_mask
+
+    s, w = 3 * FLEX_BLOCK, 100
+    first = cached_block_mask(band_window(s, s, w - 1, 0, "cpu").batched(2), s, s)
+    assert cached_block_mask(band_window(s, s, w - 1, 0, "cpu").batched(2), s, s) is first
+    assert cached_block_mask(band_window(s, s, w - 1, 0, "cpu").batched(1), s, s) is not first
+    assert cached_block_mask(band_window(s, s, w - 2, 1, "cpu").batched(2), s, s) is not first
+    assert cached_block_mask(band_window(s - 1, s, w - 1, 0, "cpu").batched(2), s - 1, s) is not first
+    fresh = document_block_mask(band_window(s, s, w - 1, 0, "cpu").batched(2), s, s)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(first, name), getattr(fresh, name)), name
