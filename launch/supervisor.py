@@ -59,10 +59,15 @@ class LaunchError(RuntimeError):
 class RankFailure(Exception):
     """One attempt of the gang failed (a rank died, raised, or stopped making progress)."""
 
-    def __init__(self, message: str, fatal: bool = False) -> None:
+    def __init__(self, message: str, fatal: bool = False, lost: bool = False) -> None:
         super().__init__(message)
         self.fatal = fatal
+        self.lost = lost
+        """The rank's actor or node died (the root cause when its peers' collectives fail after it)."""
 
+
+#: Seconds to wait, after a rank's call fails, for the others' (to report a lost rank as the root cause).
+ROOT_CAUSE_WAIT_S = 5.0
 
 #: Errors from the entrypoint that a restart would only repeat.
 FATAL_ERRORS = (ValueError, TypeError, ImportError)
@@ -101,7 +106,7 @@ def classify(rank: int, err: BaseException) -> RankFailure:
         return RankFailure(f"rank {rank} raised {name}: {_short(cause if cause is not None else err)}")
     if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError,
                         ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)):
-        return RankFailure(f"rank {rank} was lost (its actor or node died): {_short(err, 200)}")
+        return RankFailure(f"rank {rank} was lost (its actor or node died): {_short(err, 200)}", lost=True)
     return RankFailure(f"rank {rank} failed: {type(err).__name__}: {_short(err)}")
 
 
@@ -198,7 +203,7 @@ class Gang:
                 try:
                     results[rank] = ray.get(ref)
                 except Exception as err:
-                    raise classify(rank, err) from None
+                    raise self._root_cause(classify(rank, err), pending) from None
             if progress_ref is None:
                 progress_ref = self.actors[0].read_from.remote(metrics, offset)
             # Once every rank is done, drain the rest of rank 0's metrics before returning.
@@ -221,6 +226,26 @@ class Gang:
                 self._check_growth()
                 self._check_heartbeats(beats, set(pending.values()))
         return results[0]
+
+    def _root_cause(self, first: RankFailure, pending: dict) -> RankFailure:
+        """The failure to report for an attempt whose first failed call is `first`.
+
+        When one rank dies, its peers' collectives fail too, and one of those errors may arrive first ("... caused
+        by a remote worker crashing"). Wait briefly (ROOT_CAUSE_WAIT_S) for the other calls, and name a lost rank
+        (actor or node died) first, the rest after it.
+        """
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=ROOT_CAUSE_WAIT_S)
+        failures = [first]
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as err:
+                failures.append(classify(pending[ref], err))
+        failures.sort(key=lambda f: not f.lost)  # stable: a lost rank first, else the first failure
+        if len(failures) == 1:
+            return first
+        return RankFailure(f"{failures[0]} (then: " + "; ".join(str(f) for f in failures[1:]) + ")",
+                           any(f.fatal for f in failures))
 
     def _check_growth(self) -> None:
         """After an elastic shrink: when the cluster holds the original gang again, stop this attempt to grow."""
