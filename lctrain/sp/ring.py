@@ -82,7 +82,9 @@ def _window_block(rank: int, src: int, size: int, s: int, b: int, layout: str, w
         return None
     qs, ks = box
     q_pos, k_pos = window_blocks.positions(q_runs, qs, s, device), window_blocks.positions(k_runs, ks, s, device)
-    return qs, ks, window_blocks.block_mask(q_pos, k_pos, window, b, docs)
+    # Named within the batch, so every layer reuses one BlockMask for this (rank, src) box.
+    return qs, ks, window_blocks.block_mask(q_pos, k_pos, window, b, docs,
+                                            ("ring-window", src, qs.start, qs.stop, ks.start, ks.stop))
 
 
 def _masked_block(docs: PackedDocuments | None, window: int | None, rank: int, src: int, size: int, s: int, b: int,
