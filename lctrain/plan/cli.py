@@ -35,6 +35,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cp", type=int, nargs="+", default=None, help="--search only these CP sizes")
     p.add_argument("--softmax-sp", nargs="+", default=None, help="--search only these softmax SP methods")
     p.add_argument("--linear-sp", nargs="+", default=None, help="--search only these linear SP methods")
+    p.add_argument("--window-sp", nargs="+", default=None,
+                   help="--search only these SP methods for sliding-window (W) layers (halo, allgather, ring)")
     p.add_argument("--checkpointing", nargs="+", default=None, help="--search only these: none selective full")
     p.add_argument("--zero", type=int, nargs="+", default=None, help="--search only these ZeRO stages")
     p.add_argument("--global-batch", type=int, default=None,
@@ -47,10 +49,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _fmt_row(r) -> str:
     mem = f"{r.mem_gb:7.1f}{'!' if r.oom else ' '}"
+    ssp = r.softmax_sp if r.window_sp is None else f"{r.softmax_sp}, W:{r.window_sp}"
     if not r.simulated:
-        return (f"| {r.tp:>2} | {r.cp:>3} | {r.dp:>3} | {r.softmax_sp:<9} | {r.linear_sp:<5} | {r.zero_stage} "
+        return (f"| {r.tp:>2} | {r.cp:>3} | {r.dp:>3} | {ssp:<9} | {r.linear_sp:<5} | {r.zero_stage} "
                 f"| {r.activation_checkpointing:<9} | >{mem} | - | - | - | - |")
-    return (f"| {r.tp:>2} | {r.cp:>3} | {r.dp:>3} | {r.softmax_sp:<9} | {r.linear_sp:<5} | {r.zero_stage} "
+    return (f"| {r.tp:>2} | {r.cp:>3} | {r.dp:>3} | {ssp:<9} | {r.linear_sp:<5} | {r.zero_stage} "
             f"| {r.activation_checkpointing:<9} | {mem} | {r.step_s:8.3f} | {r.tokens_per_s:10.0f} "
             f"| {100 * r.mfu:5.1f} | {100 * r.comm_frac:5.1f} |")
 
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows = search(model, args.gpus, args.gpus_per_node, seq, hw, micro_batch=mb, cache=cache,
                           progress=progress, job=job, tps=args.tp, cps=args.cp, softmax_sps=args.softmax_sp,
-                          linear_sps=args.linear_sp,
+                          linear_sps=args.linear_sp, window_sps=args.window_sp,
                           checkpointing=args.checkpointing or ("none", "selective", "full"),
                           zero_stages=args.zero or (0, 1, 2, 3))
         except ValueError as err:
@@ -113,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("no layout fits in memory: more GPUs, a shorter sequence or a larger device")
             else:
                 print(f"recommended: tp={best.tp} cp={best.cp} dp={best.dp} layout={best.cp_layout} "
-                      f"softmax_sp={best.softmax_sp} linear_sp={best.linear_sp} zero_stage={best.zero_stage} "
+                      f"softmax_sp={best.softmax_sp} linear_sp={best.linear_sp} "
+                      + (f"window_sp={best.window_sp} " if best.window_sp else "") +
+                      f"zero_stage={best.zero_stage} "
                       f"activation_checkpointing={best.activation_checkpointing}: {best.tokens_per_s:.0f} tokens/s, "
                       f"{best.mem_gb:.1f} GB/GPU, MFU {100 * best.mfu:.1f}%")
     else:

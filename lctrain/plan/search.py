@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from lctrain.models.config import LINEAR_SP, SOFTMAX_SP, ModelConfig
+from lctrain.models.config import LINEAR_SP, SOFTMAX_SP, WINDOW_SP, ModelConfig
 from lctrain.plan.hardware import Hardware
 from lctrain.plan.simulate import (ACTIVATION_CHECKPOINTING, CommStat, RankSim, SimSpec,
                                    simulate_composed, spec_key)
@@ -73,6 +73,8 @@ class PlanRow:
     memory_bound_bytes: dict = field(default_factory=dict)
     """Memory-bound bytes of one micro-batch by op class (elementwise, reduction, copy, fill)."""
     flops_by_class_dtype: dict = field(default_factory=dict)
+    window_sp: str | None = None
+    """The SP method of the sliding-window ("W") layers, None for a model without them."""
     """FLOPs of one micro-batch by "class|dtype"."""
 
     def to_dict(self) -> dict:
@@ -186,7 +188,7 @@ def make_row(sim: RankSim, est: StepEstimate, dp: int, zero: int) -> PlanRow:
                    compute_by_class_s=dict(est.compute_by_class_s), compute_by_mixer_s=dict(est.compute_by_scope_s),
                    comm_exposed_by_kind_s=dict(est.comm_exposed_by_kind_s),
                    comm_total_by_kind_s=dict(est.comm_total_by_kind_s), memory_bound_bytes=sim.bytes_by("class"),
-                   flops_by_class_dtype=by_cd)
+                   flops_by_class_dtype=by_cd, window_sp=s.model.window_sp if "W" in s.model.mixers else None)
 
 
 def plan_rows(spec: SimSpec, gpus: int, gpus_per_node: int, hw: Hardware, zero_stages: Iterable[int] = ZERO_STAGES,
@@ -201,11 +203,14 @@ def plan_rows(spec: SimSpec, gpus: int, gpus_per_node: int, hw: Hardware, zero_s
 def candidate_layouts(cfg: ModelConfig, gpus: int, gpus_per_node: int, seq: int,
                       tps: Iterable[int] | None = None, cps: Iterable[int] | None = None,
                       softmax_sps: Iterable[str] | None = None,
-                      linear_sps: Iterable[str] | None = None) -> list[tuple[int, int, str, str, str]]:
-    """Every valid (tp, cp, cp_layout, softmax_sp, linear_sp) for the job (rules in the module docstring)."""
+                      linear_sps: Iterable[str] | None = None,
+                      window_sps: Iterable[str] | None = None) -> list[tuple[int, int, str, str, str, str]]:
+    """Every valid (tp, cp, cp_layout, softmax_sp, linear_sp, window_sp) for the job (rules in the module
+    docstring); each method axis is searched only when the model has layers of its kind."""
     mixers = set(cfg.mixers)
     ssps = list(softmax_sps or (SOFTMAX_SP if "A" in mixers else [cfg.softmax_sp]))
     lsps = list(linear_sps or (LINEAR_SP if mixers & set(LINEAR_MIXERS) else [cfg.linear_sp]))
+    wsps = list(window_sps or (WINDOW_SP if "W" in mixers else [cfg.window_sp]))
     out = []
     for tp in (tps or [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0]):
         if gpus % tp:
@@ -218,12 +223,13 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, gpus_per_node: int, seq: int,
                 if seq % parts:
                     continue
                 for ssp in ssps:
-                    model = replace(cfg, softmax_sp=ssp, linear_sp=lsp)
-                    try:
-                        model.validate_parallel(tp, cp, layout)
-                    except ValueError:
-                        continue
-                    out.append((tp, cp, layout, ssp, lsp))
+                    for wsp in wsps:
+                        model = replace(cfg, softmax_sp=ssp, linear_sp=lsp, window_sp=wsp)
+                        try:
+                            model.validate_parallel(tp, cp, layout)
+                        except ValueError:
+                            continue
+                        out.append((tp, cp, layout, ssp, lsp, wsp))
     return out
 
 
@@ -279,15 +285,16 @@ def search(cfg: ModelConfig, gpus: int, gpus_per_node: int, seq: int, hw: Hardwa
 
 def _search_layouts(layouts, cfg, gpus, gpus_per_node, seq, hw, micro_batch, order, zero_stages, cache, progress,
                     rows, job) -> None:
-    for i, (tp, cp, layout, ssp, lsp) in enumerate(layouts):
+    for i, (tp, cp, layout, ssp, lsp, wsp) in enumerate(layouts):
         dp = gpus // (tp * cp)
-        model = replace(cfg, softmax_sp=ssp, linear_sp=lsp)
+        model = replace(cfg, softmax_sp=ssp, linear_sp=lsp, window_sp=wsp)
+        wsp = wsp if "W" in model.mixers else None
         bound = memory_lower_bound(model, tp, cp, dp, seq, micro_batch)
         if bound + hw.memory_reserve_gb * 1e9 > hw.memory_gb * 1e9:
             for ac in order:
                 for z in zero_stages:
                     rows.append(PlanRow(tp, cp, dp, layout, ssp, lsp, z, ac, bound / 1e9, True, float("inf"), 0.0,
-                                        0.0, 0.0, simulated=False))
+                                        0.0, 0.0, simulated=False, window_sp=wsp))
             continue
         fits_full, full_gb = True, bound / 1e9
         for ac in order:
@@ -295,10 +302,11 @@ def _search_layouts(layouts, cfg, gpus, gpus_per_node, seq, hw, micro_batch, ord
                 # Keeps a superset of what "full" keeps: at least full's smallest memory, which does not fit.
                 for z in zero_stages:
                     rows.append(PlanRow(tp, cp, dp, layout, ssp, lsp, z, ac, full_gb, True, float("inf"), 0.0,
-                                        0.0, 0.0, simulated=False))
+                                        0.0, 0.0, simulated=False, window_sp=wsp))
                 continue
             if progress:
-                progress(f"[{i + 1}/{len(layouts)}] tp={tp} cp={cp} {layout} softmax={ssp} linear={lsp} "
+                window = f"window={wsp} " if wsp else ""
+                progress(f"[{i + 1}/{len(layouts)}] tp={tp} cp={cp} {layout} softmax={ssp} linear={lsp} {window}"
                          f"checkpointing={ac}")
             spec = SimSpec(model, tp=tp, cp=cp, cp_layout=layout, seq_len=seq, micro_batch=micro_batch,
                            activation_checkpointing=ac)

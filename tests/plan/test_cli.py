@@ -96,8 +96,29 @@ def test_gated_layers_search_their_linear_sp():
 
     cfg = replace(load_config("configs/tiny.yaml").model, layer_pattern="DDDA")
     got = candidate_layouts(cfg, 4, 4, 256, tps=[1], cps=[4], softmax_sps=["allgather"])
-    assert {(layout, lsp) for _, _, layout, _, lsp in got} == {("zigzag", "lasp2"), ("contiguous", "lasp1"),
-                                                               ("zigzag", "lasp2_tree")}
+    assert {(layout, lsp) for _, _, layout, _, lsp, _ in got} == {("zigzag", "lasp2"), ("contiguous", "lasp1"),
+                                                                  ("zigzag", "lasp2_tree")}
     spec = SimSpec(replace(cfg, linear_sp="lasp1"), cp=4, cp_layout="contiguous", seq_len=256)
     assert layer_variant(spec, "D", 1).model.linear_sp == "lasp1"
     assert layer_variant(spec, "A", 1).model.linear_sp == "lasp2"  # cannot differ: shares a cache key
+
+
+def test_window_layers_search_their_window_sp():
+    """A model with sliding-window (W) layers searches halo / all-gather / ring for them (and only then); each row
+    and the table name the method."""
+    from dataclasses import replace
+
+    from lctrain.plan.cli import _fmt_row
+    from lctrain.plan.search import candidate_layouts, search
+    from lctrain.plan.hardware import get_hardware
+
+    base = load_config("configs/tiny.yaml").model
+    plain = candidate_layouts(base, 2, 2, 256, tps=[1], cps=[2], softmax_sps=["allgather"], linear_sps=["lasp2"])
+    assert {w for *_, w in plain} == {base.window_sp}
+    cfg = replace(base, layer_pattern="LWLA", window_size=16)
+    got = candidate_layouts(cfg, 2, 2, 256, tps=[1], cps=[2], softmax_sps=["allgather"], linear_sps=["lasp2"])
+    assert sorted(w for *_, w in got) == ["allgather", "halo", "ring"]
+    rows = search(cfg, 2, 2, 256, get_hardware("h100"), tps=[1], cps=[2], softmax_sps=["allgather"],
+                  linear_sps=["lasp2"], checkpointing=["none"], zero_stages=[1])
+    assert sorted(r.window_sp for r in rows) == ["allgather", "halo", "ring"]
+    assert all(f"W:{r.window_sp}" in _fmt_row(r) for r in rows)
