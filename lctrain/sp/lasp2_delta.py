@@ -190,6 +190,22 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
     return b if a is None else (a if b is None else a + b)
 
 
+def _input_grads(grads, map_grads, n_loc: int, gs, bs, g, beta) -> tuple:
+    """dq, dk, dv, d gate, d beta of a rank's chunks: the local pass's gradients (`grads`: q, k, v, then [4] the
+    gate and beta when they require grad) plus the chunk maps' (`map_grads`: k, v, then the gate and beta)."""
+    dq = _unstack(grads[0], n_loc)
+    dk = _unstack(grads[1] + map_grads[0], n_loc)
+    dv = _unstack(grads[2] + map_grads[1], n_loc)
+    dg = dbeta = None
+    i, j = 4, 2
+    if gs is not None and gs.requires_grad:
+        dg = _add(grads[i], map_grads[j]).to(g.dtype)
+        i, j = i + 1, j + 1
+    if bs is not None and bs.requires_grad:
+        dbeta = _add(grads[i], map_grads[j]).to(beta.dtype)
+    return dq, dk, dv, dg, dbeta
+
+
 def _to_global_order(x: torch.Tensor, world: int, layout: str) -> torch.Tensor:
     """Rank-major gathered chunks `[world * n_loc, ...]` -> global chunk order (views and a flip: no index tensor).
 
@@ -288,16 +304,7 @@ class _LASP2ChunkMap(torch.autograd.Function):
         lam_own = torch.cat([after[c] for c in ids], dim=0)  # dL/d(state leaving each own chunk)
         map_leaves = [ks, vs] + [x for x in (gs, bs) if x is not None and x.requires_grad]
         map_grads = torch.autograd.grad(leaving, map_leaves, lam_own, allow_unused=True)
-        dq = _unstack(grads[0], n_loc)
-        dk = _unstack(grads[1] + map_grads[0], n_loc)
-        dv = _unstack(grads[2] + map_grads[1], n_loc)
-        dg = dbeta = None
-        i, j = 4, 2
-        if gs is not None and gs.requires_grad:
-            dg = _add(grads[i], map_grads[j]).to(g.dtype)
-            i, j = i + 1, j + 1
-        if bs is not None and bs.requires_grad:
-            dbeta = _add(grads[i], map_grads[j]).to(beta.dtype)
+        dq, dk, dv, dg, dbeta = _input_grads(grads, map_grads, n_loc, gs, bs, g, beta)
         d_init = None
         if ctx.has_initial and need[5]:
             # The initial state is replicated: CP rank 0 (which holds the first chunk) returns the whole gradient.

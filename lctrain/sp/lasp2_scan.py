@@ -36,7 +36,7 @@ from lctrain.ops.precision import fp32_by_design
 from lctrain.parallel import comm
 from lctrain.parallel.comm import P2POp
 from lctrain.parallel.sharding import chunk_ids
-from lctrain.sp.lasp2_delta import _add, _apply, _chunk_map, _local, _stack, _unstack
+from lctrain.sp.lasp2_delta import _apply, _chunk_map, _input_grads, _local, _stack, _unstack
 
 SCANS = ("allgather", "tree")
 
@@ -292,16 +292,7 @@ class LASP2TreeScan(torch.autograd.Function):
             lam_early = lam_own = _run(_get(ex_dn, "F"), lam_g, variant)
         map_leaves = [ks, vs] + [x for x in (gs, bs) if x is not None and x.requires_grad]
         map_grads = torch.autograd.grad(state["leaving"], map_leaves, lam_own, allow_unused=True)
-        dq = _unstack(grads[0], n_loc)
-        dk = _unstack(grads[1] + map_grads[0], n_loc)
-        dv = _unstack(grads[2] + map_grads[1], n_loc)
-        dg = dbeta = None
-        i, j = 4, 2
-        if gs is not None and gs.requires_grad:
-            dg = _add(grads[i], map_grads[j]).to(g.dtype)
-            i, j = i + 1, j + 1
-        if bs is not None and bs.requires_grad:
-            dbeta = _add(grads[i], map_grads[j]).to(beta.dtype)
+        dq, dk, dv, dg, dbeta = _input_grads(grads, map_grads, n_loc, gs, bs, g, beta)
         d_init = None
         if ctx.has_initial and need[5]:
             # Replicated initial state: CP rank 0 (first chunk) returns dL/dS_init = Lambda_0, the others zeros.
